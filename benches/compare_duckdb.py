@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""lakewriter vs the design it replaces: spans inserted into DuckDB row by row.
+
+The old Junjo backend indexed every span into DuckDB with `executemany`. This
+script measures, on this machine and in one run:
+
+1. lakewriter: a fresh server (release binary, temp data dir, fsync on) driven by
+   `lakewriter loadgen` (Junjo-like spans) for --seconds; spans/s acknowledged.
+2. DuckDB: the same span shape (same columns as lakewriter's `spans` table,
+   built from the same generator parameters) inserted with `executemany` in
+   batches of --spans-per-request, committed per batch like a backend
+   would; spans/s.
+
+Usage (from a checkout, after `cargo build --release`):
+    .venv/bin/python benches/compare_duckdb.py [--seconds 20] [--duckdb-spans 50000]
+Prints both figures and the ratio; --json for machine-readable output.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/lakewriter-target"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_lakewriter(binary: str, seconds: int, concurrency: int, spans: int) -> dict:
+    data = tempfile.mkdtemp(prefix="lw-compare-")
+    grpc, http, internal = free_port(), free_port(), free_port()
+    server = subprocess.Popen(
+        [binary, "serve", "--data-dir", data, "--grpc-addr", f"127.0.0.1:{grpc}",
+         "--http-addr", f"127.0.0.1:{http}", "--internal-grpc-addr", f"127.0.0.1:{internal}", "--log", "warn"],
+        env={**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": "lw_compare_admin_key_0123456789"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        out = subprocess.run(
+            [binary, "loadgen", "--target", f"http://127.0.0.1:{grpc}", "--concurrency", str(concurrency),
+             "--spans-per-request", str(spans), "--duration", f"{seconds}s", "--json",
+             "--api-key", "lw_compare_admin_key_0123456789",
+             "--metrics-url", f"http://127.0.0.1:{http}/metrics"],
+            check=True, capture_output=True, text=True)
+        return json.loads(out.stdout)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+COLUMNS = [
+    ("trace_id", "VARCHAR"), ("span_id", "VARCHAR"), ("parent_span_id", "VARCHAR"), ("service_name", "VARCHAR"),
+    ("name", "VARCHAR"), ("kind", "VARCHAR"), ("start_time", "TIMESTAMP_NS"), ("end_time", "TIMESTAMP_NS"),
+    ("duration_ns", "BIGINT"), ("status_code", "VARCHAR"), ("status_message", "VARCHAR"),
+    ("attributes_json", "JSON"), ("events_json", "JSON"), ("links_json", "JSON"),
+    ("resource_attributes_json", "JSON"), ("scope_name", "VARCHAR"), ("scope_version", "VARCHAR"),
+    ("junjo_id", "VARCHAR"), ("junjo_parent_id", "VARCHAR"), ("junjo_span_type", "VARCHAR"),
+    ("junjo_wf_state_start", "JSON"), ("junjo_wf_store_id", "VARCHAR"),
+]
+
+
+def junjo_rows(seed: int, n: int, attr_bytes: int) -> list[tuple]:
+    """Rows shaped like lakewriter's loadgen spans (1 workflow + 9 nodes per trace)."""
+    filler = "x" * attr_bytes
+    base = 1_763_000_000_000_000_000 + seed * 1_000_000
+    rows = []
+    for i in range(n):
+        trace = seed * 1_000_000 + i // 10
+        wf = i % 10 == 0
+        start = base + i * 1000
+        events = [] if wf else [{"name": "set_state", "timeUnixNano": start + 10, "droppedAttributesCount": 0,
+                                 "attributes": {"junjo.store.id": f"store{trace}",
+                                                "junjo.state_json_patch": "[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]"}}]
+        rows.append((
+            f"{trace:016x}{trace ^ 0x5a5a:016x}", f"{(seed << 24) | (i + 1):016x}",
+            None if wf else f"{(seed << 24) | (i - i % 10 + 1):016x}", f"loadgen-{seed % 4}",
+            "Workflow" if wf else f"Node{i % 10}", "INTERNAL", start, start + 900, 900, "UNSET", None,
+            json.dumps({"junjo.telemetry.contract_version": 2, "app.note": filler}), json.dumps(events), "[]",
+            json.dumps({"service.name": f"loadgen-{seed % 4}"}), "junjo", None, f"rt{seed}-{i}",
+            None if wf else f"rt{seed}-{i - i % 10}", "workflow" if wf else "node",
+            "{\"items\":[1,2,3]}" if wf else None, f"store{trace}" if wf else None,
+        ))
+    return rows
+
+
+def run_duckdb(total: int, batch: int, attr_bytes: int) -> dict:
+    path = Path(tempfile.mkdtemp(prefix="duck-compare-")) / "spans.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(f"CREATE TABLE spans ({', '.join(f'{c} {t}' for c, t in COLUMNS)}, PRIMARY KEY (trace_id, span_id))")
+    placeholders = ", ".join("?" for _ in COLUMNS)
+    sql = f"INSERT INTO spans VALUES ({placeholders})"
+    # Timestamps as datetimes, the way a Python backend hands them to DuckDB.
+    batches = [[r[:6] + (time_ns(r[6]), time_ns(r[7])) + r[8:] for r in junjo_rows(seed + 1, batch, attr_bytes)]
+               for seed in range(total // batch)]
+    latencies = []
+    t0 = time.perf_counter()
+    for rows in batches:
+        t = time.perf_counter()
+        con.execute("BEGIN")
+        con.executemany(sql, rows)
+        con.execute("COMMIT")
+        latencies.append(time.perf_counter() - t)
+    secs = time.perf_counter() - t0
+    latencies.sort()
+    n = len(batches) * batch
+    return {"spans": n, "seconds": secs, "spans_per_sec": n / secs,
+            "p50_ms": latencies[len(latencies) // 2] * 1e3, "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3}
+
+
+def time_ns(ns: int):
+    import datetime
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).replace(tzinfo=None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", default=str(TARGET / "release" / "lakewriter"))
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--spans-per-request", type=int, default=500)
+    ap.add_argument("--duckdb-spans", type=int, default=50_000)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    random.seed(1)
+    lw = run_lakewriter(a.binary, a.seconds, a.concurrency, a.spans_per_request)
+    dk = run_duckdb(a.duckdb_spans, a.spans_per_request, 64)
+    result = {"lakewriter": lw, "duckdb_executemany": dk, "ratio": lw["spans_per_sec"] / dk["spans_per_sec"]}
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"lakewriter (fsync before ack): {lw['spans_per_sec']:>10.0f} spans/s  p50 {lw['p50_ms']:.1f} ms  p99 {lw['p99_ms']:.1f} ms")
+        print(f"DuckDB executemany:            {dk['spans_per_sec']:>10.0f} spans/s  p50 {dk['p50_ms']:.1f} ms/batch  p99 {dk['p99_ms']:.1f} ms/batch")
+        print(f"ratio: {result['ratio']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

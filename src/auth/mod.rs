@@ -1,0 +1,341 @@
+//! Authentication and tenancy.
+//!
+//! Every write and read carries a credential that names its tenant:
+//! - gRPC metadata `x-junjo-api-key`, `x-api-key`, or `authorization: Bearer <key or JWT>`;
+//! - HTTP `X-API-Key` or `Authorization: Bearer <key or JWT>`.
+//!
+//! API keys ([`apikeys`]) are stored as SHA-256 hashes; JWTs ([`jwt`]) are RS256
+//! tokens issued for a key (`POST /api/v1/otel/token`, `AuthService/GetToken`)
+//! or by a remote identity provider (`--jwks-url`). A [`Principal`] is what a
+//! credential proves: tenant, scopes (`read`, `write`, `admin` ⊇ all) and an
+//! optional endpoint allow-list. The tenant always comes from the credential.
+//!
+//! Verified keys and tokens are cached briefly (keys: [`KEY_CACHE_TTL`], so a
+//! deleted key stops working within that time on every node; this node drops
+//! its cache at once) so credential checks stay off the ingest profile.
+//!
+//! `--no-auth` turns all of this off (every request is tenant `default` with
+//! every scope): for local experiments and the auth-off benchmark only.
+
+pub mod apikeys;
+pub mod jwt;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rocksdb::DB;
+use serde::Serialize;
+
+use crate::error::{ApiError, ErrorKind};
+use crate::flush::now_ms;
+use crate::ingest::names;
+use apikeys::{ApiKeys, KeyRecord};
+
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(2);
+pub const DEFAULT_TENANT: &str = "default";
+pub const SCOPES: &[&str] = &["read", "write", "admin"];
+
+/// What a credential proves.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Principal {
+    pub tenant: String,
+    pub key_id: String,
+    pub scopes: Vec<String>,
+    pub endpoints: Option<Vec<String>>,
+}
+
+impl Principal {
+    pub fn has(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope || s == "admin")
+    }
+
+    pub fn require(&self, scope: &str) -> Result<(), ApiError> {
+        if self.has(scope) {
+            return Ok(());
+        }
+        Err(ApiError::new(ErrorKind::Forbidden, format!("credential lacks the {scope:?} scope")))
+    }
+
+    /// Requires `scope` and, when the key has an allow-list, that `endpoint` is on it.
+    pub fn require_endpoint(&self, scope: &str, endpoint: &str) -> Result<(), ApiError> {
+        self.require(scope)?;
+        match &self.endpoints {
+            Some(list) if !list.iter().any(|e| e == endpoint) => Err(ApiError::new(
+                ErrorKind::Forbidden,
+                format!("credential may not access endpoint {endpoint:?}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn everything() -> Self {
+        Self {
+            tenant: DEFAULT_TENANT.into(),
+            key_id: "no-auth".into(),
+            scopes: vec!["admin".into()],
+            endpoints: None,
+        }
+    }
+}
+
+/// A presented credential.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    ApiKey(String),
+    Bearer(String),
+}
+
+impl Credential {
+    fn from_pairs<'a>(mut get: impl FnMut(&str) -> Option<&'a str>) -> Option<Self> {
+        for h in ["x-junjo-api-key", "x-api-key"] {
+            if let Some(v) = get(h).map(str::trim).filter(|v| !v.is_empty()) {
+                return Some(Self::ApiKey(v.to_string()));
+            }
+        }
+        let auth = get("authorization")?.trim();
+        let token = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer "))?.trim();
+        Some(Self::Bearer(token.to_string()))
+    }
+
+    pub fn from_grpc(md: &tonic::metadata::MetadataMap) -> Option<Self> {
+        Self::from_pairs(|k| md.get(k).and_then(|v| v.to_str().ok()))
+    }
+
+    pub fn from_http(h: &http::HeaderMap) -> Option<Self> {
+        Self::from_pairs(|k| h.get(k).and_then(|v| v.to_str().ok()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub disabled: bool,
+    pub bootstrap_api_key: Option<String>,
+    pub jwks_url: Option<String>,
+    pub token_ttl: Duration,
+    pub jwks_refetch_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            disabled: false,
+            bootstrap_api_key: None,
+            jwks_url: None,
+            token_ttl: Duration::from_secs(3600),
+            jwks_refetch_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Keys(#[from] apikeys::Error),
+    #[error(transparent)]
+    Jwt(#[from] jwt::Error),
+    #[error("writing the admin key file {path}: {source}")]
+    AdminFile { path: String, source: std::io::Error },
+}
+
+impl crate::error::Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Internal
+    }
+}
+
+pub struct Auth {
+    db: Arc<DB>,
+    pub jwt: jwt::Jwt,
+    disabled: bool,
+    key_cache: Mutex<HashMap<String, (Principal, Instant)>>,
+    token_cache: Mutex<HashMap<String, (Principal, u64)>>,
+}
+
+fn unauthenticated(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Unauthenticated, msg)
+}
+
+impl Auth {
+    /// Opens the key store, creating the bootstrap admin key when needed.
+    pub fn open(db: Arc<DB>, cfg: &AuthConfig, data_dir: &Path) -> Result<Self, Error> {
+        let jwt = jwt::Jwt::open(db.clone(), cfg.token_ttl, cfg.jwks_url.clone(), cfg.jwks_refetch_interval)?;
+        let auth = Self {
+            db,
+            jwt,
+            disabled: cfg.disabled,
+            key_cache: Mutex::default(),
+            token_cache: Mutex::default(),
+        };
+        auth.bootstrap(cfg.bootstrap_api_key.as_deref(), data_dir)?;
+        Ok(auth)
+    }
+
+    fn bootstrap(&self, key: Option<&str>, data_dir: &Path) -> Result<(), Error> {
+        let keys = ApiKeys::new(&self.db);
+        let admin = |id: &str| KeyRecord {
+            id: id.into(),
+            tenant: DEFAULT_TENANT.into(),
+            name: "bootstrap admin".into(),
+            scopes: vec!["admin".into()],
+            endpoints: None,
+            created_at: now_ms() / 1000,
+            hash: String::new(),
+        };
+        if let Some(key) = key {
+            if keys.lookup(key)?.is_none() {
+                keys.insert(key, admin("bootstrap"))?;
+                tracing::info!("bootstrap admin key from LAKEWRITER_BOOTSTRAP_API_KEY stored (as a hash)");
+            }
+            return Ok(());
+        }
+        if !keys.is_empty()? {
+            return Ok(());
+        }
+        let key = apikeys::generate_key();
+        let path = data_dir.join("admin-api-key");
+        write_secret(&path, &key).map_err(|source| Error::AdminFile { path: path.display().to_string(), source })?;
+        keys.insert(&key, admin(&ulid::Ulid::new().to_string().to_lowercase()))?;
+        println!("lakewriter: created the admin API key (shown once, also in {}):\n{key}", path.display());
+        Ok(())
+    }
+
+    pub fn keys(&self) -> ApiKeys<'_> {
+        ApiKeys::new(&self.db)
+    }
+
+    /// Checks a credential; `None` is UNAUTHENTICATED unless auth is disabled.
+    pub async fn authenticate(&self, cred: Option<Credential>) -> Result<Principal, ApiError> {
+        if self.disabled {
+            return Ok(Principal::everything());
+        }
+        match cred {
+            None => Err(unauthenticated(
+                "missing credential: send x-junjo-api-key, x-api-key or authorization: Bearer",
+            )),
+            Some(Credential::ApiKey(k)) => self.check_key(&k),
+            Some(Credential::Bearer(t)) if t.starts_with(apikeys::KEY_PREFIX) => self.check_key(&t),
+            Some(Credential::Bearer(t)) => self.check_token(&t).await,
+        }
+    }
+
+    fn check_key(&self, key: &str) -> Result<Principal, ApiError> {
+        let hash = apikeys::hash_hex(key);
+        if let Some((p, at)) = self.key_cache.lock().get(&hash) {
+            if at.elapsed() < KEY_CACHE_TTL {
+                return Ok(p.clone());
+            }
+        }
+        let rec = self.keys().lookup(key).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let rec = rec.ok_or_else(|| unauthenticated("invalid API key"))?;
+        let p = Principal { tenant: rec.tenant, key_id: rec.id, scopes: rec.scopes, endpoints: rec.endpoints };
+        let mut cache = self.key_cache.lock();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(hash, (p.clone(), Instant::now()));
+        Ok(p)
+    }
+
+    async fn check_token(&self, token: &str) -> Result<Principal, ApiError> {
+        let now = now_ms() / 1000;
+        if let Some((p, exp)) = self.token_cache.lock().get(token) {
+            if *exp > now {
+                return Ok(p.clone());
+            }
+        }
+        let (claims, local) = self.jwt.verify(token).await.map_err(|e| unauthenticated(e.to_string()))?;
+        // Our own tokens die with the API key they were issued for.
+        let key_exists = self.keys().exists_id(&claims.sub).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        if local && !key_exists {
+            return Err(unauthenticated("the API key this token was issued for was deleted"));
+        }
+        if !names::is_valid(&claims.tenant) {
+            return Err(unauthenticated("token tenant claim is not a valid tenant name"));
+        }
+        let p = Principal { tenant: claims.tenant, key_id: claims.sub, scopes: claims.scopes, endpoints: claims.endpoints };
+        let mut cache = self.token_cache.lock();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(token.to_string(), (p.clone(), claims.exp));
+        Ok(p)
+    }
+
+    /// Exchanges an API key for a JWT: `(token, expires_at)`.
+    pub fn issue_token(&self, api_key: &str) -> Result<(String, u64), ApiError> {
+        let p = self.check_key(api_key)?;
+        let claims = jwt::Claims {
+            iss: String::new(),
+            aud: String::new(),
+            sub: p.key_id,
+            tenant: p.tenant,
+            scopes: p.scopes,
+            endpoints: p.endpoints,
+            iat: 0,
+            exp: 0,
+        };
+        self.jwt.issue(claims).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+    }
+
+    /// Whether an API key is valid (for `InternalAuthService/ValidateApiKey`).
+    pub fn is_valid_key(&self, key: &str) -> bool {
+        self.check_key(key).is_ok()
+    }
+
+    /// Creates a key; returns the record and the key (shown once).
+    pub fn create_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        scopes: Vec<String>,
+        endpoints: Option<Vec<String>>,
+    ) -> Result<(KeyRecord, String), ApiError> {
+        names::validate("tenant", tenant)?;
+        if scopes.is_empty() || scopes.iter().any(|s| !SCOPES.contains(&s.as_str())) {
+            return Err(ApiError::invalid(format!("scopes must be a non-empty subset of {SCOPES:?}")));
+        }
+        for e in endpoints.iter().flatten() {
+            names::validate("endpoint", e)?;
+        }
+        if name.len() > 200 {
+            return Err(ApiError::invalid("name is longer than 200 bytes"));
+        }
+        let key = apikeys::generate_key();
+        let rec = KeyRecord {
+            id: ulid::Ulid::new().to_string().to_lowercase(),
+            tenant: tenant.into(),
+            name: name.into(),
+            scopes,
+            endpoints,
+            created_at: now_ms() / 1000,
+            hash: String::new(),
+        };
+        let rec = self.keys().insert(&key, rec).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        Ok((rec, key))
+    }
+
+    /// Deletes a key; it stops working on this node at once.
+    pub fn delete_key(&self, id: &str) -> Result<bool, ApiError> {
+        let gone = self.keys().delete(id).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        self.key_cache.lock().clear();
+        self.token_cache.lock().retain(|_, (p, _)| p.key_id != id);
+        Ok(gone.is_some())
+    }
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}

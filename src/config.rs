@@ -1,0 +1,313 @@
+//! Every setting of the server.
+//!
+//! Flags are clap derive with a `LAKEWRITER_*` environment twin on every flag,
+//! grouped by stage with `#[command(flatten)]`, then converted into the plain
+//! [`Config`] structs the library uses. [`Config::validate`] fails loudly at
+//! start. [`Config::for_test`] builds a config for tests (ports 0 are allowed).
+//! When you add a setting: add the flag here, the field in the plain struct,
+//! the README configuration table, and a default that runs locally.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+
+pub use crate::auth::AuthConfig;
+
+/// A byte size parsed from `512MiB`, `64MB`, `1048576`, `4k` …
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num.parse().map_err(|_| format!("invalid byte size {s:?}"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            other => return Err(format!("unknown byte unit {other:?} in {s:?}")),
+        };
+        Ok(ByteSize((num * mult as f64) as u64))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}B", self.0)
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Listening addresses and locations.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Data directory: `wal/` (RocksDB), `lake/` (Parquet, unless --lake-url), keys.
+    #[arg(long, env = "LAKEWRITER_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Public gRPC: OTLP collector services, DataRecord ingestion, AuthService.
+    #[arg(long, env = "LAKEWRITER_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Internal gRPC: ReadSpans, ValidateApiKey, health.
+    #[arg(long, env = "LAKEWRITER_INTERNAL_GRPC_ADDR", default_value = "127.0.0.1:50052")]
+    pub internal_grpc_addr: SocketAddr,
+    /// HTTP: health, metrics, admin, queries, OTLP/HTTP.
+    #[arg(long, env = "LAKEWRITER_HTTP_ADDR", default_value = "0.0.0.0:1323")]
+    pub http_addr: SocketAddr,
+    /// Where Parquet goes: `file:///abs/path`. Default `file://<data-dir>/lake`.
+    #[arg(long, env = "LAKEWRITER_LAKE_URL")]
+    pub lake_url: Option<String>,
+    /// Log filter, `RUST_LOG` syntax (e.g. `info,lakewriter=debug`).
+    #[arg(long, env = "LAKEWRITER_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// When memtables become Parquet.
+#[derive(Debug, Clone, Args)]
+pub struct FlushArgs {
+    /// Flush a table's memtable when it holds this many rows.
+    #[arg(long, env = "LAKEWRITER_FLUSH_ROWS", default_value_t = 1_000_000)]
+    pub flush_rows: usize,
+    /// Flush a table's memtable when its Arrow data reaches this size.
+    #[arg(long, env = "LAKEWRITER_FLUSH_BYTES", default_value = "128MiB")]
+    pub flush_bytes: ByteSize,
+    /// Flush a table's memtable when its oldest row is this old.
+    #[arg(long, env = "LAKEWRITER_FLUSH_AGE", default_value = "60s", value_parser = parse_duration)]
+    pub flush_age: Duration,
+    /// Memory for all memtables. Above half of it the largest tables flush early;
+    /// above all of it writes get RESOURCE_EXHAUSTED (retry after a flush).
+    #[arg(long, env = "LAKEWRITER_MEMTABLE_BUDGET", default_value = "1GiB")]
+    pub memtable_budget: ByteSize,
+    /// Rows per Parquet row group.
+    #[arg(long, env = "LAKEWRITER_ROW_GROUP_ROWS", default_value_t = 65_536)]
+    pub row_group_rows: usize,
+    /// ZSTD level of Parquet pages (1 = fastest).
+    #[arg(long, env = "LAKEWRITER_ZSTD_LEVEL", default_value_t = 1)]
+    pub zstd_level: i32,
+}
+
+/// Write-ahead log and request limits.
+#[derive(Debug, Clone, Args)]
+pub struct WalArgs {
+    /// Keep flushed WAL entries this long for ReadSpans cursors.
+    #[arg(long, env = "LAKEWRITER_WAL_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub wal_retention: Duration,
+    /// Largest accepted request (gRPC message or HTTP body, after decompression).
+    #[arg(long, env = "LAKEWRITER_MAX_REQUEST_SIZE", default_value = "16MiB")]
+    pub max_request_size: ByteSize,
+    /// Most requests that share one fsync.
+    #[arg(long, env = "LAKEWRITER_WAL_MAX_GROUP", default_value_t = 1024)]
+    pub wal_max_group: usize,
+}
+
+/// Credentials.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// Admin API key of tenant `default` (stored as a hash). Without it, the
+    /// first start creates one and writes it to `<data-dir>/admin-api-key`.
+    #[arg(long, env = "LAKEWRITER_BOOTSTRAP_API_KEY", hide_env_values = true)]
+    pub bootstrap_api_key: Option<String>,
+    /// Verify JWTs against this JWKS (an external identity provider) too.
+    #[arg(long, env = "LAKEWRITER_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Lifetime of tokens issued by `/api/v1/otel/token` and `GetToken`.
+    #[arg(long, env = "LAKEWRITER_TOKEN_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+    /// Turn authentication off: every request is tenant `default` with every
+    /// scope. Local experiments and benchmarks only.
+    #[arg(long, env = "LAKEWRITER_NO_AUTH")]
+    pub no_auth: bool,
+}
+
+/// `lakewriter serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
+    pub flush: FlushArgs,
+    #[command(flatten)]
+    pub wal: WalArgs,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlushConfig {
+    pub rows: usize,
+    pub bytes: u64,
+    pub age: Duration,
+    pub memtable_budget: u64,
+    pub row_group_rows: usize,
+    pub zstd_level: i32,
+    /// How often the flusher looks at ages and memory.
+    pub check_interval: Duration,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self {
+            rows: 1_000_000,
+            bytes: 128 << 20,
+            age: Duration::from_secs(60),
+            memtable_budget: 1 << 30,
+            row_group_rows: 65_536,
+            zstd_level: 1,
+            check_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    pub retention: Duration,
+    pub max_group: usize,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self { retention: Duration::from_secs(3600), max_group: 1024 }
+    }
+}
+
+/// The plain configuration the library runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub internal_grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub lake_url: String,
+    pub max_request_size: usize,
+    pub flush: FlushConfig,
+    pub wal: WalConfig,
+    pub auth: AuthConfig,
+}
+
+fn default_lake_url(data_dir: &Path) -> String {
+    let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    format!("file://{}", abs.join("lake").display())
+}
+
+impl Config {
+    pub fn from_args(args: &ServeArgs) -> Self {
+        let s = &args.server;
+        Self {
+            data_dir: s.data_dir.clone(),
+            grpc_addr: s.grpc_addr,
+            internal_grpc_addr: s.internal_grpc_addr,
+            http_addr: s.http_addr,
+            lake_url: s.lake_url.clone().unwrap_or_else(|| default_lake_url(&s.data_dir)),
+            max_request_size: args.wal.max_request_size.0 as usize,
+            flush: FlushConfig {
+                rows: args.flush.flush_rows,
+                bytes: args.flush.flush_bytes.0,
+                age: args.flush.flush_age,
+                memtable_budget: args.flush.memtable_budget.0,
+                row_group_rows: args.flush.row_group_rows,
+                zstd_level: args.flush.zstd_level,
+                ..FlushConfig::default()
+            },
+            wal: WalConfig { retention: args.wal.wal_retention, max_group: args.wal.wal_max_group },
+            auth: AuthConfig {
+                disabled: args.auth.no_auth,
+                bootstrap_api_key: args.auth.bootstrap_api_key.clone(),
+                jwks_url: args.auth.jwks_url.clone(),
+                token_ttl: args.auth.token_ttl,
+                ..AuthConfig::default()
+            },
+        }
+    }
+
+    /// A config on loopback port 0 (the OS picks) with everything under `dir`.
+    pub fn for_test(dir: &Path) -> Self {
+        let any = "127.0.0.1:0".parse().expect("static address");
+        Self {
+            data_dir: dir.to_path_buf(),
+            grpc_addr: any,
+            internal_grpc_addr: any,
+            http_addr: any,
+            lake_url: default_lake_url(dir),
+            max_request_size: 16 << 20,
+            flush: FlushConfig::default(),
+            wal: WalConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+
+    /// Rejects settings that cannot work, with the flag named.
+    pub fn validate(&self) -> Result<(), String> {
+        let f = &self.flush;
+        if f.rows == 0 {
+            return Err("--flush-rows must be at least 1".into());
+        }
+        if f.bytes == 0 || f.memtable_budget == 0 {
+            return Err("--flush-bytes and --memtable-budget must be above 0".into());
+        }
+        if f.age.is_zero() {
+            return Err("--flush-age must be above 0".into());
+        }
+        if f.row_group_rows < 1024 {
+            return Err("--row-group-rows must be at least 1024".into());
+        }
+        if !(1..=22).contains(&f.zstd_level) {
+            return Err("--zstd-level must be within 1..=22".into());
+        }
+        if self.max_request_size < 1024 {
+            return Err("--max-request-size must be at least 1KiB".into());
+        }
+        if self.wal.max_group == 0 {
+            return Err("--wal-max-group must be at least 1".into());
+        }
+        if self.auth.token_ttl.is_zero() {
+            return Err("--token-ttl must be above 0".into());
+        }
+        if self.auth.bootstrap_api_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err("LAKEWRITER_BOOTSTRAP_API_KEY must be at least 16 characters".into());
+        }
+        if !self.lake_url.starts_with("file://") {
+            return Err(format!(
+                "--lake-url {:?}: only file:// URLs are supported by this build",
+                self.lake_url
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("64MB".parse::<ByteSize>().unwrap().0, 64_000_000);
+        assert_eq!("1048576".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("1.5GiB".parse::<ByteSize>().unwrap().0, 3 << 29);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn test_config_is_valid() {
+        let cfg = Config::for_test(Path::new("/tmp/x"));
+        cfg.validate().unwrap();
+        assert_eq!(cfg.lake_url, "file:///tmp/x/lake");
+        let mut bad = cfg.clone();
+        bad.flush.rows = 0;
+        assert!(bad.validate().unwrap_err().contains("--flush-rows"));
+    }
+}

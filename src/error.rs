@@ -1,0 +1,135 @@
+//! One error classification for both transports.
+//!
+//! Every module has its own `thiserror` enum whose variants carry the facts;
+//! each implements [`Classify`], which says what kind of failure it is. The
+//! transports convert through [`ApiError`]: [`ApiError::grpc_code`] for tonic
+//! and [`ApiError::http_status`] for axum, so a failure gets the same meaning
+//! on gRPC and HTTP. Clients get `client_message()`; the log gets `Debug`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// What kind of failure an error is, independent of transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidInput,
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    ResourceExhausted,
+    OutOfRange,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            Self::InvalidInput => tonic::Code::InvalidArgument,
+            Self::Unauthenticated => tonic::Code::Unauthenticated,
+            Self::Forbidden => tonic::Code::PermissionDenied,
+            Self::NotFound => tonic::Code::NotFound,
+            Self::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Self::OutOfRange => tonic::Code::OutOfRange,
+            Self::Unavailable => tonic::Code::Unavailable,
+            Self::Internal => tonic::Code::Internal,
+        }
+    }
+
+    pub fn http_status(self) -> StatusCode {
+        match self {
+            Self::InvalidInput | Self::OutOfRange => StatusCode::BAD_REQUEST,
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether the same request may succeed if retried later.
+    pub fn retryable(self) -> bool {
+        matches!(self, Self::ResourceExhausted | Self::Unavailable)
+    }
+}
+
+/// Implemented by every module error.
+pub trait Classify: std::fmt::Display + std::fmt::Debug {
+    fn kind(&self) -> ErrorKind;
+    /// The text a client sees. Internal failures hide their detail.
+    fn client_message(&self) -> String {
+        match self.kind() {
+            ErrorKind::Internal => "internal error (see server log)".to_string(),
+            _ => self.to_string(),
+        }
+    }
+}
+
+/// A classified error on its way to a client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidInput, message)
+    }
+
+    pub fn from_err<E: Classify>(err: E) -> Self {
+        let kind = err.kind();
+        if kind == ErrorKind::Internal {
+            tracing::error!(error = ?err, "internal error");
+        }
+        Self { kind, message: err.client_message() }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(err: ApiError) -> Self {
+        tonic::Status::new(err.kind.grpc_code(), err.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.kind.http_status();
+        let body = serde_json::json!({
+            "error": self.message,
+            "code": format!("{:?}", self.kind.grpc_code()),
+            "retryable": self.kind.retryable(),
+        });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if self.kind.retryable() {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_map_consistently() {
+        assert_eq!(ErrorKind::InvalidInput.grpc_code(), tonic::Code::InvalidArgument);
+        assert_eq!(ErrorKind::InvalidInput.http_status(), StatusCode::BAD_REQUEST);
+        assert_eq!(ErrorKind::ResourceExhausted.http_status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(ErrorKind::Unavailable.retryable());
+        assert!(!ErrorKind::Forbidden.retryable());
+    }
+}

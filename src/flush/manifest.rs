@@ -1,0 +1,139 @@
+//! The manifest: which Parquet files are published, and the flush watermarks.
+//!
+//! Stored in the WAL's RocksDB so one `WriteBatch` can record files and move
+//! watermarks atomically (publish-then-record: the file is durable first).
+//!
+//! Layout:
+//! - `manifest` CF, key `"{tenant}/{endpoint}/{file_id}"`, value: version byte
+//!   `1` followed by the JSON of [`FileMeta`].
+//! - `meta` CF, key `"wm/{tenant}/{endpoint}"`: 16-byte ULID, every WAL entry at
+//!   or below it is in that table's published files.
+//! - `meta` CF, key `"flushed_through"`: 16-byte ULID, every WAL entry at or
+//!   below it is fully flushed (replay starts above it).
+//!
+//! Tenant and endpoint names never contain `/` (see `ingest::names`).
+
+use std::collections::HashMap;
+
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use crate::memtable::TableId;
+use crate::wal::{CF_MANIFEST, CF_META};
+
+const MANIFEST_VERSION: u8 = 1;
+const FLUSHED_THROUGH: &[u8] = b"flushed_through";
+
+/// One published Parquet file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileMeta {
+    /// Unique id (ULID), also in the file name.
+    pub id: String,
+    pub tenant: String,
+    pub endpoint: String,
+    /// Path relative to the lake root.
+    pub path: String,
+    pub date: String,
+    pub hour: u8,
+    pub rows: u64,
+    pub bytes: u64,
+    /// Smallest and largest partition-time value in the file (ns since epoch, UTC).
+    pub min_time_ns: i64,
+    pub max_time_ns: i64,
+    /// WAL key range of the rows (ULID strings).
+    pub min_seq: String,
+    pub max_seq: String,
+    pub created_at_ms: u64,
+}
+
+impl FileMeta {
+    pub fn table(&self) -> TableId {
+        TableId::new(&self.tenant, &self.endpoint)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("manifest storage: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("manifest entry {key:?} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn table_key(table: &TableId) -> String {
+    format!("wm/{}/{}", table.tenant, table.endpoint)
+}
+
+/// Records published files, the table's watermark and the global watermark in
+/// one synced write batch.
+pub fn record(
+    db: &DB,
+    files: &[FileMeta],
+    table: &TableId,
+    table_wm: Ulid,
+    flushed_through: Ulid,
+) -> Result<()> {
+    let manifest = db.cf_handle(CF_MANIFEST).expect("manifest column family exists");
+    let meta = db.cf_handle(CF_META).expect("meta column family exists");
+    let mut batch = WriteBatch::default();
+    for f in files {
+        let mut value = vec![MANIFEST_VERSION];
+        value.extend(serde_json::to_vec(f).expect("FileMeta serializes"));
+        batch.put_cf(&manifest, format!("{}/{}/{}", f.tenant, f.endpoint, f.id), value);
+    }
+    batch.put_cf(&meta, table_key(table), table_wm.to_bytes());
+    batch.put_cf(&meta, FLUSHED_THROUGH, flushed_through.to_bytes());
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    Ok(())
+}
+
+/// What startup needs: files per table, table watermarks, the global watermark.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub files: HashMap<TableId, Vec<FileMeta>>,
+    pub watermarks: HashMap<TableId, Ulid>,
+    pub flushed_through: Option<Ulid>,
+}
+
+pub fn load(db: &DB) -> Result<Loaded> {
+    let manifest = db.cf_handle(CF_MANIFEST).expect("manifest column family exists");
+    let meta = db.cf_handle(CF_META).expect("meta column family exists");
+    let mut out = Loaded::default();
+    for item in db.iterator_cf(&manifest, rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let key = String::from_utf8_lossy(&k).into_owned();
+        let corrupt = |reason: String| Error::Corrupt { key: key.clone(), reason };
+        if v.first() != Some(&MANIFEST_VERSION) {
+            return Err(corrupt(format!("unknown version {:?}", v.first())));
+        }
+        let f: FileMeta = serde_json::from_slice(&v[1..]).map_err(|e| corrupt(e.to_string()))?;
+        out.files.entry(f.table()).or_default().push(f);
+    }
+    for item in db.prefix_iterator_cf(&meta, b"wm/") {
+        let (k, v) = item?;
+        let Some(rest) = k.strip_prefix(b"wm/") else { break };
+        let key = String::from_utf8_lossy(rest).into_owned();
+        let (tenant, endpoint) = key.split_once('/').ok_or_else(|| Error::Corrupt {
+            key: key.clone(),
+            reason: "watermark key without endpoint".into(),
+        })?;
+        out.watermarks.insert(TableId::new(tenant, endpoint), ulid_from(&key, &v)?);
+    }
+    if let Some(v) = db.get_cf(&meta, FLUSHED_THROUGH)? {
+        out.flushed_through = Some(ulid_from("flushed_through", &v)?);
+    }
+    Ok(out)
+}
+
+fn ulid_from(key: &str, v: &[u8]) -> Result<Ulid> {
+    let arr: [u8; 16] = v.try_into().map_err(|_| Error::Corrupt {
+        key: key.to_string(),
+        reason: format!("watermark has {} bytes, expected 16", v.len()),
+    })?;
+    Ok(Ulid::from_bytes(arr))
+}

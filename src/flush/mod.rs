@@ -1,0 +1,218 @@
+//! Flush: frozen memtables → published Parquet → manifest → WAL truncation.
+//!
+//! Contract of [`Flusher::flush_table`]: it returns the files it published, and
+//! when it returns they are durable in the lake *and* recorded in the manifest
+//! with the table's watermark and the global `flushed_through` watermark (one
+//! synced RocksDB batch), and queries read them instead of the memtable.
+//! Order per table: freeze → encode (blocking pool) → put each file → record →
+//! swap in the catalog → truncate the WAL below `min(flushed_through,
+//! now - retention)`. A crash anywhere before "record" leaves the WAL entries
+//! above the old watermark, so startup replays them; unrecorded files of this
+//! node are deleted by [`Flusher::reconcile`].
+//!
+//! Flushes are serialized by one lock: two flushes of one table racing could
+//! otherwise record a newer watermark before an older file.
+//!
+//! Touch together: `memtable` (freeze/publish), `manifest` (layout), README
+//! (layout and flush settings).
+
+pub mod lake;
+pub mod manifest;
+pub mod parquet;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use ulid::Ulid;
+
+use crate::config::{FlushConfig, WalConfig};
+use crate::error::{Classify, ErrorKind};
+use crate::memtable::{Catalog, Frozen, TableId};
+use crate::metrics::METRICS;
+use crate::wal::Wal;
+use lake::Lake;
+use manifest::FileMeta;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("encoding {table}: {source}")]
+    Encode { table: TableId, source: parquet::Error },
+    #[error("publishing {path}: {source}")]
+    Publish { path: String, source: lake::Error },
+    #[error("recording flush of {table}: {source}")]
+    Record { table: TableId, source: manifest::Error },
+    #[error("WAL: {0}")]
+    Wal(#[from] crate::wal::Error),
+    #[error("flush task failed: {0}")]
+    Join(String),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Internal
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub struct Flusher {
+    catalog: Arc<Catalog>,
+    wal: Arc<Wal>,
+    lake: Lake,
+    cfg: FlushConfig,
+    wal_cfg: WalConfig,
+    node_id: String,
+    lock: tokio::sync::Mutex<()>,
+    /// Woken when a table crossed a threshold on insert.
+    pub wake: Arc<Notify>,
+}
+
+impl Flusher {
+    pub fn new(catalog: Arc<Catalog>, wal: Arc<Wal>, lake: Lake, cfg: FlushConfig, wal_cfg: WalConfig, node_id: String) -> Self {
+        Self { catalog, wal, lake, cfg, wal_cfg, node_id, lock: tokio::sync::Mutex::new(()), wake: Arc::new(Notify::new()) }
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    /// Background loop: flush due tables on every tick or wake-up until cancelled.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.cfg.check_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
+            for table in self.catalog.due_tables(Instant::now()) {
+                if let Err(e) = self.flush_table(&table).await {
+                    METRICS.flush_errors.inc();
+                    tracing::error!(%table, error = %e, "flush failed; rows stay in the memtable and WAL");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Flushes every table that holds rows; returns the files published.
+    pub async fn flush_all(&self) -> Result<Vec<FileMeta>> {
+        let mut files = Vec::new();
+        for table in self.catalog.tables_with_rows() {
+            files.extend(self.flush_table(&table).await?);
+        }
+        Ok(files)
+    }
+
+    /// Flushes one table (see the module contract).
+    #[tracing::instrument(skip_all, fields(table = %table))]
+    pub async fn flush_table(&self, table: &TableId) -> Result<Vec<FileMeta>> {
+        let _guard = self.lock.lock().await;
+        let Some(frozen) = self.catalog.freeze(table) else { return Ok(vec![]) };
+        let started = Instant::now();
+        let files = match self.write_files(&frozen).await {
+            Ok(files) => files,
+            Err(e) => {
+                // The frozen rows stay visible and unflushed; the next flush
+                // of this table retries them (they are re-frozen with it).
+                self.catalog.refreeze_failed(&frozen);
+                return Err(e);
+            }
+        };
+        let through = self.catalog.flushed_through_after(&frozen);
+        if let Err(source) = manifest::record(self.wal.db(), &files, table, frozen.max_seq, through) {
+            // Unrecorded files must not linger beside the rows that will be
+            // flushed again; startup would delete them too.
+            for f in &files {
+                let _ = self.lake.delete(&f.path).await;
+            }
+            self.catalog.refreeze_failed(&frozen);
+            return Err(Error::Record { table: table.clone(), source });
+        }
+        self.catalog.publish(&frozen, files.iter().cloned().map(Arc::new).collect());
+        self.truncate_wal(through)?;
+        METRICS.flush_seconds.observe_duration(started.elapsed());
+        METRICS.flush_rows.add(frozen.rows as u64);
+        tracing::info!(rows = frozen.rows, files = files.len(), ms = started.elapsed().as_millis() as u64, "flushed");
+        Ok(files)
+    }
+
+    async fn write_files(&self, frozen: &Arc<Frozen>) -> Result<Vec<FileMeta>> {
+        let table = frozen.table.clone();
+        let opts = parquet::EncodeOptions { row_group_rows: self.cfg.row_group_rows, zstd_level: self.cfg.zstd_level };
+        let f = frozen.clone();
+        let encoded = tokio::task::spawn_blocking(move || parquet::encode(&f.table.endpoint, &f.batches, &opts))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+            .map_err(|source| Error::Encode { table: table.clone(), source })?;
+        let mut files: Vec<FileMeta> = Vec::with_capacity(encoded.len());
+        for enc in encoded {
+            let id = Ulid::new().to_string();
+            let path = format!(
+                "tenant={}/endpoint={}/date={}/hour={:02}/part-{}-{}.parquet",
+                table.tenant, table.endpoint, enc.date, enc.hour, id, self.node_id
+            );
+            let bytes = enc.bytes.len() as u64;
+            if let Err(source) = self.lake.put(&path, enc.bytes).await {
+                for f in &files {
+                    let _ = self.lake.delete(&f.path).await;
+                }
+                return Err(Error::Publish { path, source });
+            }
+            METRICS.flush_files.inc();
+            METRICS.flush_bytes.add(bytes);
+            files.push(FileMeta {
+                id,
+                tenant: table.tenant.to_string(),
+                endpoint: table.endpoint.to_string(),
+                path,
+                date: enc.date,
+                hour: enc.hour,
+                rows: enc.rows as u64,
+                bytes,
+                min_time_ns: enc.min_time_ns,
+                max_time_ns: enc.max_time_ns,
+                min_seq: frozen.min_seq.to_string(),
+                max_seq: frozen.max_seq.to_string(),
+                created_at_ms: now_ms(),
+            });
+        }
+        Ok(files)
+    }
+
+    fn truncate_wal(&self, through: Ulid) -> Result<()> {
+        let retention_ms = self.wal_cfg.retention.as_millis() as u64;
+        let horizon = Ulid::from_parts(now_ms().saturating_sub(retention_ms), 0);
+        let bound = Ulid(through.0.saturating_add(1)).min(horizon);
+        self.wal.truncate_before(bound)?;
+        Ok(())
+    }
+
+    /// Deletes this node's Parquet files that the manifest does not list
+    /// (published just before a crash, never recorded: their rows are still in
+    /// the WAL and will be flushed again) and leftover staging files.
+    pub async fn reconcile(&self, recorded: &HashSet<String>) -> Result<usize> {
+        let suffix = format!("-{}.parquet", self.node_id);
+        let mut removed = 0;
+        let paths = self.lake.list().await.map_err(|source| Error::Publish { path: "<list>".into(), source })?;
+        for path in paths {
+            let name = path.rsplit('/').next().unwrap_or("");
+            let ours = name.starts_with("part-") && name.contains(&suffix);
+            let staging = ours && !name.ends_with(".parquet");
+            if (ours && !recorded.contains(&path)) || staging {
+                tracing::warn!(%path, "removing unrecorded file left by a crash");
+                self.lake.delete(&path).await.map_err(|source| Error::Publish { path: path.clone(), source })?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

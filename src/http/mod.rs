@@ -1,0 +1,154 @@
+//! HTTP API (axum).
+//!
+//! Open routes: `GET /health`, `GET /metrics`, `GET /.well-known/jwks.json`,
+//! `POST /api/v1/otel/token` (takes the API key itself).
+//! Admin routes (an `admin`-scope credential): `POST /api/v1/admin/flush`,
+//! `POST /api/v1/admin/keys/rotate`, and API keys under `/api/v1/apikeys`.
+//! Admin keys of tenant `default` are operator keys and manage every tenant's
+//! keys; an admin key of another tenant manages only its own tenant's keys.
+//!
+//! Errors are JSON `{"error","code","retryable"}` via [`crate::error::ApiError`].
+//! When you add a route: the README API reference and a test in `tests/`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::{Auth, Credential, Principal, DEFAULT_TENANT};
+use crate::error::{ApiError, ErrorKind};
+use crate::flush::Flusher;
+use crate::memtable::Catalog;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub flusher: Arc<Flusher>,
+    pub auth: Arc<Auth>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/api/v1/otel/token", post(token))
+        .route("/api/v1/admin/flush", post(flush))
+        .route("/api/v1/admin/keys/rotate", post(rotate))
+        .route("/api/v1/apikeys", post(create_key).get(list_keys))
+        .route("/api/v1/apikeys/{id}", delete(delete_key))
+        .with_state(state)
+}
+
+/// The principal behind an HTTP request's headers.
+pub async fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    auth.authenticate(Credential::from_http(headers)).await
+}
+
+async fn admin(s: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let p = principal(&s.auth, headers).await?;
+    p.require("admin")?;
+    Ok(p)
+}
+
+fn may_manage(p: &Principal, tenant: &str) -> Result<(), ApiError> {
+    if p.tenant == DEFAULT_TENANT || p.tenant == tenant {
+        return Ok(());
+    }
+    Err(ApiError::new(ErrorKind::Forbidden, format!("an admin key of tenant {:?} cannot manage tenant {tenant:?}", p.tenant)))
+}
+
+async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let (rows, bytes) = s.catalog.usage();
+    Json(json!({"status": "ok", "memtable_rows": rows, "memtable_bytes": bytes}))
+}
+
+async fn metrics() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
+}
+
+async fn jwks(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(s.auth.jwt.jwks())
+}
+
+async fn token(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::new(ErrorKind::Unauthenticated, "send the API key in X-API-Key"))?;
+    let (token, expires_at) = s.auth.issue_token(key)?;
+    Ok(Json(json!({"token": token, "expires_at": expires_at})))
+}
+
+async fn flush(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    admin(&s, &headers).await?;
+    let files = s.flusher.flush_all().await.map_err(ApiError::from_err)?;
+    let rows: u64 = files.iter().map(|f| f.rows).sum();
+    Ok(Json(json!({"files": files, "rows": rows})))
+}
+
+async fn rotate(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = admin(&s, &headers).await?;
+    may_manage(&p, DEFAULT_TENANT)?;
+    let auth = s.auth.clone();
+    let kid = tokio::task::spawn_blocking(move || auth.jwt.rotate())
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    Ok(Json(json!({"kid": kid})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    tenant: String,
+    #[serde(default)]
+    name: String,
+    scopes: Vec<String>,
+    #[serde(default)]
+    endpoints: Option<Vec<String>>,
+}
+
+async fn create_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<CreateKey>, axum::extract::rejection::JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let p = admin(&s, &headers).await?;
+    let Json(req) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    may_manage(&p, &req.tenant)?;
+    let (rec, key) = s.auth.create_key(&req.tenant, &req.name, req.scopes, req.endpoints)?;
+    tracing::info!(id = %rec.id, tenant = %rec.tenant, by = %p.key_id, "API key created");
+    let mut body = serde_json::to_value(&rec).unwrap_or_default();
+    body["key"] = json!(key);
+    if let Some(o) = body.as_object_mut() {
+        o.remove("hash");
+    }
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+async fn list_keys(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = admin(&s, &headers).await?;
+    let keys = s.auth.keys().list().map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    let visible: Vec<_> = keys
+        .into_iter()
+        .filter(|k| may_manage(&p, &k.tenant).is_ok())
+        .map(|k| json!({"id": k.id, "tenant": k.tenant, "name": k.name, "scopes": k.scopes, "endpoints": k.endpoints, "created_at": k.created_at}))
+        .collect();
+    Ok(Json(json!({ "keys": visible })))
+}
+
+async fn delete_key(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let p = admin(&s, &headers).await?;
+    let rec = s.auth.keys().list().map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?.into_iter().find(|k| k.id == id);
+    let rec = rec.ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no API key {id:?}")))?;
+    may_manage(&p, &rec.tenant)?;
+    s.auth.delete_key(&id)?;
+    tracing::info!(%id, by = %p.key_id, "API key deleted");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,356 @@
+//! Memtables: the rows accepted since the last flush, per (tenant, endpoint).
+//!
+//! A memtable is a list of Arrow record batches, one per accepted request (the
+//! request's rows, converted on the request's own task before the WAL append).
+//! The WAL writer thread inserts them in WAL key order, so any freeze takes a
+//! *prefix* of the WAL for that table: everything up to its `max_seq` is in it.
+//! That is what makes the per-table flush watermark sound.
+//!
+//! [`Catalog`] holds, per table, the active memtable, the frozen memtables being
+//! flushed, and the published Parquet files. [`Catalog::publish`] swaps a frozen
+//! memtable for its files under one lock, so a query snapshot
+//! ([`Catalog::snapshot`]) sees every row exactly once.
+//!
+//! Memory: every batch's Arrow size counts against `memtable_budget`. Above half
+//! of it the flusher flushes the largest tables; above all of it
+//! [`Catalog::admit`] rejects writes with a retryable RESOURCE_EXHAUSTED.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::record_batch::RecordBatch;
+use parking_lot::RwLock;
+use ulid::Ulid;
+
+use crate::config::FlushConfig;
+use crate::error::{Classify, ErrorKind};
+use crate::flush::manifest::FileMeta;
+use crate::metrics::METRICS;
+
+/// A table: one endpoint of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableId {
+    pub tenant: Arc<str>,
+    pub endpoint: Arc<str>,
+}
+
+impl TableId {
+    pub fn new(tenant: &str, endpoint: &str) -> Self {
+        Self { tenant: tenant.into(), endpoint: endpoint.into() }
+    }
+}
+
+impl std::fmt::Display for TableId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.endpoint)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "memtable memory budget exhausted ({used} of {budget} bytes in use); retry after the flush catches up"
+    )]
+    MemoryExhausted { used: u64, budget: u64 },
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::ResourceExhausted
+    }
+}
+
+/// An immutable memtable on its way to Parquet.
+#[derive(Debug)]
+pub struct Frozen {
+    pub id: u64,
+    pub table: TableId,
+    pub batches: Vec<RecordBatch>,
+    pub rows: usize,
+    pub bytes: u64,
+    pub min_seq: Ulid,
+    pub max_seq: Ulid,
+}
+
+#[derive(Default)]
+struct Active {
+    batches: Vec<RecordBatch>,
+    rows: usize,
+    bytes: u64,
+    min_seq: Option<Ulid>,
+    max_seq: Ulid,
+    since: Option<Instant>,
+}
+
+#[derive(Default)]
+struct TableState {
+    active: Active,
+    frozen: Vec<Arc<Frozen>>,
+    files: Vec<Arc<FileMeta>>,
+    /// Every WAL entry ≤ this is in a published file of this table.
+    flushed_seq: Ulid,
+}
+
+#[derive(Default)]
+struct Inner {
+    tables: BTreeMap<TableId, TableState>,
+    /// Key of the newest WAL entry inserted.
+    last_applied: Ulid,
+    bytes: u64,
+    rows: u64,
+}
+
+/// What a query reads of one table: published files ∪ memtable rows.
+#[derive(Debug, Clone, Default)]
+pub struct TableSnapshot {
+    pub files: Vec<Arc<FileMeta>>,
+    pub batches: Vec<RecordBatch>,
+}
+
+pub struct Catalog {
+    inner: RwLock<Inner>,
+    cfg: FlushConfig,
+    next_frozen: AtomicU64,
+}
+
+impl Catalog {
+    pub fn new(cfg: FlushConfig) -> Self {
+        Self { inner: RwLock::new(Inner::default()), cfg, next_frozen: AtomicU64::new(1) }
+    }
+
+    /// Restores a table's published files and watermark (startup).
+    pub fn load_table(&self, table: TableId, files: Vec<Arc<FileMeta>>, flushed_seq: Ulid) {
+        let mut inner = self.inner.write();
+        let state = inner.tables.entry(table).or_default();
+        state.files = files;
+        state.flushed_seq = flushed_seq;
+    }
+
+    /// Refuses new writes while memtables are over budget.
+    pub fn admit(&self) -> Result<(), Error> {
+        let used = self.inner.read().bytes;
+        if used > self.cfg.memtable_budget {
+            return Err(Error::MemoryExhausted { used, budget: self.cfg.memtable_budget });
+        }
+        Ok(())
+    }
+
+    /// Inserts the rows of WAL entry `seq` (called in key order). Rows of a
+    /// table whose watermark already covers `seq` are skipped (WAL replay).
+    /// Returns true when some table should flush now.
+    pub fn insert(&self, seq: Ulid, rows: Vec<(TableId, RecordBatch)>) -> bool {
+        let mut inner = self.inner.write();
+        let mut due = false;
+        for (table, batch) in rows {
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let state = inner.tables.entry(table).or_default();
+            if seq <= state.flushed_seq {
+                continue;
+            }
+            let (n, bytes) = (batch.num_rows(), batch.get_array_memory_size() as u64);
+            let a = &mut state.active;
+            a.batches.push(batch);
+            a.rows += n;
+            a.bytes += bytes;
+            a.min_seq.get_or_insert(seq);
+            a.max_seq = seq;
+            a.since.get_or_insert_with(Instant::now);
+            due |= a.rows >= self.cfg.rows || a.bytes >= self.cfg.bytes;
+            inner.bytes += bytes;
+            inner.rows += n as u64;
+        }
+        inner.last_applied = inner.last_applied.max(seq);
+        due |= inner.bytes > self.cfg.memtable_budget / 2;
+        publish_gauges(&inner);
+        due
+    }
+
+    /// Makes the table's active memtable immutable and returns it (None when empty).
+    pub fn freeze(&self, table: &TableId) -> Option<Arc<Frozen>> {
+        let mut inner = self.inner.write();
+        let state = inner.tables.get_mut(table)?;
+        let active = std::mem::take(&mut state.active);
+        let min_seq = active.min_seq?;
+        let frozen = Arc::new(Frozen {
+            id: self.next_frozen.fetch_add(1, Ordering::Relaxed),
+            table: table.clone(),
+            batches: active.batches,
+            rows: active.rows,
+            bytes: active.bytes,
+            min_seq,
+            max_seq: active.max_seq,
+        });
+        state.frozen.push(frozen.clone());
+        Some(frozen)
+    }
+
+    /// Swaps a frozen memtable for the files it became, atomically for readers.
+    pub fn publish(&self, frozen: &Frozen, files: Vec<Arc<FileMeta>>) {
+        let mut inner = self.inner.write();
+        let state = inner.tables.entry(frozen.table.clone()).or_default();
+        state.frozen.retain(|f| f.id != frozen.id);
+        state.files.extend(files);
+        state.flushed_seq = state.flushed_seq.max(frozen.max_seq);
+        inner.bytes -= frozen.bytes;
+        inner.rows -= frozen.rows as u64;
+        publish_gauges(&inner);
+    }
+
+    /// Puts a frozen memtable whose flush failed back in front of the active
+    /// one, so the next flush of the table retries its rows.
+    pub fn refreeze_failed(&self, frozen: &Frozen) {
+        let mut inner = self.inner.write();
+        let Some(state) = inner.tables.get_mut(&frozen.table) else { return };
+        state.frozen.retain(|f| f.id != frozen.id);
+        let a = &mut state.active;
+        let mut batches = frozen.batches.clone();
+        batches.append(&mut a.batches);
+        a.batches = batches;
+        a.rows += frozen.rows;
+        a.bytes += frozen.bytes;
+        a.min_seq = Some(frozen.min_seq);
+        a.max_seq = a.max_seq.max(frozen.max_seq);
+        a.since.get_or_insert_with(Instant::now);
+    }
+
+    /// The newest key such that every WAL entry at or below it is fully in
+    /// published files: everything before the oldest unflushed row.
+    pub fn flushed_through(&self) -> Ulid {
+        self.flushed_through_excluding(None)
+    }
+
+    /// [`Self::flushed_through`] as it will be once `frozen` is published.
+    pub fn flushed_through_after(&self, frozen: &Frozen) -> Ulid {
+        self.flushed_through_excluding(Some(frozen.id))
+    }
+
+    fn flushed_through_excluding(&self, frozen_id: Option<u64>) -> Ulid {
+        let inner = self.inner.read();
+        let oldest = inner
+            .tables
+            .values()
+            .flat_map(|s| {
+                let frozen = s.frozen.iter().filter(|f| Some(f.id) != frozen_id).map(|f| f.min_seq);
+                frozen.chain(s.active.min_seq)
+            })
+            .min();
+        match oldest {
+            Some(seq) => Ulid(seq.0.saturating_sub(1)),
+            None => inner.last_applied,
+        }
+    }
+
+    /// Tables that should flush now: over rows/bytes/age, or the largest ones
+    /// while memtables use more than half of the budget.
+    pub fn due_tables(&self, now: Instant) -> Vec<TableId> {
+        let inner = self.inner.read();
+        let mut due: Vec<TableId> = Vec::new();
+        let mut by_size: Vec<(u64, &TableId)> = Vec::new();
+        for (id, s) in &inner.tables {
+            let a = &s.active;
+            let old = a.since.is_some_and(|t| now.duration_since(t) >= self.cfg.age);
+            if a.rows > 0 && (old || a.rows >= self.cfg.rows || a.bytes >= self.cfg.bytes) {
+                due.push(id.clone());
+            } else if a.rows > 0 {
+                by_size.push((a.bytes, id));
+            }
+        }
+        let frozen_bytes: u64 =
+            inner.tables.values().flat_map(|s| s.frozen.iter().map(|f| f.bytes)).sum();
+        let mut projected = inner.bytes.saturating_sub(frozen_bytes);
+        by_size.sort_by(|a, b| b.0.cmp(&a.0));
+        for (bytes, id) in by_size {
+            if projected <= self.cfg.memtable_budget / 2 {
+                break;
+            }
+            projected -= bytes;
+            due.push(id.clone());
+        }
+        due
+    }
+
+    /// Tables whose active memtable holds rows.
+    pub fn tables_with_rows(&self) -> Vec<TableId> {
+        let inner = self.inner.read();
+        inner.tables.iter().filter(|(_, s)| s.active.rows > 0).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Every known table of a tenant.
+    pub fn tables_of(&self, tenant: &str) -> Vec<TableId> {
+        let inner = self.inner.read();
+        inner.tables.keys().filter(|t| &*t.tenant == tenant).cloned().collect()
+    }
+
+    /// Files ∪ frozen ∪ active rows of a table, consistent at one instant.
+    pub fn snapshot(&self, table: &TableId) -> TableSnapshot {
+        let inner = self.inner.read();
+        let Some(s) = inner.tables.get(table) else { return TableSnapshot::default() };
+        let mut batches: Vec<RecordBatch> =
+            s.frozen.iter().flat_map(|f| f.batches.iter().cloned()).collect();
+        batches.extend(s.active.batches.iter().cloned());
+        TableSnapshot { files: s.files.clone(), batches }
+    }
+
+    /// Rows and bytes held in memtables.
+    pub fn usage(&self) -> (u64, u64) {
+        let inner = self.inner.read();
+        (inner.rows, inner.bytes)
+    }
+}
+
+fn publish_gauges(inner: &Inner) {
+    METRICS.memtable_bytes.set(inner.bytes as i64);
+    METRICS.memtable_rows.set(inner.rows as i64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+
+    fn batch(n: i64) -> RecordBatch {
+        RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from_iter_values(0..n)) as _)]).unwrap()
+    }
+
+    fn seq(n: u128) -> Ulid {
+        Ulid(n)
+    }
+
+    #[test]
+    fn watermark_follows_oldest_unflushed_row() {
+        let cat = Catalog::new(FlushConfig::default());
+        let (a, b) = (TableId::new("t", "a"), TableId::new("t", "b"));
+        cat.insert(seq(10), vec![(a.clone(), batch(2)), (b.clone(), batch(1))]);
+        cat.insert(seq(11), vec![(b.clone(), batch(3))]);
+        assert_eq!(cat.flushed_through(), seq(9));
+        let fa = cat.freeze(&a).unwrap();
+        assert_eq!((fa.min_seq, fa.max_seq, fa.rows), (seq(10), seq(10), 2));
+        // Frozen rows still count as unflushed and stay visible.
+        assert_eq!(cat.flushed_through(), seq(9));
+        assert_eq!(cat.snapshot(&a).batches.len(), 1);
+        cat.publish(&fa, vec![]);
+        assert_eq!(cat.flushed_through(), seq(9)); // b still holds entry 10
+        let fb = cat.freeze(&b).unwrap();
+        cat.publish(&fb, vec![]);
+        assert_eq!(cat.flushed_through(), seq(11));
+        assert_eq!(cat.usage(), (0, 0));
+        // Replay of an entry the table already flushed is skipped.
+        cat.insert(seq(11), vec![(b.clone(), batch(3))]);
+        assert_eq!(cat.usage().0, 0);
+    }
+
+    #[test]
+    fn budget_rejects_and_due_picks_largest() {
+        let cfg = FlushConfig { memtable_budget: 1, ..FlushConfig::default() };
+        let cat = Catalog::new(cfg);
+        cat.admit().unwrap();
+        let due = cat.insert(seq(1), vec![(TableId::new("t", "a"), batch(100))]);
+        assert!(due);
+        assert!(matches!(cat.admit(), Err(Error::MemoryExhausted { .. })));
+        assert_eq!(cat.due_tables(Instant::now()), vec![TableId::new("t", "a")]);
+    }
+}

@@ -1,0 +1,224 @@
+//! Startup, wiring and ordered shutdown.
+//!
+//! Start: open the WAL → load the manifest → reconcile unrecorded files →
+//! replay WAL entries above the watermark into memtables → start the flusher →
+//! bind the public gRPC, internal gRPC and HTTP listeners (port 0 allowed).
+//!
+//! Shutdown ([`Running::shutdown`]): stop accepting and drain in-flight
+//! requests (bounded wait) → flush every memtable → close the WAL.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use ulid::Ulid;
+
+use crate::config::Config;
+use crate::flush::lake::Lake;
+use crate::flush::{manifest, Flusher};
+use crate::auth::Auth;
+use crate::ingest::grpc::{fix_status, AuthGrpc, OtlpTraceService};
+use crate::proto::ingestion::auth_service_server::AuthServiceServer;
+use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
+use crate::ingest::{rows_for_entry, Ingestor};
+use crate::memtable::Catalog;
+use crate::wal::Wal;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Wal(#[from] crate::wal::Error),
+    #[error(transparent)]
+    Manifest(#[from] manifest::Error),
+    #[error(transparent)]
+    Lake(#[from] crate::flush::lake::Error),
+    #[error(transparent)]
+    Flush(#[from] crate::flush::Error),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Error),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A started server.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub internal_grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub lake_url: String,
+    cancel: CancellationToken,
+    servers: Vec<JoinHandle<()>>,
+    flusher_task: JoinHandle<()>,
+    flusher: Arc<Flusher>,
+    wal: Arc<Wal>,
+}
+
+/// A random id of this node, kept in `<data>/node-id`; it ends every file name.
+fn node_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let id = format!("{:08x}", rand::random::<u32>());
+            std::fs::write(&path, &id)?;
+            Ok(id)
+        }
+    }
+}
+
+pub async fn start(cfg: Config) -> Result<Running> {
+    cfg.validate().map_err(Error::Config)?;
+    let dir_err = |source| Error::DataDir { path: cfg.data_dir.display().to_string(), source };
+    std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
+    let node = node_id(&cfg.data_dir).map_err(dir_err)?;
+    let wal = Arc::new(Wal::open(&cfg.data_dir.join("wal"), cfg.wal.max_group)?);
+    let lake = Lake::open(&cfg.lake_url)?;
+    let auth_cfg = cfg.auth.clone();
+    let (auth_db, auth_dir) = (wal.db().clone(), cfg.data_dir.clone());
+    let auth = tokio::task::spawn_blocking(move || Auth::open(auth_db, &auth_cfg, &auth_dir))
+        .await
+        .map_err(|e| Error::Config(format!("auth setup task failed: {e}")))??;
+    let auth = Arc::new(auth);
+    if cfg.auth.disabled {
+        tracing::warn!("authentication is OFF (--no-auth): every request is tenant default with every scope");
+    }
+    let catalog = Arc::new(Catalog::new(cfg.flush.clone()));
+    let loaded = manifest::load(wal.db())?;
+    let mut recorded = HashSet::new();
+    for (table, files) in loaded.files {
+        recorded.extend(files.iter().map(|f| f.path.clone()));
+        let wm = loaded.watermarks.get(&table).copied().unwrap_or(Ulid::nil());
+        catalog.load_table(table, files.into_iter().map(Arc::new).collect(), wm);
+    }
+    for (table, wm) in &loaded.watermarks {
+        if catalog.tables_of(&table.tenant).iter().all(|t| t != table) {
+            catalog.load_table(table.clone(), vec![], *wm);
+        }
+    }
+    let flusher = Arc::new(Flusher::new(catalog.clone(), wal.clone(), lake, cfg.flush.clone(), cfg.wal.clone(), node));
+    let removed = flusher.reconcile(&recorded).await?;
+    let (entries, rows) = replay(&wal, &catalog, &flusher, loaded.flushed_through, &cfg).await?;
+    tracing::info!(entries, rows, removed_unrecorded_files = removed, "WAL replayed");
+
+    let cancel = CancellationToken::new();
+    let flusher_task = tokio::spawn(flusher.clone().run(cancel.clone()));
+    let ingestor = Arc::new(Ingestor::new(wal.clone(), catalog.clone(), flusher.wake.clone()));
+    let mut servers = Vec::new();
+
+    let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
+    let trace = TraceServiceServer::new(OtlpTraceService::new(ingestor.clone(), auth.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(cfg.max_request_size);
+    let public = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(fix_status::<tonic::body::Body>))
+        .add_service(trace)
+        .add_service(AuthServiceServer::new(AuthGrpc(auth.clone())))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), cancel.clone().cancelled_owned());
+    servers.push(spawn_server("public gRPC", public));
+
+    let (internal_grpc_addr, listener) = bind(cfg.internal_grpc_addr).await?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let internal = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(InternalAuthServiceServer::new(AuthGrpc(auth.clone())))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), cancel.clone().cancelled_owned());
+    servers.push(spawn_server("internal gRPC", internal));
+
+    let (http_addr, listener) = bind(cfg.http_addr).await?;
+    let app = crate::http::router(crate::http::AppState {
+        catalog: catalog.clone(),
+        flusher: flusher.clone(),
+        auth: auth.clone(),
+    });
+    let http = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
+    servers.push(spawn_server("HTTP", async move { http.await }));
+
+    let lake_url = flusher.lake().url().to_string();
+    tracing::info!(%grpc_addr, %internal_grpc_addr, %http_addr, lake = %lake_url, data_dir = %cfg.data_dir.display(), "lakewriter ready");
+    Ok(Running { grpc_addr, internal_grpc_addr, http_addr, lake_url, cancel, servers, flusher_task, flusher, wal })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(SocketAddr, TcpListener)> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    Ok((local, listener))
+}
+
+fn spawn_server<E: std::fmt::Display>(
+    name: &'static str,
+    fut: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::error!(server = name, error = %e, "server stopped with an error");
+        }
+    })
+}
+
+/// Re-inserts WAL entries above the watermark; flushes when memory runs high.
+async fn replay(
+    wal: &Wal,
+    catalog: &Catalog,
+    flusher: &Flusher,
+    from: Option<Ulid>,
+    cfg: &Config,
+) -> Result<(u64, u64)> {
+    let (mut entries, mut rows) = (0u64, 0u64);
+    let mut pending = Vec::new();
+    for item in wal.iter_after(from) {
+        let (seq, entry) = item?;
+        match rows_for_entry(&entry) {
+            Ok(r) => {
+                rows += r.iter().map(|(_, b)| b.num_rows() as u64).sum::<u64>();
+                pending.push((seq, r));
+            }
+            Err(e) => tracing::error!(%seq, error = %e, "skipping WAL entry that no longer converts"),
+        }
+        entries += 1;
+        if pending.len() >= 256 {
+            for (seq, r) in pending.drain(..) {
+                catalog.insert(seq, r);
+            }
+            if catalog.usage().1 > cfg.flush.memtable_budget / 2 {
+                flusher.flush_all().await?;
+            }
+        }
+    }
+    for (seq, r) in pending {
+        catalog.insert(seq, r);
+    }
+    Ok((entries, rows))
+}
+
+impl Running {
+    /// Ordered shutdown; waits at most `drain` for in-flight requests.
+    pub async fn shutdown(self, drain: Duration) -> Result<()> {
+        self.cancel.cancel();
+        for s in self.servers {
+            if tokio::time::timeout(drain, s).await.is_err() {
+                tracing::warn!("in-flight requests did not finish within {drain:?}");
+            }
+        }
+        let _ = self.flusher_task.await;
+        let files = self.flusher.flush_all().await?;
+        tracing::info!(files = files.len(), "memtables flushed at shutdown");
+        self.wal.close();
+        Ok(())
+    }
+}

@@ -1,0 +1,340 @@
+//! Starts the real `lakewriter` binary on free loopback ports with a temp data
+//! dir, and gives tests real clients (tonic, reqwest) and a Parquet reader.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use bytes::{Buf, BufMut};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tonic::codec::{DecodeBuf, EncodeBuf};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// The bootstrap admin key every test server starts with (tenant `default`).
+pub const ADMIN_KEY: &str = "lw_test_admin_key_0123456789abcdefghij";
+
+pub type TraceClient = TraceServiceClient<InterceptedService<Channel, Cred>>;
+
+/// Adds one credential header to every request.
+#[derive(Clone)]
+pub struct Cred(pub &'static str, pub Option<String>);
+
+impl tonic::service::Interceptor for Cred {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.1 {
+            r.metadata_mut().insert(self.0, v.parse().unwrap());
+        }
+        Ok(r)
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub internal_port: u16,
+    args: Vec<String>,
+    bootstrap: bool,
+}
+
+impl Server {
+    /// Starts a server without a bootstrap key (it generates its own admin key).
+    pub async fn start_unbootstrapped(dir: &Path, args: &[&str]) -> Server {
+        let mut s = Server::new(dir, args);
+        s.bootstrap = false;
+        s.spawn().await;
+        s
+    }
+
+    fn new(dir: &Path, args: &[&str]) -> Server {
+        Server {
+            child: None,
+            dir: dir.to_path_buf(),
+            grpc_port: 0,
+            http_port: 0,
+            internal_port: 0,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            bootstrap: true,
+        }
+    }
+
+    /// Starts a server on `dir` with extra flags and waits for `/health`.
+    pub async fn start(dir: &Path, args: &[&str]) -> Server {
+        let mut s = Server::new(dir, args);
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        self.grpc_port = free_port();
+        self.http_port = free_port();
+        self.internal_port = free_port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lakewriter"));
+        if self.bootstrap {
+            cmd.env("LAKEWRITER_BOOTSTRAP_API_KEY", ADMIN_KEY);
+        } else {
+            cmd.env_remove("LAKEWRITER_BOOTSTRAP_API_KEY");
+        }
+        let child = cmd
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
+            .args(["--internal-grpc-addr", &format!("127.0.0.1:{}", self.internal_port)])
+            .args(&self.args)
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn lakewriter");
+        self.child = Some(child);
+        self.wait_healthy().await;
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = format!("{}/health", self.http());
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "server not healthy in time: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn lake(&self) -> PathBuf {
+        self.dir.join("lake")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port)).unwrap().connect().await.unwrap()
+    }
+
+    /// A trace client authenticated with the admin key (`x-api-key`).
+    pub async fn trace_client(&self) -> TraceClient {
+        self.trace_client_with("x-api-key", Some(ADMIN_KEY.to_string())).await
+    }
+
+    pub async fn trace_client_with(&self, header: &'static str, value: Option<String>) -> TraceClient {
+        TraceServiceClient::with_interceptor(self.channel().await, Cred(header, value))
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    pub async fn post(&self, path: &str, key: Option<&str>, body: serde_json::Value) -> reqwest::Response {
+        let mut req = reqwest::Client::new().post(format!("{}{path}", self.http())).json(&body);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+            let status = c.wait().unwrap();
+            assert!(status.success(), "unclean exit {status}: {}", self.log());
+        }
+    }
+
+    pub fn internal_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.internal_port)
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub async fn flush(&self) -> serde_json::Value {
+        let r = self.post("/api/v1/admin/flush", Some(ADMIN_KEY), serde_json::json!({})).await;
+        assert!(r.status().is_success(), "flush failed: {}", r.text().await.unwrap());
+        r.json().await.unwrap()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.http())).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.parse().unwrap()))
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Every Parquet file under `root` (recursively), sorted.
+pub fn parquet_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// All rows of one endpoint of one tenant, read back from the Parquet files.
+pub fn read_table(lake: &Path, tenant: &str, endpoint: &str) -> Vec<RecordBatch> {
+    let root = lake.join(format!("tenant={tenant}")).join(format!("endpoint={endpoint}"));
+    parquet_files(&root)
+        .into_iter()
+        .flat_map(|p| {
+            let f = std::fs::File::open(&p).unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+            reader.map(|b| b.unwrap()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The string values of column `name` across batches (None for nulls).
+pub fn strings(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let a = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_string::<i32>();
+            (0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).to_string())).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+pub fn kv(key: &str, v: Value) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), key_strindex: 0 }
+}
+
+pub fn sv(s: &str) -> Value {
+    Value::StringValue(s.into())
+}
+
+/// A span with ids derived from `(trace, n)`.
+pub fn span(trace: u64, n: u64, parent: Option<u64>) -> Span {
+    let mut trace_id = vec![0u8; 8];
+    trace_id.extend_from_slice(&(trace + 1).to_be_bytes());
+    Span {
+        trace_id,
+        span_id: (n + 1).to_be_bytes().to_vec(),
+        parent_span_id: parent.map(|p| (p + 1).to_be_bytes().to_vec()).unwrap_or_default(),
+        name: format!("op-{n}"),
+        kind: 1,
+        start_time_unix_nano: 1_763_000_000_000_000_000 + n * 1000,
+        end_time_unix_nano: 1_763_000_000_000_000_000 + n * 1000 + 500,
+        attributes: vec![kv("n", Value::IntValue(n as i64))],
+        ..Default::default()
+    }
+}
+
+pub fn span_id_hex(n: u64) -> String {
+    hex::encode((n + 1).to_be_bytes())
+}
+
+pub fn request(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource { attributes: vec![kv("service.name", sv(service))], ..Default::default() }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope { name: "test".into(), version: "1.0".into(), ..Default::default() }),
+                spans,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+/// A codec that sends and receives raw bytes, for malformed-input tests.
+#[derive(Clone, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let v = src.copy_to_bytes(src.remaining()).to_vec();
+        Ok(Some(v))
+    }
+}
+
+/// Sends raw bytes as a gRPC unary request to `path`.
+pub async fn raw_unary(channel: Channel, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(path);
+    let mut req = tonic::Request::new(body);
+    req.metadata_mut().insert("x-api-key", ADMIN_KEY.parse().unwrap());
+    grpc.unary(req, path, RawCodec).await.map(|r| r.into_inner())
+}
+
+pub const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";

@@ -1,0 +1,7 @@
+//! Integration tests: the real server binary, real clients. One test binary
+//! (each links DataFusion), modules by capability.
+
+mod auth;
+mod crash;
+mod harness;
+mod write_path;

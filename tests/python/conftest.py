@@ -1,0 +1,91 @@
+"""Fixtures that start the real lakewriter binary on free ports with a temp data dir."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+ADMIN_KEY = "lw_test_admin_key_0123456789abcdefghij"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary() -> str:
+    path = os.environ.get("LAKEWRITER_BIN")
+    if not path:
+        target = os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache/lakewriter-target"))
+        path = str(Path(target) / "debug" / "lakewriter")
+    assert Path(path).exists(), f"build the server first (cargo build): {path} missing"
+    return path
+
+
+class Server:
+    def __init__(self, data_dir: Path, *args: str):
+        self.data_dir = data_dir
+        self.grpc_port, self.http_port, self.internal_port = free_port(), free_port(), free_port()
+        self.log_path = data_dir / "server.log"
+        cmd = [
+            binary(), "serve", "--data-dir", str(data_dir),
+            "--grpc-addr", f"127.0.0.1:{self.grpc_port}",
+            "--http-addr", f"127.0.0.1:{self.http_port}",
+            "--internal-grpc-addr", f"127.0.0.1:{self.internal_port}",
+            *args,
+        ]
+        env = {**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": ADMIN_KEY}
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.http}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def lake(self) -> Path:
+        return self.data_dir / "lake"
+
+    def post(self, path: str, body: dict | None = None, headers: dict | None = None) -> dict:
+        data = json.dumps(body or {}).encode()
+        req = urllib.request.Request(self.http + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def flush(self) -> dict:
+        return self.post("/api/v1/admin/flush", headers={"X-API-Key": ADMIN_KEY})
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path / "data")
+    yield s
+    s.stop()
