@@ -34,6 +34,7 @@ class Server:
     def __init__(self, data_dir: Path, *args: str):
         self.data_dir = data_dir
         self.grpc_port, self.http_port, self.internal_port = free_port(), free_port(), free_port()
+        data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir / "server.log"
         cmd = [
             binary(), "serve", "--data-dir", str(data_dir),

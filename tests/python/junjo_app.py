@@ -1,5 +1,12 @@
-"""A tiny two-node junjo workflow exported with junjo's own JunjoOtelExporter."""
+"""A tiny two-node junjo workflow exported with junjo's own JunjoOtelExporter.
+
+OpenTelemetry allows one global tracer provider per process, and junjo uses the
+global one, so every run happens in a fresh interpreter: `run()` spawns
+`python junjo_app.py ENDPOINT API_KEY SERVICE`.
+"""
 import asyncio
+import subprocess
+import sys
 
 from junjo import BaseState, BaseStore, Edge, Graph, Node, Workflow
 from junjo.telemetry.junjo_otel_exporter import JunjoOtelExporter
@@ -47,7 +54,11 @@ def make_workflow() -> Workflow:
 
 
 def run(endpoint: str, api_key: str, service: str) -> None:
-    """Runs the workflow once and blocks until its spans are exported."""
+    """Runs the workflow once in a fresh interpreter and waits for the export."""
+    subprocess.run([sys.executable, __file__, endpoint, api_key, service], check=True, timeout=120)
+
+
+def _run_here(endpoint: str, api_key: str, service: str) -> None:
     exporter = JunjoOtelExporter(endpoint=endpoint, api_key=api_key, insecure=True)
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(exporter.span_processor)
@@ -55,3 +66,7 @@ def run(endpoint: str, api_key: str, service: str) -> None:
     asyncio.run(make_workflow().execute())
     assert provider.force_flush(30_000)
     provider.shutdown()
+
+
+if __name__ == "__main__":
+    _run_here(*sys.argv[1:4])

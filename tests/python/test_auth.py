@@ -38,7 +38,7 @@ def export_one(server, headers, name: str) -> SpanExportResult:
 
 def count(server, tenant: str) -> int:
     files = f"{server.lake}/tenant={tenant}/endpoint=spans/**/*.parquet"
-    return duckdb.sql(f"SELECT count(*) FROM read_parquet('{files}', hive_partitioning = true)").fetchone()[0]
+    return duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{files}', hive_partitioning = true)").fetchone()[0]
 
 
 def test_every_header_form_lands_in_the_keys_tenant(server):

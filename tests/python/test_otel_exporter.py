@@ -80,7 +80,7 @@ def test_spans_survive_restart_and_are_read_once(server, tmp_path):
     try:
         export_spans(again, "restart-svc")
         again.flush()
-        n = duckdb.sql(
+        n = duckdb.connect().execute(
             f"SELECT count(*), count(DISTINCT span_id) FROM read_parquet('{spans_glob(again)}', hive_partitioning = true)"
         ).fetchone()
         assert n == (4, 4)
