@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_protos(
-            &["proto/storage/common.proto", "proto/storage/ingestion.proto"],
+            &[
+                "proto/storage/common.proto",
+                "proto/storage/ingestion.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

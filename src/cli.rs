@@ -7,7 +7,11 @@ use serde_json::json;
 #[derive(Debug, Clone, Args)]
 pub struct ServerConn {
     /// The server's HTTP address.
-    #[arg(long, env = "LAKEWRITER_SERVER", default_value = "http://localhost:1323")]
+    #[arg(
+        long,
+        env = "LAKEWRITER_SERVER",
+        default_value = "http://localhost:1323"
+    )]
     pub server: String,
     /// An admin API key.
     #[arg(long, env = "LAKEWRITER_ADMIN_KEY", hide_env_values = true)]
@@ -58,21 +62,36 @@ async fn send(req: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value>
     let status = resp.status();
     let text = resp.text().await?;
     let body: serde_json::Value = serde_json::from_str(&text).unwrap_or(json!({ "body": text }));
-    anyhow::ensure!(status.is_success(), "server answered {status}: {}", body["error"].as_str().unwrap_or(&text));
+    anyhow::ensure!(
+        status.is_success(),
+        "server answered {status}: {}",
+        body["error"].as_str().unwrap_or(&text)
+    );
     Ok(body)
 }
 
 fn client(conn: &ServerConn, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
     reqwest::Client::new()
-        .request(method, format!("{}{path}", conn.server.trim_end_matches('/')))
+        .request(
+            method,
+            format!("{}{path}", conn.server.trim_end_matches('/')),
+        )
         .header("x-api-key", &conn.admin_key)
 }
 
 pub async fn apikey(cmd: ApiKeyCommand) -> anyhow::Result<()> {
     match cmd {
-        ApiKeyCommand::Create { tenant, name, scopes, endpoints, conn } => {
-            let body = json!({"tenant": tenant, "name": name, "scopes": scopes, "endpoints": endpoints});
-            let out = send(client(&conn, reqwest::Method::POST, "/api/v1/apikeys").json(&body)).await?;
+        ApiKeyCommand::Create {
+            tenant,
+            name,
+            scopes,
+            endpoints,
+            conn,
+        } => {
+            let body =
+                json!({"tenant": tenant, "name": name, "scopes": scopes, "endpoints": endpoints});
+            let out =
+                send(client(&conn, reqwest::Method::POST, "/api/v1/apikeys").json(&body)).await?;
             println!("{}", serde_json::to_string_pretty(&out)?);
             eprintln!("store the key now: it is not shown again");
         }
@@ -90,7 +109,12 @@ pub async fn apikey(cmd: ApiKeyCommand) -> anyhow::Result<()> {
             }
         }
         ApiKeyCommand::Delete { id, conn } => {
-            send(client(&conn, reqwest::Method::DELETE, &format!("/api/v1/apikeys/{id}"))).await?;
+            send(client(
+                &conn,
+                reqwest::Method::DELETE,
+                &format!("/api/v1/apikeys/{id}"),
+            ))
+            .await?;
             println!("deleted {id}");
         }
     }
@@ -100,7 +124,12 @@ pub async fn apikey(cmd: ApiKeyCommand) -> anyhow::Result<()> {
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Rotate { conn } => {
-            let out = send(client(&conn, reqwest::Method::POST, "/api/v1/admin/keys/rotate")).await?;
+            let out = send(client(
+                &conn,
+                reqwest::Method::POST,
+                "/api/v1/admin/keys/rotate",
+            ))
+            .await?;
             println!("new signing key {}", out["kid"].as_str().unwrap_or("?"));
         }
     }

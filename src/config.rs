@@ -24,9 +24,13 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let num: f64 = num.parse().map_err(|_| format!("invalid byte size {s:?}"))?;
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid byte size {s:?}"))?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1_000,
@@ -61,7 +65,11 @@ pub struct ServerArgs {
     #[arg(long, env = "LAKEWRITER_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
     /// Internal gRPC: ReadSpans, ValidateApiKey, health.
-    #[arg(long, env = "LAKEWRITER_INTERNAL_GRPC_ADDR", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "LAKEWRITER_INTERNAL_GRPC_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
     pub internal_grpc_addr: SocketAddr,
     /// HTTP: health, metrics, admin, queries, OTLP/HTTP.
     #[arg(long, env = "LAKEWRITER_HTTP_ADDR", default_value = "0.0.0.0:1323")]
@@ -178,7 +186,10 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self { retention: Duration::from_secs(3600), max_group: 1024 }
+        Self {
+            retention: Duration::from_secs(3600),
+            max_group: 1024,
+        }
     }
 }
 
@@ -209,7 +220,10 @@ impl Config {
             grpc_addr: s.grpc_addr,
             internal_grpc_addr: s.internal_grpc_addr,
             http_addr: s.http_addr,
-            lake_url: s.lake_url.clone().unwrap_or_else(|| default_lake_url(&s.data_dir)),
+            lake_url: s
+                .lake_url
+                .clone()
+                .unwrap_or_else(|| default_lake_url(&s.data_dir)),
             max_request_size: args.wal.max_request_size.0 as usize,
             flush: FlushConfig {
                 rows: args.flush.flush_rows,
@@ -220,7 +234,10 @@ impl Config {
                 zstd_level: args.flush.zstd_level,
                 ..FlushConfig::default()
             },
-            wal: WalConfig { retention: args.wal.wal_retention, max_group: args.wal.wal_max_group },
+            wal: WalConfig {
+                retention: args.wal.wal_retention,
+                max_group: args.wal.wal_max_group,
+            },
             auth: AuthConfig {
                 disabled: args.auth.no_auth,
                 bootstrap_api_key: args.auth.bootstrap_api_key.clone(),
@@ -274,7 +291,12 @@ impl Config {
         if self.auth.token_ttl.is_zero() {
             return Err("--token-ttl must be above 0".into());
         }
-        if self.auth.bootstrap_api_key.as_ref().is_some_and(|k| k.len() < 16) {
+        if self
+            .auth
+            .bootstrap_api_key
+            .as_ref()
+            .is_some_and(|k| k.len() < 16)
+        {
             return Err("LAKEWRITER_BOOTSTRAP_API_KEY must be at least 16 characters".into());
         }
         if !self.lake_url.starts_with("file://") {

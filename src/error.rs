@@ -75,7 +75,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -87,7 +90,10 @@ impl ApiError {
         if kind == ErrorKind::Internal {
             tracing::error!(error = ?err, "internal error");
         }
-        Self { kind, message: err.client_message() }
+        Self {
+            kind,
+            message: err.client_message(),
+        }
     }
 }
 
@@ -113,8 +119,10 @@ impl IntoResponse for ApiError {
         });
         let mut resp = (status, axum::Json(body)).into_response();
         if self.kind.retryable() {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
         }
         resp
     }
@@ -126,9 +134,18 @@ mod tests {
 
     #[test]
     fn kinds_map_consistently() {
-        assert_eq!(ErrorKind::InvalidInput.grpc_code(), tonic::Code::InvalidArgument);
-        assert_eq!(ErrorKind::InvalidInput.http_status(), StatusCode::BAD_REQUEST);
-        assert_eq!(ErrorKind::ResourceExhausted.http_status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            ErrorKind::InvalidInput.grpc_code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            ErrorKind::InvalidInput.http_status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            ErrorKind::ResourceExhausted.http_status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
         assert!(ErrorKind::Unavailable.retryable());
         assert!(!ErrorKind::Forbidden.retryable());
     }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut};
 use clap::Args;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{
+    any_value::Value, AnyValue, InstrumentationScope, KeyValue,
+};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span::Event, ResourceSpans, ScopeSpans, Span};
 use parking_lot::Mutex;
@@ -30,7 +32,11 @@ use tonic::codec::{DecodeBuf, EncodeBuf};
 #[derive(Debug, Clone, Args)]
 pub struct LoadgenArgs {
     /// gRPC target.
-    #[arg(long, env = "LAKEWRITER_LOADGEN_TARGET", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "LAKEWRITER_LOADGEN_TARGET",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub target: String,
     /// Concurrent exporters (each its own HTTP/2 connection).
     #[arg(long, default_value_t = 32)]
@@ -84,7 +90,11 @@ pub struct Report {
 }
 
 fn kv(key: &str, v: Value) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), key_strindex: 0 }
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(v) }),
+        key_strindex: 0,
+    }
 }
 
 /// One Export request of `n` Junjo-like spans (traces of 1 workflow + 9 nodes).
@@ -98,24 +108,48 @@ pub fn junjo_request(seed: u64, n: usize, attr_bytes: usize) -> ExportTraceServi
             let mut trace_id = trace.to_be_bytes().to_vec();
             trace_id.extend_from_slice(&(trace ^ 0x5a5a).to_be_bytes());
             let span_id = (seed << 24 | i + 1).to_be_bytes().to_vec();
-            let parent = if is_wf { vec![] } else { (seed << 24 | (i - i % 10) + 1).to_be_bytes().to_vec() };
+            let parent = if is_wf {
+                vec![]
+            } else {
+                (seed << 24 | (i - i % 10) + 1).to_be_bytes().to_vec()
+            };
             let mut attributes = vec![
                 kv("junjo.telemetry.contract_version", Value::IntValue(2)),
-                kv("junjo.span_type", Value::StringValue(if is_wf { "workflow" } else { "node" }.into())),
-                kv("junjo.executable_runtime_id", Value::StringValue(format!("rt{seed}-{i}"))),
+                kv(
+                    "junjo.span_type",
+                    Value::StringValue(if is_wf { "workflow" } else { "node" }.into()),
+                ),
+                kv(
+                    "junjo.executable_runtime_id",
+                    Value::StringValue(format!("rt{seed}-{i}")),
+                ),
                 kv("app.note", Value::StringValue(filler.clone())),
             ];
             let mut events = vec![];
             if is_wf {
-                attributes.push(kv("junjo.workflow.state.start", Value::StringValue("{\"items\":[1,2,3]}".into())));
-                attributes.push(kv("junjo.workflow.store.id", Value::StringValue(format!("store{trace}"))));
+                attributes.push(kv(
+                    "junjo.workflow.state.start",
+                    Value::StringValue("{\"items\":[1,2,3]}".into()),
+                ));
+                attributes.push(kv(
+                    "junjo.workflow.store.id",
+                    Value::StringValue(format!("store{trace}")),
+                ));
             } else {
                 events.push(Event {
                     name: "set_state".into(),
                     time_unix_nano: base + i * 1000 + 10,
                     attributes: vec![
-                        kv("junjo.store.id", Value::StringValue(format!("store{trace}"))),
-                        kv("junjo.state_json_patch", Value::StringValue("[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]".into())),
+                        kv(
+                            "junjo.store.id",
+                            Value::StringValue(format!("store{trace}")),
+                        ),
+                        kv(
+                            "junjo.state_json_patch",
+                            Value::StringValue(
+                                "[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]".into(),
+                            ),
+                        ),
                     ],
                     dropped_attributes_count: 0,
                 });
@@ -124,7 +158,11 @@ pub fn junjo_request(seed: u64, n: usize, attr_bytes: usize) -> ExportTraceServi
                 trace_id,
                 span_id,
                 parent_span_id: parent,
-                name: if is_wf { "Workflow".into() } else { format!("Node{}", i % 10) },
+                name: if is_wf {
+                    "Workflow".into()
+                } else {
+                    format!("Node{}", i % 10)
+                },
                 kind: 1,
                 start_time_unix_nano: base + i * 1000,
                 end_time_unix_nano: base + i * 1000 + 900,
@@ -137,11 +175,17 @@ pub fn junjo_request(seed: u64, n: usize, attr_bytes: usize) -> ExportTraceServi
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(Resource {
-                attributes: vec![kv("service.name", Value::StringValue(format!("loadgen-{}", seed % 4)))],
+                attributes: vec![kv(
+                    "service.name",
+                    Value::StringValue(format!("loadgen-{}", seed % 4)),
+                )],
                 ..Default::default()
             }),
             scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope { name: "junjo".into(), ..Default::default() }),
+                scope: Some(InstrumentationScope {
+                    name: "junjo".into(),
+                    ..Default::default()
+                }),
                 spans,
                 schema_url: String::new(),
             }],
@@ -188,7 +232,8 @@ const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/
 
 async fn scrape(url: &Option<String>, name: &str) -> Option<f64> {
     let text = reqwest::get(url.as_ref()?).await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -199,23 +244,41 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-async fn worker(args: Arc<LoadgenArgs>, pool: Arc<Vec<bytes::Bytes>>, stats: Arc<Stats>, id: usize, deadline: Instant) {
+async fn worker(
+    args: Arc<LoadgenArgs>,
+    pool: Arc<Vec<bytes::Bytes>>,
+    stats: Arc<Stats>,
+    id: usize,
+    deadline: Instant,
+) {
     let channel = match tonic::transport::Endpoint::from_shared(args.target.clone()) {
         Ok(e) => match e.connect().await {
             Ok(c) => c,
             Err(e) => {
-                *stats.errors.lock().entry(format!("connect: {e}")).or_default() += 1;
+                *stats
+                    .errors
+                    .lock()
+                    .entry(format!("connect: {e}"))
+                    .or_default() += 1;
                 return;
             }
         },
         Err(e) => {
-            *stats.errors.lock().entry(format!("target: {e}")).or_default() += 1;
+            *stats
+                .errors
+                .lock()
+                .entry(format!("target: {e}"))
+                .or_default() += 1;
             return;
         }
     };
     let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
-    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
-    let start = Instant::now() + interval.map(|i| i.mul_f64(id as f64 / args.concurrency as f64)).unwrap_or_default();
+    let interval =
+        (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
+    let start = Instant::now()
+        + interval
+            .map(|i| i.mul_f64(id as f64 / args.concurrency as f64))
+            .unwrap_or_default();
     let mut local = Vec::with_capacity(4096);
     let mut k = id;
     let mut sent = 0u32;
@@ -244,14 +307,25 @@ async fn worker(args: Arc<LoadgenArgs>, pool: Arc<Vec<bytes::Bytes>>, stats: Arc
             *stats.errors.lock().entry("not ready".into()).or_default() += 1;
             break;
         }
-        match grpc.unary(req, http::uri::PathAndQuery::from_static(EXPORT_PATH), Raw).await {
+        match grpc
+            .unary(req, http::uri::PathAndQuery::from_static(EXPORT_PATH), Raw)
+            .await
+        {
             Ok(_) => {
                 local.push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 stats.ok.fetch_add(1, Ordering::Relaxed);
-                stats.spans.fetch_add(args.spans_per_request as u64, Ordering::Relaxed);
+                stats
+                    .spans
+                    .fetch_add(args.spans_per_request as u64, Ordering::Relaxed);
                 stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
             }
-            Err(s) => *stats.errors.lock().entry(format!("{:?}", s.code())).or_default() += 1,
+            Err(s) => {
+                *stats
+                    .errors
+                    .lock()
+                    .entry(format!("{:?}", s.code()))
+                    .or_default() += 1
+            }
         }
     }
     stats.latencies_us.lock().extend(local);
@@ -261,7 +335,11 @@ async fn worker(args: Arc<LoadgenArgs>, pool: Arc<Vec<bytes::Bytes>>, stats: Arc
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
     let pool_size = (args.concurrency * 4).clamp(16, 256);
     let pool: Vec<bytes::Bytes> = (0..pool_size as u64)
-        .map(|s| bytes::Bytes::from(junjo_request(s + 1, args.spans_per_request, args.attr_bytes).encode_to_vec()))
+        .map(|s| {
+            bytes::Bytes::from(
+                junjo_request(s + 1, args.spans_per_request, args.attr_bytes).encode_to_vec(),
+            )
+        })
         .collect();
     let avg = pool.iter().map(|b| b.len()).sum::<usize>() / pool.len();
     eprintln!(
@@ -270,7 +348,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         args.spans_per_request,
         avg,
         args.duration,
-        if args.rate > 0.0 { format!("open loop {} req/s", args.rate) } else { "closed loop".into() }
+        if args.rate > 0.0 {
+            format!("open loop {} req/s", args.rate)
+        } else {
+            "closed loop".into()
+        }
     );
     let fsyncs_before = scrape(&args.metrics_url, "lakewriter_wal_fsyncs_total").await;
     let appends_before = scrape(&args.metrics_url, "lakewriter_wal_appends_total").await;
@@ -279,7 +361,15 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
     let deadline = started + args.duration;
     let workers: Vec<_> = (0..args.concurrency)
-        .map(|id| tokio::spawn(worker(args.clone(), pool.clone(), stats.clone(), id, deadline)))
+        .map(|id| {
+            tokio::spawn(worker(
+                args.clone(),
+                pool.clone(),
+                stats.clone(),
+                id,
+                deadline,
+            ))
+        })
         .collect();
     let progress = {
         let stats = stats.clone();
@@ -289,7 +379,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let spans = stats.spans.load(Ordering::Relaxed);
                 let errs: u64 = stats.errors.lock().values().sum();
-                eprintln!("  t={:>4.0}s  {:>9} spans/s  total {:>10}  errors {}", started.elapsed().as_secs_f64(), spans - last, spans, errs);
+                eprintln!(
+                    "  t={:>4.0}s  {:>9} spans/s  total {:>10}  errors {}",
+                    started.elapsed().as_secs_f64(),
+                    spans - last,
+                    spans,
+                    errs
+                );
                 last = spans;
             }
         })
@@ -318,7 +414,10 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         max_ms: percentile(&lat, 1.0),
         errors: stats.errors.lock().clone(),
         wal_fsyncs: fsyncs,
-        requests_per_fsync: fsyncs.zip(appends).filter(|(f, _)| *f > 0.0).map(|(f, a)| a / f),
+        requests_per_fsync: fsyncs
+            .zip(appends)
+            .filter(|(f, _)| *f > 0.0)
+            .map(|(f, a)| a / f),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use lakewriter::config::{Config, ServeArgs};
 
 #[derive(Parser)]
-#[command(name = "lakewriter", version, about = "Durable OTLP + DataRecord lakehouse writer")]
+#[command(
+    name = "lakewriter",
+    version,
+    about = "Durable OTLP + DataRecord lakehouse writer"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +34,10 @@ enum Command {
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 async fn shutdown_signal() {
@@ -51,23 +58,34 @@ async fn shutdown_signal() {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&args.server.log);
     let config = Config::from_args(&args);
-    let running = lakewriter::server::start(config).await.context("starting lakewriter")?;
+    let running = lakewriter::server::start(config)
+        .await
+        .context("starting lakewriter")?;
     shutdown_signal().await;
     tracing::info!("shutting down: draining requests, flushing memtables");
-    running.shutdown(Duration::from_secs(10)).await.context("shutting down")?;
+    running
+        .shutdown(Duration::from_secs(10))
+        .await
+        .context("shutting down")?;
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Apikey(cmd) => runtime.block_on(lakewriter::cli::apikey(cmd)),
         Command::Keys(cmd) => runtime.block_on(lakewriter::cli::keys(cmd)),
         Command::Loadgen(args) => runtime.block_on(async {
             let report = lakewriter::loadgen::run(args).await?;
-            anyhow::ensure!(report.requests > 0, "no request succeeded: {:?}", report.errors);
+            anyhow::ensure!(
+                report.requests > 0,
+                "no request succeeded: {:?}",
+                report.errors
+            );
             Ok(())
         }),
     }

@@ -60,7 +60,8 @@ impl Histogram {
             self.counts[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((v * 1e6) as u64, Ordering::Relaxed);
     }
     pub fn observe_duration(&self, d: Duration) {
         self.observe(d.as_secs_f64());
@@ -82,9 +83,13 @@ impl Histogram {
     }
 }
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
-const GROUP_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
+];
+const GROUP_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 pub struct Metrics {
     pub ingest_requests: Counter,
@@ -125,7 +130,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
 });
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+    );
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
@@ -136,22 +144,95 @@ fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
 pub fn render() -> String {
     let m = &*METRICS;
     let mut o = String::with_capacity(4096);
-    counter(&mut o, "lakewriter_ingest_requests_total", "Accepted write requests.", m.ingest_requests.get());
-    counter(&mut o, "lakewriter_ingest_rows_total", "Rows (spans, records, points) accepted.", m.ingest_rows.get());
-    counter(&mut o, "lakewriter_ingest_rejected_total", "Write requests rejected.", m.ingest_rejected.get());
-    m.ingest_latency.render(&mut o, "lakewriter_ingest_ack_seconds", "Time from request decoded to ack.");
-    counter(&mut o, "lakewriter_wal_appends_total", "WAL entries appended.", m.wal_appends.get());
-    counter(&mut o, "lakewriter_wal_fsyncs_total", "WAL fsyncs (group commits).", m.wal_fsyncs.get());
-    counter(&mut o, "lakewriter_wal_bytes_total", "WAL bytes appended.", m.wal_bytes.get());
-    m.wal_fsync_seconds.render(&mut o, "lakewriter_wal_fsync_seconds", "Duration of one synced WAL write.");
-    m.wal_group_size.render(&mut o, "lakewriter_wal_group_size", "Requests per fsync.");
-    gauge(&mut o, "lakewriter_memtable_bytes", "Arrow bytes held in memtables.", m.memtable_bytes.get());
-    gauge(&mut o, "lakewriter_memtable_rows", "Rows held in memtables.", m.memtable_rows.get());
-    counter(&mut o, "lakewriter_flush_files_total", "Parquet files published.", m.flush_files.get());
-    counter(&mut o, "lakewriter_flush_rows_total", "Rows flushed to Parquet.", m.flush_rows.get());
-    counter(&mut o, "lakewriter_flush_bytes_total", "Parquet bytes published.", m.flush_bytes.get());
-    m.flush_seconds.render(&mut o, "lakewriter_flush_seconds", "Duration of one table flush.");
-    counter(&mut o, "lakewriter_flush_errors_total", "Failed flush attempts.", m.flush_errors.get());
+    counter(
+        &mut o,
+        "lakewriter_ingest_requests_total",
+        "Accepted write requests.",
+        m.ingest_requests.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_ingest_rows_total",
+        "Rows (spans, records, points) accepted.",
+        m.ingest_rows.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_ingest_rejected_total",
+        "Write requests rejected.",
+        m.ingest_rejected.get(),
+    );
+    m.ingest_latency.render(
+        &mut o,
+        "lakewriter_ingest_ack_seconds",
+        "Time from request decoded to ack.",
+    );
+    counter(
+        &mut o,
+        "lakewriter_wal_appends_total",
+        "WAL entries appended.",
+        m.wal_appends.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_wal_fsyncs_total",
+        "WAL fsyncs (group commits).",
+        m.wal_fsyncs.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_wal_bytes_total",
+        "WAL bytes appended.",
+        m.wal_bytes.get(),
+    );
+    m.wal_fsync_seconds.render(
+        &mut o,
+        "lakewriter_wal_fsync_seconds",
+        "Duration of one synced WAL write.",
+    );
+    m.wal_group_size
+        .render(&mut o, "lakewriter_wal_group_size", "Requests per fsync.");
+    gauge(
+        &mut o,
+        "lakewriter_memtable_bytes",
+        "Arrow bytes held in memtables.",
+        m.memtable_bytes.get(),
+    );
+    gauge(
+        &mut o,
+        "lakewriter_memtable_rows",
+        "Rows held in memtables.",
+        m.memtable_rows.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_flush_files_total",
+        "Parquet files published.",
+        m.flush_files.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_flush_rows_total",
+        "Rows flushed to Parquet.",
+        m.flush_rows.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_flush_bytes_total",
+        "Parquet bytes published.",
+        m.flush_bytes.get(),
+    );
+    m.flush_seconds.render(
+        &mut o,
+        "lakewriter_flush_seconds",
+        "Duration of one table flush.",
+    );
+    counter(
+        &mut o,
+        "lakewriter_flush_errors_total",
+        "Failed flush attempts.",
+        m.flush_errors.get(),
+    );
     o
 }
 

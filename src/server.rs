@@ -16,20 +16,20 @@ use std::time::Duration;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
 use ulid::Ulid;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
-use crate::auth::Auth;
 use crate::ingest::grpc::{fix_status, AuthGrpc, OtlpTraceService};
-use crate::proto::ingestion::auth_service_server::AuthServiceServer;
-use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
 use crate::ingest::{rows_for_entry, Ingestor};
 use crate::memtable::Catalog;
+use crate::proto::ingestion::auth_service_server::AuthServiceServer;
+use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
 use crate::wal::Wal;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,10 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Wal(#[from] crate::wal::Error),
     #[error(transparent)]
@@ -49,7 +52,10 @@ pub enum Error {
     #[error(transparent)]
     Auth(#[from] crate::auth::Error),
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,7 +88,10 @@ fn node_id(data_dir: &Path) -> std::io::Result<String> {
 
 pub async fn start(cfg: Config) -> Result<Running> {
     cfg.validate().map_err(Error::Config)?;
-    let dir_err = |source| Error::DataDir { path: cfg.data_dir.display().to_string(), source };
+    let dir_err = |source| Error::DataDir {
+        path: cfg.data_dir.display().to_string(),
+        source,
+    };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
     let node = node_id(&cfg.data_dir).map_err(dir_err)?;
     let wal = Arc::new(Wal::open(&cfg.data_dir.join("wal"), cfg.wal.max_group)?);
@@ -94,14 +103,20 @@ pub async fn start(cfg: Config) -> Result<Running> {
         .map_err(|e| Error::Config(format!("auth setup task failed: {e}")))??;
     let auth = Arc::new(auth);
     if cfg.auth.disabled {
-        tracing::warn!("authentication is OFF (--no-auth): every request is tenant default with every scope");
+        tracing::warn!(
+            "authentication is OFF (--no-auth): every request is tenant default with every scope"
+        );
     }
     let catalog = Arc::new(Catalog::new(cfg.flush.clone()));
     let loaded = manifest::load(wal.db())?;
     let mut recorded = HashSet::new();
     for (table, files) in loaded.files {
         recorded.extend(files.iter().map(|f| f.path.clone()));
-        let wm = loaded.watermarks.get(&table).copied().unwrap_or(Ulid::nil());
+        let wm = loaded
+            .watermarks
+            .get(&table)
+            .copied()
+            .unwrap_or(Ulid::nil());
         catalog.load_table(table, files.into_iter().map(Arc::new).collect(), wm);
     }
     for (table, wm) in &loaded.watermarks {
@@ -109,14 +124,30 @@ pub async fn start(cfg: Config) -> Result<Running> {
             catalog.load_table(table.clone(), vec![], *wm);
         }
     }
-    let flusher = Arc::new(Flusher::new(catalog.clone(), wal.clone(), lake, cfg.flush.clone(), cfg.wal.clone(), node));
+    let flusher = Arc::new(Flusher::new(
+        catalog.clone(),
+        wal.clone(),
+        lake,
+        cfg.flush.clone(),
+        cfg.wal.clone(),
+        node,
+    ));
     let removed = flusher.reconcile(&recorded).await?;
     let (entries, rows) = replay(&wal, &catalog, &flusher, loaded.flushed_through, &cfg).await?;
-    tracing::info!(entries, rows, removed_unrecorded_files = removed, "WAL replayed");
+    tracing::info!(
+        entries,
+        rows,
+        removed_unrecorded_files = removed,
+        "WAL replayed"
+    );
 
     let cancel = CancellationToken::new();
     let flusher_task = tokio::spawn(flusher.clone().run(cancel.clone()));
-    let ingestor = Arc::new(Ingestor::new(wal.clone(), catalog.clone(), flusher.wake.clone()));
+    let ingestor = Arc::new(Ingestor::new(
+        wal.clone(),
+        catalog.clone(),
+        flusher.wake.clone(),
+    ));
     let mut servers = Vec::new();
 
     let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
@@ -125,19 +156,29 @@ pub async fn start(cfg: Config) -> Result<Running> {
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(cfg.max_request_size);
     let public = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(fix_status::<tonic::body::Body>))
+        .layer(tower::util::MapResponseLayer::new(
+            fix_status::<tonic::body::Body>,
+        ))
         .add_service(trace)
         .add_service(AuthServiceServer::new(AuthGrpc(auth.clone())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), cancel.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cancel.clone().cancelled_owned(),
+        );
     servers.push(spawn_server("public gRPC", public));
 
     let (internal_grpc_addr, listener) = bind(cfg.internal_grpc_addr).await?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let internal = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(InternalAuthServiceServer::new(AuthGrpc(auth.clone())))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), cancel.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cancel.clone().cancelled_owned(),
+        );
     servers.push(spawn_server("internal gRPC", internal));
 
     let (http_addr, listener) = bind(cfg.http_addr).await?;
@@ -151,12 +192,26 @@ pub async fn start(cfg: Config) -> Result<Running> {
 
     let lake_url = flusher.lake().url().to_string();
     tracing::info!(%grpc_addr, %internal_grpc_addr, %http_addr, lake = %lake_url, data_dir = %cfg.data_dir.display(), "lakewriter ready");
-    Ok(Running { grpc_addr, internal_grpc_addr, http_addr, lake_url, cancel, servers, flusher_task, flusher, wal })
+    Ok(Running {
+        grpc_addr,
+        internal_grpc_addr,
+        http_addr,
+        lake_url,
+        cancel,
+        servers,
+        flusher_task,
+        flusher,
+        wal,
+    })
 }
 
 async fn bind(addr: SocketAddr) -> Result<(SocketAddr, TcpListener)> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
     Ok((local, listener))
 }
 
@@ -188,7 +243,9 @@ async fn replay(
                 rows += r.iter().map(|(_, b)| b.num_rows() as u64).sum::<u64>();
                 pending.push((seq, r));
             }
-            Err(e) => tracing::error!(%seq, error = %e, "skipping WAL entry that no longer converts"),
+            Err(e) => {
+                tracing::error!(%seq, error = %e, "skipping WAL entry that no longer converts")
+            }
         }
         entries += 1;
         if pending.len() >= 256 {

@@ -55,7 +55,10 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// A new random key (≥ 256 bits of entropy).
 pub fn generate_key() -> String {
     let bytes: [u8; 32] = rand::random();
-    format!("{KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 pub struct ApiKeys<'a> {
@@ -68,7 +71,9 @@ impl<'a> ApiKeys<'a> {
     }
 
     fn cf(&self) -> &'a rocksdb::ColumnFamily {
-        self.db.cf_handle(CF_KEYS).expect("keys column family exists")
+        self.db
+            .cf_handle(CF_KEYS)
+            .expect("keys column family exists")
     }
 
     /// Stores a record for `key` (its hash only).
@@ -88,14 +93,19 @@ impl<'a> ApiKeys<'a> {
     /// The record of a presented key, if it exists.
     pub fn lookup(&self, key: &str) -> Result<Option<KeyRecord>, Error> {
         let hash = hash_hex(key);
-        let Some(v) = self.db.get_cf(&self.cf(), format!("k/{hash}"))? else { return Ok(None) };
+        let Some(v) = self.db.get_cf(&self.cf(), format!("k/{hash}"))? else {
+            return Ok(None);
+        };
         let rec = decode(&v).ok_or_else(|| Error::Corrupt(hash.clone()))?;
         Ok(ct_eq(rec.hash.as_bytes(), hash.as_bytes()).then_some(rec))
     }
 
     pub fn list(&self) -> Result<Vec<KeyRecord>, Error> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(&self.cf(), IteratorMode::From(b"k/", rocksdb::Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            &self.cf(),
+            IteratorMode::From(b"k/", rocksdb::Direction::Forward),
+        ) {
             let (k, v) = item?;
             if !k.starts_with(b"k/") {
                 break;
@@ -108,9 +118,14 @@ impl<'a> ApiKeys<'a> {
 
     /// Deletes a key by id; returns its record when it existed.
     pub fn delete(&self, id: &str) -> Result<Option<KeyRecord>, Error> {
-        let Some(hash) = self.db.get_cf(&self.cf(), format!("i/{id}"))? else { return Ok(None) };
+        let Some(hash) = self.db.get_cf(&self.cf(), format!("i/{id}"))? else {
+            return Ok(None);
+        };
         let hash = String::from_utf8_lossy(&hash).into_owned();
-        let rec = self.db.get_cf(&self.cf(), format!("k/{hash}"))?.and_then(|v| decode(&v));
+        let rec = self
+            .db
+            .get_cf(&self.cf(), format!("k/{hash}"))?
+            .and_then(|v| decode(&v));
         let mut batch = WriteBatch::default();
         batch.delete_cf(&self.cf(), format!("k/{hash}"));
         batch.delete_cf(&self.cf(), format!("i/{id}"));
@@ -121,11 +136,20 @@ impl<'a> ApiKeys<'a> {
     }
 
     pub fn exists_id(&self, id: &str) -> Result<bool, Error> {
-        Ok(self.db.get_pinned_cf(&self.cf(), format!("i/{id}"))?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(&self.cf(), format!("i/{id}"))?
+            .is_some())
     }
 
     pub fn is_empty(&self) -> Result<bool, Error> {
-        let first = self.db.iterator_cf(&self.cf(), IteratorMode::From(b"k/", rocksdb::Direction::Forward)).next();
+        let first = self
+            .db
+            .iterator_cf(
+                &self.cf(),
+                IteratorMode::From(b"k/", rocksdb::Direction::Forward),
+            )
+            .next();
         Ok(match first {
             Some(item) => !item?.0.starts_with(b"k/"),
             None => true,
@@ -134,7 +158,9 @@ impl<'a> ApiKeys<'a> {
 }
 
 fn decode(v: &[u8]) -> Option<KeyRecord> {
-    (v.first() == Some(&VERSION)).then(|| serde_json::from_slice(&v[1..]).ok()).flatten()
+    (v.first() == Some(&VERSION))
+        .then(|| serde_json::from_slice(&v[1..]).ok())
+        .flatten()
 }
 
 #[cfg(test)]

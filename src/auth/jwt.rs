@@ -76,12 +76,22 @@ struct SigningKey {
 
 impl SigningKey {
     fn from_stored(s: &StoredKey) -> Result<Self, Error> {
-        let private = rsa::RsaPrivateKey::from_pkcs1_pem(&s.pem).map_err(|e| Error::Key(e.to_string()))?;
+        let private =
+            rsa::RsaPrivateKey::from_pkcs1_pem(&s.pem).map_err(|e| Error::Key(e.to_string()))?;
         let n = URL_SAFE_NO_PAD.encode(private.n().to_bytes_be());
         let e = URL_SAFE_NO_PAD.encode(private.e().to_bytes_be());
-        let enc = EncodingKey::from_rsa_pem(s.pem.as_bytes()).map_err(|e| Error::Key(e.to_string()))?;
-        let dec = DecodingKey::from_rsa_components(&n, &e).map_err(|e| Error::Key(e.to_string()))?;
-        Ok(Self { kid: s.kid.clone(), enc, dec, n, e, retired_at_ms: s.retired_at_ms })
+        let enc =
+            EncodingKey::from_rsa_pem(s.pem.as_bytes()).map_err(|e| Error::Key(e.to_string()))?;
+        let dec =
+            DecodingKey::from_rsa_components(&n, &e).map_err(|e| Error::Key(e.to_string()))?;
+        Ok(Self {
+            kid: s.kid.clone(),
+            enc,
+            dec,
+            n,
+            e,
+            retired_at_ms: s.retired_at_ms,
+        })
     }
 }
 
@@ -103,15 +113,28 @@ pub struct Jwt {
 
 impl Jwt {
     /// Loads the signing keys, creating the first one on a fresh store.
-    pub fn open(db: Arc<DB>, ttl: Duration, jwks_url: Option<String>, refetch_interval: Duration) -> Result<Self, Error> {
+    pub fn open(
+        db: Arc<DB>,
+        ttl: Duration,
+        jwks_url: Option<String>,
+        refetch_interval: Duration,
+    ) -> Result<Self, Error> {
         let remote = jwks_url.map(|url| Remote {
             url,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
             keys: RwLock::default(),
             last_fetch: tokio::sync::Mutex::new(None),
             refetch_interval,
         });
-        let jwt = Self { db, keys: RwLock::default(), ttl, remote };
+        let jwt = Self {
+            db,
+            keys: RwLock::default(),
+            ttl,
+            remote,
+        };
         jwt.reload()?;
         if jwt.keys.read().is_empty() {
             jwt.rotate()?;
@@ -120,7 +143,10 @@ impl Jwt {
     }
 
     fn reload(&self) -> Result<(), Error> {
-        let cf = self.db.cf_handle(CF_KEYS).expect("keys column family exists");
+        let cf = self
+            .db
+            .cf_handle(CF_KEYS)
+            .expect("keys column family exists");
         let mut keys = Vec::new();
         for item in self.db.prefix_iterator_cf(&cf, b"s/") {
             let (k, v) = item?;
@@ -130,8 +156,12 @@ impl Jwt {
             if v.first() != Some(&VERSION) {
                 return Err(Error::Key("unknown signing key version".into()));
             }
-            let stored: StoredKey = serde_json::from_slice(&v[1..]).map_err(|e| Error::Key(e.to_string()))?;
-            keys.push((stored.created_at_ms, Arc::new(SigningKey::from_stored(&stored)?)));
+            let stored: StoredKey =
+                serde_json::from_slice(&v[1..]).map_err(|e| Error::Key(e.to_string()))?;
+            keys.push((
+                stored.created_at_ms,
+                Arc::new(SigningKey::from_stored(&stored)?),
+            ));
         }
         keys.sort_by_key(|(t, _)| *t);
         *self.keys.write() = keys.into_iter().map(|(_, k)| k).collect();
@@ -141,20 +171,37 @@ impl Jwt {
     /// Adds a new signing key and retires the current one; returns the new kid.
     pub fn rotate(&self) -> Result<String, Error> {
         let mut rng = rand08::rngs::OsRng;
-        let private = rsa::RsaPrivateKey::new(&mut rng, 2048).map_err(|e| Error::Key(e.to_string()))?;
-        let pem = private.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).map_err(|e| Error::Key(e.to_string()))?;
+        let private =
+            rsa::RsaPrivateKey::new(&mut rng, 2048).map_err(|e| Error::Key(e.to_string()))?;
+        let pem = private
+            .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+            .map_err(|e| Error::Key(e.to_string()))?;
         let now = now_ms();
         let kid = ulid::Ulid::new().to_string().to_lowercase();
-        let cf = self.db.cf_handle(CF_KEYS).expect("keys column family exists");
+        let cf = self
+            .db
+            .cf_handle(CF_KEYS)
+            .expect("keys column family exists");
         let mut batch = rocksdb::WriteBatch::default();
-        for old in self.keys.read().iter().filter(|k| k.retired_at_ms.is_none()) {
+        for old in self
+            .keys
+            .read()
+            .iter()
+            .filter(|k| k.retired_at_ms.is_none())
+        {
             if let Some(v) = self.db.get_cf(&cf, format!("s/{}", old.kid))? {
-                let mut stored: StoredKey = serde_json::from_slice(&v[1..]).map_err(|e| Error::Key(e.to_string()))?;
+                let mut stored: StoredKey =
+                    serde_json::from_slice(&v[1..]).map_err(|e| Error::Key(e.to_string()))?;
                 stored.retired_at_ms = Some(now);
                 batch.put_cf(&cf, format!("s/{}", old.kid), encode_stored(&stored));
             }
         }
-        let stored = StoredKey { kid: kid.clone(), pem: pem.to_string(), created_at_ms: now, retired_at_ms: None };
+        let stored = StoredKey {
+            kid: kid.clone(),
+            pem: pem.to_string(),
+            created_at_ms: now,
+            retired_at_ms: None,
+        };
         batch.put_cf(&cf, format!("s/{kid}"), encode_stored(&stored));
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
@@ -165,12 +212,22 @@ impl Jwt {
 
     fn live_keys(&self) -> Vec<Arc<SigningKey>> {
         let horizon = now_ms().saturating_sub(self.ttl.as_millis() as u64 + LEEWAY_SECS * 1000);
-        self.keys.read().iter().filter(|k| k.retired_at_ms.is_none_or(|r| r > horizon)).cloned().collect()
+        self.keys
+            .read()
+            .iter()
+            .filter(|k| k.retired_at_ms.is_none_or(|r| r > horizon))
+            .cloned()
+            .collect()
     }
 
     /// Signs a token for `claims` (iss/aud/iat/exp are set here).
     pub fn issue(&self, mut claims: Claims) -> Result<(String, u64), Error> {
-        let key = self.keys.read().last().cloned().ok_or_else(|| Error::Key("no signing key".into()))?;
+        let key = self
+            .keys
+            .read()
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::Key("no signing key".into()))?;
         let now = now_ms() / 1000;
         claims.iss = ISSUER.into();
         claims.aud = AUDIENCE.into();
@@ -178,7 +235,8 @@ impl Jwt {
         claims.exp = now + self.ttl.as_secs().max(1);
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(key.kid.clone());
-        let token = jsonwebtoken::encode(&header, &claims, &key.enc).map_err(|e| Error::Key(e.to_string()))?;
+        let token = jsonwebtoken::encode(&header, &claims, &key.enc)
+            .map_err(|e| Error::Key(e.to_string()))?;
         Ok((token, claims.exp))
     }
 
@@ -220,20 +278,29 @@ impl Jwt {
     /// Verifies a token; returns its claims and whether one of our own keys
     /// signed it. The error says why it was refused.
     pub async fn verify(&self, token: &str) -> Result<(Claims, bool), Error> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| Error::Invalid("malformed token".into()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Error::Invalid("malformed token".into()))?;
         if header.alg != Algorithm::RS256 {
-            return Err(Error::Invalid(format!("algorithm {:?} is not accepted (RS256 only)", header.alg)));
+            return Err(Error::Invalid(format!(
+                "algorithm {:?} is not accepted (RS256 only)",
+                header.alg
+            )));
         }
-        let kid = header.kid.ok_or_else(|| Error::Invalid("token has no kid".into()))?;
-        let (key, local) =
-            self.decoding_key(&kid).await.ok_or_else(|| Error::Invalid("unknown signing key (kid)".into()))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| Error::Invalid("token has no kid".into()))?;
+        let (key, local) = self
+            .decoding_key(&kid)
+            .await
+            .ok_or_else(|| Error::Invalid("unknown signing key (kid)".into()))?;
         let mut v = Validation::new(Algorithm::RS256);
         v.set_issuer(&[ISSUER]);
         v.set_audience(&[AUDIENCE]);
         v.validate_nbf = true;
         v.leeway = LEEWAY_SECS;
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &v).map_err(|e| Error::Invalid(describe(&e)))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &v)
+            .map_err(|e| Error::Invalid(describe(&e)))?;
         Ok((data.claims, local))
     }
 }
@@ -257,12 +324,24 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
     }
 }
 
-async fn fetch_jwks(client: &reqwest::Client, url: &str) -> Result<HashMap<String, DecodingKey>, String> {
-    let doc: serde_json::Value =
-        client.get(url).send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+async fn fetch_jwks(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<HashMap<String, DecodingKey>, String> {
+    let doc: serde_json::Value = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = HashMap::new();
     for k in doc["keys"].as_array().into_iter().flatten() {
-        let (Some(kid), Some(n), Some(e)) = (k["kid"].as_str(), k["n"].as_str(), k["e"].as_str()) else { continue };
+        let (Some(kid), Some(n), Some(e)) = (k["kid"].as_str(), k["n"].as_str(), k["e"].as_str())
+        else {
+            continue;
+        };
         if k["kty"].as_str() != Some("RSA") {
             continue;
         }

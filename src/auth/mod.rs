@@ -56,7 +56,10 @@ impl Principal {
         if self.has(scope) {
             return Ok(());
         }
-        Err(ApiError::new(ErrorKind::Forbidden, format!("credential lacks the {scope:?} scope")))
+        Err(ApiError::new(
+            ErrorKind::Forbidden,
+            format!("credential lacks the {scope:?} scope"),
+        ))
     }
 
     /// Requires `scope` and, when the key has an allow-list, that `endpoint` is on it.
@@ -96,7 +99,10 @@ impl Credential {
             }
         }
         let auth = get("authorization")?.trim();
-        let token = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer "))?.trim();
+        let token = auth
+            .strip_prefix("Bearer ")
+            .or_else(|| auth.strip_prefix("bearer "))?
+            .trim();
         Some(Self::Bearer(token.to_string()))
     }
 
@@ -137,7 +143,10 @@ pub enum Error {
     #[error(transparent)]
     Jwt(#[from] jwt::Error),
     #[error("writing the admin key file {path}: {source}")]
-    AdminFile { path: String, source: std::io::Error },
+    AdminFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl crate::error::Classify for Error {
@@ -161,7 +170,12 @@ fn unauthenticated(msg: impl Into<String>) -> ApiError {
 impl Auth {
     /// Opens the key store, creating the bootstrap admin key when needed.
     pub fn open(db: Arc<DB>, cfg: &AuthConfig, data_dir: &Path) -> Result<Self, Error> {
-        let jwt = jwt::Jwt::open(db.clone(), cfg.token_ttl, cfg.jwks_url.clone(), cfg.jwks_refetch_interval)?;
+        let jwt = jwt::Jwt::open(
+            db.clone(),
+            cfg.token_ttl,
+            cfg.jwks_url.clone(),
+            cfg.jwks_refetch_interval,
+        )?;
         let auth = Self {
             db,
             jwt,
@@ -187,7 +201,9 @@ impl Auth {
         if let Some(key) = key {
             if keys.lookup(key)?.is_none() {
                 keys.insert(key, admin("bootstrap"))?;
-                tracing::info!("bootstrap admin key from LAKEWRITER_BOOTSTRAP_API_KEY stored (as a hash)");
+                tracing::info!(
+                    "bootstrap admin key from LAKEWRITER_BOOTSTRAP_API_KEY stored (as a hash)"
+                );
             }
             return Ok(());
         }
@@ -196,9 +212,15 @@ impl Auth {
         }
         let key = apikeys::generate_key();
         let path = data_dir.join("admin-api-key");
-        write_secret(&path, &key).map_err(|source| Error::AdminFile { path: path.display().to_string(), source })?;
+        write_secret(&path, &key).map_err(|source| Error::AdminFile {
+            path: path.display().to_string(),
+            source,
+        })?;
         keys.insert(&key, admin(&ulid::Ulid::new().to_string().to_lowercase()))?;
-        println!("lakewriter: created the admin API key (shown once, also in {}):\n{key}", path.display());
+        println!(
+            "lakewriter: created the admin API key (shown once, also in {}):\n{key}",
+            path.display()
+        );
         Ok(())
     }
 
@@ -228,9 +250,17 @@ impl Auth {
                 return Ok(p.clone());
             }
         }
-        let rec = self.keys().lookup(key).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let rec = self
+            .keys()
+            .lookup(key)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         let rec = rec.ok_or_else(|| unauthenticated("invalid API key"))?;
-        let p = Principal { tenant: rec.tenant, key_id: rec.id, scopes: rec.scopes, endpoints: rec.endpoints };
+        let p = Principal {
+            tenant: rec.tenant,
+            key_id: rec.id,
+            scopes: rec.scopes,
+            endpoints: rec.endpoints,
+        };
         let mut cache = self.key_cache.lock();
         if cache.len() > 10_000 {
             cache.clear();
@@ -246,16 +276,32 @@ impl Auth {
                 return Ok(p.clone());
             }
         }
-        let (claims, local) = self.jwt.verify(token).await.map_err(|e| unauthenticated(e.to_string()))?;
+        let (claims, local) = self
+            .jwt
+            .verify(token)
+            .await
+            .map_err(|e| unauthenticated(e.to_string()))?;
         // Our own tokens die with the API key they were issued for.
-        let key_exists = self.keys().exists_id(&claims.sub).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let key_exists = self
+            .keys()
+            .exists_id(&claims.sub)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         if local && !key_exists {
-            return Err(unauthenticated("the API key this token was issued for was deleted"));
+            return Err(unauthenticated(
+                "the API key this token was issued for was deleted",
+            ));
         }
         if !names::is_valid(&claims.tenant) {
-            return Err(unauthenticated("token tenant claim is not a valid tenant name"));
+            return Err(unauthenticated(
+                "token tenant claim is not a valid tenant name",
+            ));
         }
-        let p = Principal { tenant: claims.tenant, key_id: claims.sub, scopes: claims.scopes, endpoints: claims.endpoints };
+        let p = Principal {
+            tenant: claims.tenant,
+            key_id: claims.sub,
+            scopes: claims.scopes,
+            endpoints: claims.endpoints,
+        };
         let mut cache = self.token_cache.lock();
         if cache.len() > 10_000 {
             cache.clear();
@@ -277,7 +323,9 @@ impl Auth {
             iat: 0,
             exp: 0,
         };
-        self.jwt.issue(claims).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+        self.jwt
+            .issue(claims)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
     }
 
     /// Whether an API key is valid (for `InternalAuthService/ValidateApiKey`).
@@ -295,7 +343,9 @@ impl Auth {
     ) -> Result<(KeyRecord, String), ApiError> {
         names::validate("tenant", tenant)?;
         if scopes.is_empty() || scopes.iter().any(|s| !SCOPES.contains(&s.as_str())) {
-            return Err(ApiError::invalid(format!("scopes must be a non-empty subset of {SCOPES:?}")));
+            return Err(ApiError::invalid(format!(
+                "scopes must be a non-empty subset of {SCOPES:?}"
+            )));
         }
         for e in endpoints.iter().flatten() {
             names::validate("endpoint", e)?;
@@ -313,13 +363,19 @@ impl Auth {
             created_at: now_ms() / 1000,
             hash: String::new(),
         };
-        let rec = self.keys().insert(&key, rec).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let rec = self
+            .keys()
+            .insert(&key, rec)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         Ok((rec, key))
     }
 
     /// Deletes a key; it stops working on this node at once.
     pub fn delete_key(&self, id: &str) -> Result<bool, ApiError> {
-        let gone = self.keys().delete(id).map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let gone = self
+            .keys()
+            .delete(id)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
         self.key_cache.lock().clear();
         self.token_cache.lock().retain(|_, (p, _)| p.key_id != id);
         Ok(gone.is_some())

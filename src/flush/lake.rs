@@ -47,7 +47,11 @@ impl Lake {
         let root = PathBuf::from(path);
         std::fs::create_dir_all(&root)?;
         let store = LocalFileSystem::new_with_prefix(&root)?;
-        Ok(Self { store: Arc::new(store), local_root: Some(root), url: url.to_string() })
+        Ok(Self {
+            store: Arc::new(store),
+            local_root: Some(root),
+            url: url.to_string(),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -64,7 +68,9 @@ impl Lake {
 
     /// Writes the whole object atomically and durably.
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
-        self.store.put(&ObjPath::from(path), PutPayload::from(bytes)).await?;
+        self.store
+            .put(&ObjPath::from(path), PutPayload::from(bytes))
+            .await?;
         if let Some(root) = &self.local_root {
             let full = root.join(path);
             tokio::task::spawn_blocking(move || sync_file_and_dir(&full))

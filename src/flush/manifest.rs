@@ -76,13 +76,19 @@ pub fn record(
     table_wm: Ulid,
     flushed_through: Ulid,
 ) -> Result<()> {
-    let manifest = db.cf_handle(CF_MANIFEST).expect("manifest column family exists");
+    let manifest = db
+        .cf_handle(CF_MANIFEST)
+        .expect("manifest column family exists");
     let meta = db.cf_handle(CF_META).expect("meta column family exists");
     let mut batch = WriteBatch::default();
     for f in files {
         let mut value = vec![MANIFEST_VERSION];
         value.extend(serde_json::to_vec(f).expect("FileMeta serializes"));
-        batch.put_cf(&manifest, format!("{}/{}/{}", f.tenant, f.endpoint, f.id), value);
+        batch.put_cf(
+            &manifest,
+            format!("{}/{}/{}", f.tenant, f.endpoint, f.id),
+            value,
+        );
     }
     batch.put_cf(&meta, table_key(table), table_wm.to_bytes());
     batch.put_cf(&meta, FLUSHED_THROUGH, flushed_through.to_bytes());
@@ -101,13 +107,18 @@ pub struct Loaded {
 }
 
 pub fn load(db: &DB) -> Result<Loaded> {
-    let manifest = db.cf_handle(CF_MANIFEST).expect("manifest column family exists");
+    let manifest = db
+        .cf_handle(CF_MANIFEST)
+        .expect("manifest column family exists");
     let meta = db.cf_handle(CF_META).expect("meta column family exists");
     let mut out = Loaded::default();
     for item in db.iterator_cf(&manifest, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
         let key = String::from_utf8_lossy(&k).into_owned();
-        let corrupt = |reason: String| Error::Corrupt { key: key.clone(), reason };
+        let corrupt = |reason: String| Error::Corrupt {
+            key: key.clone(),
+            reason,
+        };
         if v.first() != Some(&MANIFEST_VERSION) {
             return Err(corrupt(format!("unknown version {:?}", v.first())));
         }
@@ -116,13 +127,16 @@ pub fn load(db: &DB) -> Result<Loaded> {
     }
     for item in db.prefix_iterator_cf(&meta, b"wm/") {
         let (k, v) = item?;
-        let Some(rest) = k.strip_prefix(b"wm/") else { break };
+        let Some(rest) = k.strip_prefix(b"wm/") else {
+            break;
+        };
         let key = String::from_utf8_lossy(rest).into_owned();
         let (tenant, endpoint) = key.split_once('/').ok_or_else(|| Error::Corrupt {
             key: key.clone(),
             reason: "watermark key without endpoint".into(),
         })?;
-        out.watermarks.insert(TableId::new(tenant, endpoint), ulid_from(&key, &v)?);
+        out.watermarks
+            .insert(TableId::new(tenant, endpoint), ulid_from(&key, &v)?);
     }
     if let Some(v) = db.get_cf(&meta, FLUSHED_THROUGH)? {
         out.flushed_through = Some(ulid_from("flushed_through", &v)?);

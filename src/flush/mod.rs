@@ -39,11 +39,17 @@ use manifest::FileMeta;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("encoding {table}: {source}")]
-    Encode { table: TableId, source: parquet::Error },
+    Encode {
+        table: TableId,
+        source: parquet::Error,
+    },
     #[error("publishing {path}: {source}")]
     Publish { path: String, source: lake::Error },
     #[error("recording flush of {table}: {source}")]
-    Record { table: TableId, source: manifest::Error },
+    Record {
+        table: TableId,
+        source: manifest::Error,
+    },
     #[error("WAL: {0}")]
     Wal(#[from] crate::wal::Error),
     #[error("flush task failed: {0}")]
@@ -71,8 +77,24 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn new(catalog: Arc<Catalog>, wal: Arc<Wal>, lake: Lake, cfg: FlushConfig, wal_cfg: WalConfig, node_id: String) -> Self {
-        Self { catalog, wal, lake, cfg, wal_cfg, node_id, lock: tokio::sync::Mutex::new(()), wake: Arc::new(Notify::new()) }
+    pub fn new(
+        catalog: Arc<Catalog>,
+        wal: Arc<Wal>,
+        lake: Lake,
+        cfg: FlushConfig,
+        wal_cfg: WalConfig,
+        node_id: String,
+    ) -> Self {
+        Self {
+            catalog,
+            wal,
+            lake,
+            cfg,
+            wal_cfg,
+            node_id,
+            lock: tokio::sync::Mutex::new(()),
+            wake: Arc::new(Notify::new()),
+        }
     }
 
     pub fn lake(&self) -> &Lake {
@@ -112,7 +134,9 @@ impl Flusher {
     #[tracing::instrument(skip_all, fields(table = %table))]
     pub async fn flush_table(&self, table: &TableId) -> Result<Vec<FileMeta>> {
         let _guard = self.lock.lock().await;
-        let Some(frozen) = self.catalog.freeze(table) else { return Ok(vec![]) };
+        let Some(frozen) = self.catalog.freeze(table) else {
+            return Ok(vec![]);
+        };
         let started = Instant::now();
         let files = match self.write_files(&frozen).await {
             Ok(files) => files,
@@ -124,31 +148,49 @@ impl Flusher {
             }
         };
         let through = self.catalog.flushed_through_after(&frozen);
-        if let Err(source) = manifest::record(self.wal.db(), &files, table, frozen.max_seq, through) {
+        if let Err(source) = manifest::record(self.wal.db(), &files, table, frozen.max_seq, through)
+        {
             // Unrecorded files must not linger beside the rows that will be
             // flushed again; startup would delete them too.
             for f in &files {
                 let _ = self.lake.delete(&f.path).await;
             }
             self.catalog.refreeze_failed(&frozen);
-            return Err(Error::Record { table: table.clone(), source });
+            return Err(Error::Record {
+                table: table.clone(),
+                source,
+            });
         }
-        self.catalog.publish(&frozen, files.iter().cloned().map(Arc::new).collect());
+        self.catalog
+            .publish(&frozen, files.iter().cloned().map(Arc::new).collect());
         self.truncate_wal(through)?;
         METRICS.flush_seconds.observe_duration(started.elapsed());
         METRICS.flush_rows.add(frozen.rows as u64);
-        tracing::info!(rows = frozen.rows, files = files.len(), ms = started.elapsed().as_millis() as u64, "flushed");
+        tracing::info!(
+            rows = frozen.rows,
+            files = files.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "flushed"
+        );
         Ok(files)
     }
 
     async fn write_files(&self, frozen: &Arc<Frozen>) -> Result<Vec<FileMeta>> {
         let table = frozen.table.clone();
-        let opts = parquet::EncodeOptions { row_group_rows: self.cfg.row_group_rows, zstd_level: self.cfg.zstd_level };
+        let opts = parquet::EncodeOptions {
+            row_group_rows: self.cfg.row_group_rows,
+            zstd_level: self.cfg.zstd_level,
+        };
         let f = frozen.clone();
-        let encoded = tokio::task::spawn_blocking(move || parquet::encode(&f.table.endpoint, &f.batches, &opts))
-            .await
-            .map_err(|e| Error::Join(e.to_string()))?
-            .map_err(|source| Error::Encode { table: table.clone(), source })?;
+        let encoded = tokio::task::spawn_blocking(move || {
+            parquet::encode(&f.table.endpoint, &f.batches, &opts)
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(|source| Error::Encode {
+            table: table.clone(),
+            source,
+        })?;
         let mut files: Vec<FileMeta> = Vec::with_capacity(encoded.len());
         for enc in encoded {
             let id = Ulid::new().to_string();
@@ -198,14 +240,23 @@ impl Flusher {
     pub async fn reconcile(&self, recorded: &HashSet<String>) -> Result<usize> {
         let suffix = format!("-{}.parquet", self.node_id);
         let mut removed = 0;
-        let paths = self.lake.list().await.map_err(|source| Error::Publish { path: "<list>".into(), source })?;
+        let paths = self.lake.list().await.map_err(|source| Error::Publish {
+            path: "<list>".into(),
+            source,
+        })?;
         for path in paths {
             let name = path.rsplit('/').next().unwrap_or("");
             let ours = name.starts_with("part-") && name.contains(&suffix);
             let staging = ours && !name.ends_with(".parquet");
             if (ours && !recorded.contains(&path)) || staging {
                 tracing::warn!(%path, "removing unrecorded file left by a crash");
-                self.lake.delete(&path).await.map_err(|source| Error::Publish { path: path.clone(), source })?;
+                self.lake
+                    .delete(&path)
+                    .await
+                    .map_err(|source| Error::Publish {
+                        path: path.clone(),
+                        source,
+                    })?;
                 removed += 1;
             }
         }
@@ -214,5 +265,8 @@ impl Flusher {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -77,8 +77,13 @@ pub fn unify(batches: &[RecordBatch]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     if batches.iter().all(|b| b.schema() == first) {
         return Ok((first, batches.to_vec()));
     }
-    let merged = Arc::new(Schema::try_merge(batches.iter().map(|b| b.schema().as_ref().clone()))?);
-    let aligned = batches.iter().map(|b| align(b, &merged)).collect::<Result<_>>()?;
+    let merged = Arc::new(Schema::try_merge(
+        batches.iter().map(|b| b.schema().as_ref().clone()),
+    )?);
+    let aligned = batches
+        .iter()
+        .map(|b| align(b, &merged))
+        .collect::<Result<_>>()?;
     Ok((merged, aligned))
 }
 
@@ -95,7 +100,11 @@ fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
 }
 
 /// Encodes the rows of one table into one Parquet file per UTC hour.
-pub fn encode(endpoint: &str, batches: &[RecordBatch], opts: &EncodeOptions) -> Result<Vec<Encoded>> {
+pub fn encode(
+    endpoint: &str,
+    batches: &[RecordBatch],
+    opts: &EncodeOptions,
+) -> Result<Vec<Encoded>> {
     let (schema, batches) = unify(batches)?;
     let all = concat_batches(&schema, &batches)?;
     let tcol = time_column(endpoint);
@@ -106,7 +115,10 @@ pub fn encode(endpoint: &str, batches: &[RecordBatch], opts: &EncodeOptions) -> 
         .clone();
     let mut groups: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
     for (i, t) in times.iter().enumerate() {
-        groups.entry(t.unwrap_or(0).div_euclid(HOUR_NS)).or_default().push(i as u32);
+        groups
+            .entry(t.unwrap_or(0).div_euclid(HOUR_NS))
+            .or_default()
+            .push(i as u32);
     }
     let mut out = Vec::with_capacity(groups.len());
     for (hour_bucket, rows) in groups {
@@ -120,9 +132,17 @@ pub fn encode(endpoint: &str, batches: &[RecordBatch], opts: &EncodeOptions) -> 
     Ok(out)
 }
 
-fn encode_partition(endpoint: &str, hour_bucket: i64, batch: &RecordBatch, opts: &EncodeOptions) -> Result<Encoded> {
-    let sort_names: Vec<&str> =
-        sort_columns(endpoint).iter().copied().filter(|c| batch.schema().index_of(c).is_ok()).collect();
+fn encode_partition(
+    endpoint: &str,
+    hour_bucket: i64,
+    batch: &RecordBatch,
+    opts: &EncodeOptions,
+) -> Result<Encoded> {
+    let sort_names: Vec<&str> = sort_columns(endpoint)
+        .iter()
+        .copied()
+        .filter(|c| batch.schema().index_of(c).is_ok())
+        .collect();
     let sorted = sort(batch, &sort_names)?;
     let times = sorted
         .column_by_name(time_column(endpoint))
@@ -153,7 +173,10 @@ fn sort(batch: &RecordBatch, names: &[&str]) -> Result<RecordBatch> {
     let cols: Vec<SortColumn> = names
         .iter()
         .filter_map(|n| batch.column_by_name(n))
-        .map(|c| SortColumn { values: c.clone(), options: None })
+        .map(|c| SortColumn {
+            values: c.clone(),
+            options: None,
+        })
         .collect();
     let idx = lexsort_to_indices(&cols, None)?;
     Ok(take_record_batch(batch, &idx)?)
@@ -168,7 +191,11 @@ fn writer_properties(
     let sorting: Vec<SortingColumn> = sort_names
         .iter()
         .filter_map(|n| schema.index_of(n).ok())
-        .map(|i| SortingColumn { column_idx: i as i32, descending: false, nulls_first: false })
+        .map(|i| SortingColumn {
+            column_idx: i as i32,
+            descending: false,
+            nulls_first: false,
+        })
         .collect();
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(opts.zstd_level)?))
@@ -195,27 +222,66 @@ mod tests {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     fn ts_field() -> Field {
-        Field::new("timestamp", DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())), false)
+        Field::new(
+            "timestamp",
+            DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+            false,
+        )
     }
 
     #[test]
     fn splits_by_hour_sorts_and_unifies_schemas() {
-        let s1 = Arc::new(Schema::new(vec![ts_field(), Field::new("a", DataType::Int64, true)]));
-        let s2 = Arc::new(Schema::new(vec![ts_field(), Field::new("b", DataType::Utf8, true)]));
-        let t = |v: Vec<i64>| Arc::new(TimestampNanosecondArray::from(v).with_timezone("UTC")) as ArrayRef;
-        let b1 = RecordBatch::try_new(s1, vec![t(vec![HOUR_NS + 5, 3]), Arc::new(Int64Array::from(vec![1, 2]))]).unwrap();
-        let b2 = RecordBatch::try_new(s2, vec![t(vec![HOUR_NS + 1]), Arc::new(StringArray::from(vec!["x"]))]).unwrap();
-        let opts = EncodeOptions { row_group_rows: 1024, zstd_level: 1 };
+        let s1 = Arc::new(Schema::new(vec![
+            ts_field(),
+            Field::new("a", DataType::Int64, true),
+        ]));
+        let s2 = Arc::new(Schema::new(vec![
+            ts_field(),
+            Field::new("b", DataType::Utf8, true),
+        ]));
+        let t = |v: Vec<i64>| {
+            Arc::new(TimestampNanosecondArray::from(v).with_timezone("UTC")) as ArrayRef
+        };
+        let b1 = RecordBatch::try_new(
+            s1,
+            vec![
+                t(vec![HOUR_NS + 5, 3]),
+                Arc::new(Int64Array::from(vec![1, 2])),
+            ],
+        )
+        .unwrap();
+        let b2 = RecordBatch::try_new(
+            s2,
+            vec![t(vec![HOUR_NS + 1]), Arc::new(StringArray::from(vec!["x"]))],
+        )
+        .unwrap();
+        let opts = EncodeOptions {
+            row_group_rows: 1024,
+            zstd_level: 1,
+        };
         let files = encode("things", &[b1, b2], &opts).unwrap();
         assert_eq!(files.len(), 2);
-        assert_eq!((files[0].date.as_str(), files[0].hour, files[0].rows), ("1970-01-01", 0, 1));
+        assert_eq!(
+            (files[0].date.as_str(), files[0].hour, files[0].rows),
+            ("1970-01-01", 0, 1)
+        );
         assert_eq!((files[1].hour, files[1].rows), (1, 2));
-        assert_eq!((files[1].min_time_ns, files[1].max_time_ns), (HOUR_NS + 1, HOUR_NS + 5));
-        let reader = ParquetRecordBatchReaderBuilder::try_new(files[1].bytes.clone()).unwrap().build().unwrap();
+        assert_eq!(
+            (files[1].min_time_ns, files[1].max_time_ns),
+            (HOUR_NS + 1, HOUR_NS + 5)
+        );
+        let reader = ParquetRecordBatchReaderBuilder::try_new(files[1].bytes.clone())
+            .unwrap()
+            .build()
+            .unwrap();
         let back: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
         let back = &back[0];
         assert_eq!(back.num_columns(), 3);
-        let ts = back.column(0).as_any().downcast_ref::<TimestampNanosecondArray>().unwrap();
+        let ts = back
+            .column(0)
+            .as_any()
+            .downcast_ref::<TimestampNanosecondArray>()
+            .unwrap();
         assert_eq!(ts.values().to_vec(), vec![HOUR_NS + 1, HOUR_NS + 5]); // sorted
         let a = back.column_by_name("a").unwrap();
         assert!(a.is_null(0)); // row from b2 had no `a`

@@ -60,7 +60,13 @@ fn may_manage(p: &Principal, tenant: &str) -> Result<(), ApiError> {
     if p.tenant == DEFAULT_TENANT || p.tenant == tenant {
         return Ok(());
     }
-    Err(ApiError::new(ErrorKind::Forbidden, format!("an admin key of tenant {:?} cannot manage tenant {tenant:?}", p.tenant)))
+    Err(ApiError::new(
+        ErrorKind::Forbidden,
+        format!(
+            "an admin key of tenant {:?} cannot manage tenant {tenant:?}",
+            p.tenant
+        ),
+    ))
 }
 
 async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
@@ -69,30 +75,44 @@ async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(),
+    )
 }
 
 async fn jwks(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(s.auth.jwt.jwks())
 }
 
-async fn token(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn token(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::new(ErrorKind::Unauthenticated, "send the API key in X-API-Key"))?;
+        .ok_or_else(|| {
+            ApiError::new(ErrorKind::Unauthenticated, "send the API key in X-API-Key")
+        })?;
     let (token, expires_at) = s.auth.issue_token(key)?;
     Ok(Json(json!({"token": token, "expires_at": expires_at})))
 }
 
-async fn flush(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn flush(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     admin(&s, &headers).await?;
     let files = s.flusher.flush_all().await.map_err(ApiError::from_err)?;
     let rows: u64 = files.iter().map(|f| f.rows).sum();
     Ok(Json(json!({"files": files, "rows": rows})))
 }
 
-async fn rotate(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn rotate(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let p = admin(&s, &headers).await?;
     may_manage(&p, DEFAULT_TENANT)?;
     let auth = s.auth.clone();
@@ -122,7 +142,9 @@ async fn create_key(
     let p = admin(&s, &headers).await?;
     let Json(req) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
     may_manage(&p, &req.tenant)?;
-    let (rec, key) = s.auth.create_key(&req.tenant, &req.name, req.scopes, req.endpoints)?;
+    let (rec, key) = s
+        .auth
+        .create_key(&req.tenant, &req.name, req.scopes, req.endpoints)?;
     tracing::info!(id = %rec.id, tenant = %rec.tenant, by = %p.key_id, "API key created");
     let mut body = serde_json::to_value(&rec).unwrap_or_default();
     body["key"] = json!(key);
@@ -132,9 +154,16 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-async fn list_keys(State(s): State<AppState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_keys(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let p = admin(&s, &headers).await?;
-    let keys = s.auth.keys().list().map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    let keys = s
+        .auth
+        .keys()
+        .list()
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
     let visible: Vec<_> = keys
         .into_iter()
         .filter(|k| may_manage(&p, &k.tenant).is_ok())
@@ -143,10 +172,21 @@ async fn list_keys(State(s): State<AppState>, headers: HeaderMap) -> Result<Json
     Ok(Json(json!({ "keys": visible })))
 }
 
-async fn delete_key(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_key(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let p = admin(&s, &headers).await?;
-    let rec = s.auth.keys().list().map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?.into_iter().find(|k| k.id == id);
-    let rec = rec.ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no API key {id:?}")))?;
+    let rec = s
+        .auth
+        .keys()
+        .list()
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .into_iter()
+        .find(|k| k.id == id);
+    let rec =
+        rec.ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no API key {id:?}")))?;
     may_manage(&p, &rec.tenant)?;
     s.auth.delete_key(&id)?;
     tracing::info!(%id, by = %p.key_id, "API key deleted");

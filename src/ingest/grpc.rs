@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tonic::{Request, Response, Status};
 
 use super::{otlp_trace, Ingestor};
@@ -16,10 +18,15 @@ use crate::auth::{Auth, Credential, Principal};
 use crate::error::ApiError;
 use crate::proto::ingestion::auth_service_server::AuthService;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthService;
-use crate::proto::ingestion::{GetTokenRequest, GetTokenResponse, ValidateApiKeyRequest, ValidateApiKeyResponse};
+use crate::proto::ingestion::{
+    GetTokenRequest, GetTokenResponse, ValidateApiKeyRequest, ValidateApiKeyResponse,
+};
 
 /// The principal behind a gRPC request's metadata.
-pub async fn principal(auth: &Auth, md: &tonic::metadata::MetadataMap) -> Result<Principal, ApiError> {
+pub async fn principal(
+    auth: &Auth,
+    md: &tonic::metadata::MetadataMap,
+) -> Result<Principal, ApiError> {
     auth.authenticate(Credential::from_grpc(md)).await
 }
 
@@ -42,7 +49,10 @@ impl TraceService for OtlpTraceService {
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let p = principal(&self.auth, request.metadata()).await?;
         p.require_endpoint("write", otlp_trace::SPANS)?;
-        let resp = self.ingestor.write_traces(&p.tenant, request.into_inner()).await?;
+        let resp = self
+            .ingestor
+            .write_traces(&p.tenant, request.into_inner())
+            .await?;
         Ok(Response::new(resp))
     }
 }
@@ -52,9 +62,15 @@ pub struct AuthGrpc(pub Arc<Auth>);
 
 #[tonic::async_trait]
 impl AuthService for AuthGrpc {
-    async fn get_token(&self, request: Request<GetTokenRequest>) -> Result<Response<GetTokenResponse>, Status> {
+    async fn get_token(
+        &self,
+        request: Request<GetTokenRequest>,
+    ) -> Result<Response<GetTokenResponse>, Status> {
         let (jwt, expires_at) = self.0.issue_token(&request.into_inner().api_key)?;
-        Ok(Response::new(GetTokenResponse { jwt, expires_at: expires_at as i64 }))
+        Ok(Response::new(GetTokenResponse {
+            jwt,
+            expires_at: expires_at as i64,
+        }))
     }
 }
 
@@ -76,20 +92,41 @@ const GRPC_MESSAGE: &str = "grpc-message";
 /// Rewrites tonic's codec failures into precise codes (see module doc).
 pub fn fix_status<B>(mut resp: http::Response<B>) -> http::Response<B> {
     let h = resp.headers_mut();
-    let code = h.get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<i32>().ok());
-    let msg = h.get(GRPC_MESSAGE).and_then(|v| v.to_str().ok()).unwrap_or("").replace("%20", " ");
+    let code = h
+        .get(GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<i32>().ok());
+    let msg = h
+        .get(GRPC_MESSAGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
     let (new_code, new_msg) = match code {
         Some(c) if c == tonic::Code::Internal as i32 && msg.contains("decode Protobuf message") => {
-            let detail = msg.split_once(": ").map(|x| x.1).unwrap_or("invalid wire format");
-            (tonic::Code::InvalidArgument, format!("malformed protobuf request: {detail}"))
+            let detail = msg
+                .split_once(": ")
+                .map(|x| x.1)
+                .unwrap_or("invalid wire format");
+            (
+                tonic::Code::InvalidArgument,
+                format!("malformed protobuf request: {detail}"),
+            )
         }
-        Some(c) if c == tonic::Code::OutOfRange as i32 && msg.contains("message length too large") => {
-            (tonic::Code::ResourceExhausted, format!("request too large: {msg} (see --max-request-size)"))
+        Some(c)
+            if c == tonic::Code::OutOfRange as i32 && msg.contains("message length too large") =>
+        {
+            (
+                tonic::Code::ResourceExhausted,
+                format!("request too large: {msg} (see --max-request-size)"),
+            )
         }
         _ => return resp,
     };
     h.insert(GRPC_STATUS, (new_code as i32).into());
-    let clean: String = new_msg.chars().filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '%').collect();
+    let clean: String = new_msg
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '%')
+        .collect();
     if let Ok(v) = http::HeaderValue::from_str(&clean) {
         h.insert(GRPC_MESSAGE, v);
     }

@@ -136,25 +136,79 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
 
     fn sv(s: &str) -> AnyValue {
-        AnyValue { value: Some(Value::StringValue(s.into())) }
+        AnyValue {
+            value: Some(Value::StringValue(s.into())),
+        }
     }
     fn kv(k: &str, v: AnyValue) -> KeyValue {
-        KeyValue { key: k.into(), value: Some(v) , key_strindex: 0 }
+        KeyValue {
+            key: k.into(),
+            value: Some(v),
+            key_strindex: 0,
+        }
     }
 
     #[test]
     fn every_value_kind_is_valid_json() {
         let attrs = vec![
             kv("s", sv("a\"b\\c\n\u{1}é")),
-            kv("b", AnyValue { value: Some(Value::BoolValue(true)) }),
-            kv("i", AnyValue { value: Some(Value::IntValue(i64::MIN)) }),
-            kv("d", AnyValue { value: Some(Value::DoubleValue(1.5)) }),
-            kv("nan", AnyValue { value: Some(Value::DoubleValue(f64::NAN)) }),
-            kv("inf", AnyValue { value: Some(Value::DoubleValue(f64::NEG_INFINITY)) }),
-            kv("bytes", AnyValue { value: Some(Value::BytesValue(vec![0xde, 0xad])) }),
-            kv("arr", AnyValue { value: Some(Value::ArrayValue(ArrayValue { values: vec![sv("x"), AnyValue { value: None }] })) }),
-            kv("kv", AnyValue { value: Some(Value::KvlistValue(KeyValueList { values: vec![kv("k", sv("v"))] })) }),
-            KeyValue { key: "unset".into(), value: None , key_strindex: 0 },
+            kv(
+                "b",
+                AnyValue {
+                    value: Some(Value::BoolValue(true)),
+                },
+            ),
+            kv(
+                "i",
+                AnyValue {
+                    value: Some(Value::IntValue(i64::MIN)),
+                },
+            ),
+            kv(
+                "d",
+                AnyValue {
+                    value: Some(Value::DoubleValue(1.5)),
+                },
+            ),
+            kv(
+                "nan",
+                AnyValue {
+                    value: Some(Value::DoubleValue(f64::NAN)),
+                },
+            ),
+            kv(
+                "inf",
+                AnyValue {
+                    value: Some(Value::DoubleValue(f64::NEG_INFINITY)),
+                },
+            ),
+            kv(
+                "bytes",
+                AnyValue {
+                    value: Some(Value::BytesValue(vec![0xde, 0xad])),
+                },
+            ),
+            kv(
+                "arr",
+                AnyValue {
+                    value: Some(Value::ArrayValue(ArrayValue {
+                        values: vec![sv("x"), AnyValue { value: None }],
+                    })),
+                },
+            ),
+            kv(
+                "kv",
+                AnyValue {
+                    value: Some(Value::KvlistValue(KeyValueList {
+                        values: vec![kv("k", sv("v"))],
+                    })),
+                },
+            ),
+            KeyValue {
+                key: "unset".into(),
+                value: None,
+                key_strindex: 0,
+            },
         ];
         let s = attrs_to_string(&attrs).unwrap();
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
@@ -173,7 +227,9 @@ mod tests {
     fn refuses_absurd_nesting() {
         let mut v = sv("leaf");
         for _ in 0..40 {
-            v = AnyValue { value: Some(Value::ArrayValue(ArrayValue { values: vec![v] })) };
+            v = AnyValue {
+                value: Some(Value::ArrayValue(ArrayValue { values: vec![v] })),
+            };
         }
         assert_eq!(attrs_to_string(&[kv("deep", v)]), Err(TooDeep));
     }

@@ -45,11 +45,19 @@ pub struct Ingestor {
 
 impl Ingestor {
     pub fn new(wal: Arc<Wal>, catalog: Arc<Catalog>, wake_flusher: Arc<Notify>) -> Self {
-        Self { wal, catalog, wake_flusher }
+        Self {
+            wal,
+            catalog,
+            wake_flusher,
+        }
     }
 
     /// Appends one request to the WAL and its rows to memtables; Ok is the ack.
-    pub async fn commit(&self, entry: WalEntry, rows: Vec<(TableId, RecordBatch)>) -> Result<Ulid, ApiError> {
+    pub async fn commit(
+        &self,
+        entry: WalEntry,
+        rows: Vec<(TableId, RecordBatch)>,
+    ) -> Result<Ulid, ApiError> {
         let started = Instant::now();
         if let Err(e) = self.catalog.admit() {
             METRICS.ingest_rejected.inc();
@@ -79,15 +87,21 @@ impl Ingestor {
         tenant: &str,
         req: ExportTraceServiceRequest,
     ) -> Result<ExportTraceServiceResponse, ApiError> {
-        let span_count: usize =
-            req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        let span_count: usize = req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
         let (req, converted) = if span_count > INLINE_CONVERT_SPANS {
             tokio::task::spawn_blocking(move || {
                 let c = otlp_trace::convert(&req);
                 (req, c)
             })
             .await
-            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("conversion task failed: {e}")))?
+            .map_err(|e| {
+                ApiError::new(ErrorKind::Internal, format!("conversion task failed: {e}"))
+            })?
         } else {
             let c = otlp_trace::convert(&req);
             (req, c)
@@ -96,10 +110,13 @@ impl Ingestor {
             METRICS.ingest_rejected.inc();
             ApiError::invalid(e.to_string())
         })?;
-        let partial_success = rows.reject_reason.clone().map(|msg| ExportTracePartialSuccess {
-            rejected_spans: rows.rejected as i64,
-            error_message: msg,
-        });
+        let partial_success = rows
+            .reject_reason
+            .clone()
+            .map(|msg| ExportTracePartialSuccess {
+                rejected_spans: rows.rejected as i64,
+                error_message: msg,
+            });
         if rows.spans.num_rows() > 0 {
             let entry = WalEntry {
                 kind: PayloadKind::OtlpTraces,
@@ -116,7 +133,10 @@ impl Ingestor {
 fn trace_tables(tenant: &str, rows: otlp_trace::TraceRows) -> Vec<(TableId, RecordBatch)> {
     vec![
         (TableId::new(tenant, otlp_trace::SPANS), rows.spans),
-        (TableId::new(tenant, otlp_trace::STATE_PATCHES), rows.state_patches),
+        (
+            TableId::new(tenant, otlp_trace::STATE_PATCHES),
+            rows.state_patches,
+        ),
     ]
 }
 

@@ -12,7 +12,8 @@ pub fn is_valid(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
 /// Checks a name; the error names what was wrong.
@@ -21,7 +22,9 @@ pub fn validate(what: &str, name: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     let shown: String = name.chars().take(80).collect();
-    Err(ApiError::invalid(format!("invalid {what} {shown:?}: must match {NAME_PATTERN}")))
+    Err(ApiError::invalid(format!(
+        "invalid {what} {shown:?}: must match {NAME_PATTERN}"
+    )))
 }
 
 #[cfg(test)]
@@ -33,9 +36,25 @@ mod tests {
         for ok in ["default", "a", "acme-prod_2", &"x".repeat(63)] {
             assert!(is_valid(ok), "{ok}");
         }
-        for bad in ["", "..", "../etc", "a/b", "A", "-a", "_a", "a.b", "é", "a b", &"x".repeat(64), "a\0"] {
+        for bad in [
+            "",
+            "..",
+            "../etc",
+            "a/b",
+            "A",
+            "-a",
+            "_a",
+            "a.b",
+            "é",
+            "a b",
+            &"x".repeat(64),
+            "a\0",
+        ] {
             assert!(!is_valid(bad), "{bad:?}");
         }
-        assert!(validate("tenant", "../x").unwrap_err().message.contains("[a-z0-9]"));
+        assert!(validate("tenant", "../x")
+            .unwrap_err()
+            .message
+            .contains("[a-z0-9]"));
     }
 }

@@ -22,7 +22,9 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{ArrayRef, Int64Builder, StringBuilder, TimestampNanosecondBuilder, UInt32Builder};
+use arrow::array::{
+    ArrayRef, Int64Builder, StringBuilder, TimestampNanosecondBuilder, UInt32Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -39,7 +41,12 @@ pub const NO_SERVICE_NAME: &str = "NO_SERVICE_NAME";
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Error {
     #[error("{at}.{field} is {len} bytes, expected {expected}")]
-    IdLength { at: String, field: &'static str, len: usize, expected: usize },
+    IdLength {
+        at: String,
+        field: &'static str,
+        len: usize,
+        expected: usize,
+    },
     #[error("{at}: {source}")]
     Nesting { at: String, source: TooDeep },
 }
@@ -148,17 +155,30 @@ pub struct TraceRows {
 }
 
 fn str_attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
-    attrs.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-        Value::StringValue(s) => Some(s.as_str()),
-        _ => None,
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.as_str()),
+            _ => None,
+        }
     })
 }
 
-fn check_id(at: &dyn Fn() -> String, field: &'static str, id: &[u8], expected: usize, optional: bool) -> Result<(), Error> {
+fn check_id(
+    at: &dyn Fn() -> String,
+    field: &'static str,
+    id: &[u8],
+    expected: usize,
+    optional: bool,
+) -> Result<(), Error> {
     if id.len() == expected || (optional && id.is_empty()) {
         return Ok(());
     }
-    Err(Error::IdLength { at: at(), field, len: id.len(), expected })
+    Err(Error::IdLength {
+        at: at(),
+        field,
+        len: id.len(),
+        expected,
+    })
 }
 
 /// Validates and converts a whole request.
@@ -167,10 +187,16 @@ pub fn convert(req: &ExportTraceServiceRequest) -> Result<TraceRows, Error> {
     let mut p = PatchBuilders::default();
     let mut rejected = 0u64;
     for (ri, rs) in req.resource_spans.iter().enumerate() {
-        let res_attrs: &[KeyValue] = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+        let res_attrs: &[KeyValue] = rs
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or(&[]);
         let service = str_attr(res_attrs, "service.name").unwrap_or(NO_SERVICE_NAME);
-        let res_json = json::attrs_to_string(res_attrs)
-            .map_err(|source| Error::Nesting { at: format!("resource_spans[{ri}].resource"), source })?;
+        let res_json = json::attrs_to_string(res_attrs).map_err(|source| Error::Nesting {
+            at: format!("resource_spans[{ri}].resource"),
+            source,
+        })?;
         for (si, ss) in rs.scope_spans.iter().enumerate() {
             let scope = ss.scope.as_ref();
             for (pi, span) in ss.spans.iter().enumerate() {
@@ -188,14 +214,20 @@ pub fn convert(req: &ExportTraceServiceRequest) -> Result<TraceRows, Error> {
                     scope_name: scope.map(|s| s.name.as_str()),
                     scope_version: scope.map(|s| s.version.as_str()),
                 };
-                b.append(span, &ctx, &mut p).map_err(|source| Error::Nesting { at: at(), source })?;
+                b.append(span, &ctx, &mut p)
+                    .map_err(|source| Error::Nesting { at: at(), source })?;
             }
         }
     }
     let reject_reason = (rejected > 0).then(|| {
         format!("{rejected} span(s) rejected: all-zero trace_id or span_id is invalid (OTel spec)")
     });
-    Ok(TraceRows { spans: b.finish(), state_patches: p.finish(), rejected, reject_reason })
+    Ok(TraceRows {
+        spans: b.finish(),
+        state_patches: p.finish(),
+        rejected,
+        reject_reason,
+    })
 }
 
 struct SpanCtx<'a> {
@@ -247,7 +279,12 @@ fn hex_into(buf: &mut String, bytes: &[u8]) {
 }
 
 impl SpanBuilders {
-    fn append(&mut self, span: &Span, ctx: &SpanCtx, patches: &mut PatchBuilders) -> Result<(), TooDeep> {
+    fn append(
+        &mut self,
+        span: &Span,
+        ctx: &SpanCtx,
+        patches: &mut PatchBuilders,
+    ) -> Result<(), TooDeep> {
         // Attributes: Junjo ones go to their columns, the rest to JSON.
         let mut junjo: [Option<String>; JUNJO_COLUMNS] = Default::default();
         let mut attrs = String::with_capacity(256);
@@ -291,25 +328,42 @@ impl SpanBuilders {
         self.end_time.append_value(end);
         self.duration_ns.append_value(end.saturating_sub(start));
         let status = span.status.as_ref();
-        self.status_code.append_value(status_name(status.map(|s| s.code).unwrap_or(0)));
-        self.status_message.append_option(status.and_then(|s| non_empty(&s.message)));
+        self.status_code
+            .append_value(status_name(status.map(|s| s.code).unwrap_or(0)));
+        self.status_message
+            .append_option(status.and_then(|s| non_empty(&s.message)));
         self.attributes_json.append_value(&attrs);
         self.events_json.append_value(&events);
         self.links_json.append_value(&links);
         self.resource_attributes_json.append_value(ctx.res_json);
-        self.scope_name.append_option(ctx.scope_name.and_then(non_empty));
-        self.scope_version.append_option(ctx.scope_version.and_then(non_empty));
+        self.scope_name
+            .append_option(ctx.scope_name.and_then(non_empty));
+        self.scope_version
+            .append_option(ctx.scope_version.and_then(non_empty));
         self.trace_flags.append_value(span.flags);
         self.trace_state.append_option(non_empty(&span.trace_state));
-        self.dropped_attributes.append_value(span.dropped_attributes_count);
+        self.dropped_attributes
+            .append_value(span.dropped_attributes_count);
         self.dropped_events.append_value(span.dropped_events_count);
         self.dropped_links.append_value(span.dropped_links_count);
         let junjo_id = junjo[0].clone();
         for (b, v) in self.junjo.iter_mut().zip(junjo) {
             b.append_option(v);
         }
-        for (i, ev) in span.events.iter().enumerate().filter(|(_, e)| e.name == "set_state") {
-            patches.append(&trace_hex, &span_hex, ctx.service, junjo_id.as_deref(), i, ev)?;
+        for (i, ev) in span
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.name == "set_state")
+        {
+            patches.append(
+                &trace_hex,
+                &span_hex,
+                ctx.service,
+                junjo_id.as_deref(),
+                i,
+                ev,
+            )?;
         }
         Ok(())
     }
@@ -339,7 +393,11 @@ impl SpanBuilders {
             Arc::new(self.dropped_events.finish()),
             Arc::new(self.dropped_links.finish()),
         ];
-        cols.extend(self.junjo.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        cols.extend(
+            self.junjo
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
         RecordBatch::try_new(SPANS_SCHEMA.clone(), cols).expect("spans columns match SPANS_SCHEMA")
     }
 }
@@ -376,7 +434,10 @@ fn links_json(span: &Span) -> Result<String, TooDeep> {
             hex::encode(&l.span_id)
         ));
         json::write_str(&mut s, &l.trace_state);
-        s.push_str(&format!(",\"flags\":{},\"droppedAttributesCount\":{},\"attributes\":", l.flags, l.dropped_attributes_count));
+        s.push_str(&format!(
+            ",\"flags\":{},\"droppedAttributesCount\":{},\"attributes\":",
+            l.flags, l.dropped_attributes_count
+        ));
         json::write_attrs(&mut s, l.attributes.iter(), 1)?;
         s.push('}');
     }
@@ -418,17 +479,32 @@ impl PatchBuilders {
         self.trace_id.append_value(trace);
         self.span_id.append_value(span);
         self.service_name.append_value(service);
-        self.timestamp.append_value(ev.time_unix_nano.min(i64::MAX as u64) as i64);
+        self.timestamp
+            .append_value(ev.time_unix_nano.min(i64::MAX as u64) as i64);
         self.junjo_id.append_option(junjo_id);
         let text = |key: &str| -> Result<Option<String>, TooDeep> {
-            json::value_as_text(ev.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()))
+            json::value_as_text(
+                ev.attributes
+                    .iter()
+                    .find(|kv| kv.key == key)
+                    .and_then(|kv| kv.value.as_ref()),
+            )
         };
         self.store_id.append_option(text("junjo.store.id")?);
         self.store_name.append_option(text("junjo.store.name")?);
         self.action.append_option(text("junjo.store.action")?);
-        self.patch_json.append_option(text("junjo.state_json_patch")?);
-        const TAKEN: [&str; 4] = ["junjo.store.id", "junjo.store.name", "junjo.store.action", "junjo.state_json_patch"];
-        let rest = ev.attributes.iter().filter(|kv| !TAKEN.contains(&kv.key.as_str()));
+        self.patch_json
+            .append_option(text("junjo.state_json_patch")?);
+        const TAKEN: [&str; 4] = [
+            "junjo.store.id",
+            "junjo.store.name",
+            "junjo.store.action",
+            "junjo.state_json_patch",
+        ];
+        let rest = ev
+            .attributes
+            .iter()
+            .filter(|kv| !TAKEN.contains(&kv.key.as_str()));
         let mut attrs = String::new();
         json::write_attrs(&mut attrs, rest, 1)?;
         self.attributes_json.append_value(attrs);
@@ -449,13 +525,20 @@ impl PatchBuilders {
             Arc::new(self.patch_json.finish()),
             Arc::new(self.attributes_json.finish()),
         ];
-        RecordBatch::try_new(STATE_PATCHES_SCHEMA.clone(), cols).expect("columns match STATE_PATCHES_SCHEMA")
+        RecordBatch::try_new(STATE_PATCHES_SCHEMA.clone(), cols)
+            .expect("columns match STATE_PATCHES_SCHEMA")
     }
 }
 
 /// Helper for tests and the load generator: a string attribute.
 pub fn kv_str(key: &str, value: &str) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(Value::StringValue(value.into())) }), key_strindex: 0 }
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(Value::StringValue(value.into())),
+        }),
+        key_strindex: 0,
+    }
 }
 
 #[cfg(test)]
@@ -472,12 +555,21 @@ mod tests {
     }
 
     fn request(spans: Vec<Span>, service: Option<&str>) -> ExportTraceServiceRequest {
-        let attributes = service.map(|s| vec![kv_str("service.name", s)]).unwrap_or_default();
+        let attributes = service
+            .map(|s| vec![kv_str("service.name", s)])
+            .unwrap_or_default();
         ExportTraceServiceRequest {
             resource_spans: vec![ResourceSpans {
-                resource: Some(Resource { attributes, ..Default::default() }),
+                resource: Some(Resource {
+                    attributes,
+                    ..Default::default()
+                }),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope { name: "junjo".into(), version: "".into(), ..Default::default() }),
+                    scope: Some(InstrumentationScope {
+                        name: "junjo".into(),
+                        version: "".into(),
+                        ..Default::default()
+                    }),
                     spans,
                     schema_url: String::new(),
                 }],
@@ -502,7 +594,10 @@ mod tests {
     #[test]
     fn converts_ids_kinds_status_and_junjo_v2() {
         let mut root = span(0xab, 1, None);
-        root.status = Some(Status { code: 2, message: "boom".into() });
+        root.status = Some(Status {
+            code: 2,
+            message: "boom".into(),
+        });
         root.attributes = vec![
             kv_str("junjo.executable_runtime_id", "rt1"),
             kv_str("junjo.span_type", "workflow"),
@@ -510,7 +605,13 @@ mod tests {
             kv_str("junjo.workflow.state.start", "{}"),
             kv_str("junjo.workflow.store.id", "store1"),
             kv_str("http.method", "GET"),
-            KeyValue { key: "junjo.telemetry.contract_version".into(), value: Some(AnyValue { value: Some(Value::IntValue(2)) }), key_strindex: 0 },
+            KeyValue {
+                key: "junjo.telemetry.contract_version".into(),
+                value: Some(AnyValue {
+                    value: Some(Value::IntValue(2)),
+                }),
+                key_strindex: 0,
+            },
         ];
         let mut child = span(0xab, 2, Some(1));
         child.attributes = vec![kv_str("junjo.id", "v1id"), kv_str("junjo.parent_id", "rt1")];
@@ -521,11 +622,18 @@ mod tests {
                 kv_str("id", "ev1"),
                 kv_str("junjo.store.id", "store1"),
                 kv_str("junjo.store.action", "set_count"),
-                kv_str("junjo.state_json_patch", "[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]"),
+                kv_str(
+                    "junjo.state_json_patch",
+                    "[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]",
+                ),
             ],
             dropped_attributes_count: 0,
         }];
-        child.links = vec![Link { trace_id: vec![1; 16], span_id: vec![2; 8], ..Default::default() }];
+        child.links = vec![Link {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            ..Default::default()
+        }];
         let rows = convert(&request(vec![root, child], Some("svc"))).unwrap();
         let s = &rows.spans;
         assert_eq!(s.num_rows(), 2);
@@ -546,14 +654,31 @@ mod tests {
         assert_eq!(col(s, "junjo_span_type").value(0), "workflow");
         assert_eq!(col(s, "junjo_wf_graph_structure").value(0), "{\"v\":2}");
         assert_eq!(col(s, "junjo_wf_store_id").value(0), "store1");
-        let attrs: serde_json::Value = serde_json::from_str(col(s, "attributes_json").value(0)).unwrap();
-        assert_eq!(attrs, serde_json::json!({"http.method": "GET", "junjo.telemetry.contract_version": 2}));
-        let d = s.column_by_name("duration_ns").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+        let attrs: serde_json::Value =
+            serde_json::from_str(col(s, "attributes_json").value(0)).unwrap();
+        assert_eq!(
+            attrs,
+            serde_json::json!({"http.method": "GET", "junjo.telemetry.contract_version": 2})
+        );
+        let d = s
+            .column_by_name("duration_ns")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
         assert_eq!(d.value(0), 500_000);
-        let st = s.column_by_name("start_time").unwrap().as_primitive::<TimestampNanosecondType>();
+        let st = s
+            .column_by_name("start_time")
+            .unwrap()
+            .as_primitive::<TimestampNanosecondType>();
         assert_eq!(st.value(0), 1_700_000_000_000_000_000);
-        assert_eq!(s.column_by_name("trace_flags").unwrap().as_primitive::<UInt32Type>().value(0), 0);
-        let events: serde_json::Value = serde_json::from_str(col(s, "events_json").value(1)).unwrap();
+        assert_eq!(
+            s.column_by_name("trace_flags")
+                .unwrap()
+                .as_primitive::<UInt32Type>()
+                .value(0),
+            0
+        );
+        let events: serde_json::Value =
+            serde_json::from_str(col(s, "events_json").value(1)).unwrap();
         assert_eq!(events[0]["name"], "set_state");
         assert_eq!(events[0]["timeUnixNano"], 1_700_000_000_000_100_000u64);
         assert_eq!(events[0]["droppedAttributesCount"], 0);
@@ -563,7 +688,10 @@ mod tests {
 
         let p = &rows.state_patches;
         assert_eq!(p.num_rows(), 1);
-        assert_eq!(col(p, "patch_json").value(0), "[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]");
+        assert_eq!(
+            col(p, "patch_json").value(0),
+            "[{\"op\":\"replace\",\"path\":\"/count\",\"value\":3}]"
+        );
         assert_eq!(col(p, "store_id").value(0), "store1");
         assert_eq!(col(p, "junjo_id").value(0), "v1id");
         assert_eq!(col(p, "span_id").value(0), "02".repeat(8));
@@ -574,10 +702,20 @@ mod tests {
     #[test]
     fn patch_ids_are_deterministic() {
         let mut s = span(1, 1, None);
-        s.events = vec![Event { name: "set_state".into(), time_unix_nano: 5, ..Default::default() }; 2];
+        s.events = vec![
+            Event {
+                name: "set_state".into(),
+                time_unix_nano: 5,
+                ..Default::default()
+            };
+            2
+        ];
         let a = convert(&request(vec![s.clone()], None)).unwrap();
         let b = convert(&request(vec![s], None)).unwrap();
-        let (pa, pb) = (col(&a.state_patches, "patch_id"), col(&b.state_patches, "patch_id"));
+        let (pa, pb) = (
+            col(&a.state_patches, "patch_id"),
+            col(&b.state_patches, "patch_id"),
+        );
         assert_eq!(pa.value(0), pb.value(0));
         assert_ne!(pa.value(0), pa.value(1));
     }
@@ -586,12 +724,27 @@ mod tests {
     fn rejects_bad_ids_and_zero_ids() {
         let mut bad = span(1, 1, None);
         bad.trace_id = vec![1; 5];
-        let err = convert(&request(vec![span(1, 2, None), bad], None)).err().unwrap();
-        assert_eq!(err.to_string(), "resource_spans[0].scope_spans[0].spans[1].trace_id is 5 bytes, expected 16");
+        let err = convert(&request(vec![span(1, 2, None), bad], None))
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "resource_spans[0].scope_spans[0].spans[1].trace_id is 5 bytes, expected 16"
+        );
         let mut bad_parent = span(1, 1, None);
         bad_parent.parent_span_id = vec![1; 3];
-        assert!(matches!(convert(&request(vec![bad_parent], None)), Err(Error::IdLength { field: "parent_span_id", .. })));
-        let rows = convert(&request(vec![span(0, 1, None), span(1, 0, None), span(1, 1, None)], None)).unwrap();
+        assert!(matches!(
+            convert(&request(vec![bad_parent], None)),
+            Err(Error::IdLength {
+                field: "parent_span_id",
+                ..
+            })
+        ));
+        let rows = convert(&request(
+            vec![span(0, 1, None), span(1, 0, None), span(1, 1, None)],
+            None,
+        ))
+        .unwrap();
         assert_eq!(rows.spans.num_rows(), 1);
         assert_eq!(rows.rejected, 2);
     }

@@ -38,7 +38,10 @@ pub struct TableId {
 
 impl TableId {
     pub fn new(tenant: &str, endpoint: &str) -> Self {
-        Self { tenant: tenant.into(), endpoint: endpoint.into() }
+        Self {
+            tenant: tenant.into(),
+            endpoint: endpoint.into(),
+        }
     }
 }
 
@@ -117,7 +120,11 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(cfg: FlushConfig) -> Self {
-        Self { inner: RwLock::new(Inner::default()), cfg, next_frozen: AtomicU64::new(1) }
+        Self {
+            inner: RwLock::new(Inner::default()),
+            cfg,
+            next_frozen: AtomicU64::new(1),
+        }
     }
 
     /// Restores a table's published files and watermark (startup).
@@ -132,7 +139,10 @@ impl Catalog {
     pub fn admit(&self) -> Result<(), Error> {
         let used = self.inner.read().bytes;
         if used > self.cfg.memtable_budget {
-            return Err(Error::MemoryExhausted { used, budget: self.cfg.memtable_budget });
+            return Err(Error::MemoryExhausted {
+                used,
+                budget: self.cfg.memtable_budget,
+            });
         }
         Ok(())
     }
@@ -204,7 +214,9 @@ impl Catalog {
     /// one, so the next flush of the table retries its rows.
     pub fn refreeze_failed(&self, frozen: &Frozen) {
         let mut inner = self.inner.write();
-        let Some(state) = inner.tables.get_mut(&frozen.table) else { return };
+        let Some(state) = inner.tables.get_mut(&frozen.table) else {
+            return;
+        };
         state.frozen.retain(|f| f.id != frozen.id);
         let a = &mut state.active;
         let mut batches = frozen.batches.clone();
@@ -234,7 +246,11 @@ impl Catalog {
             .tables
             .values()
             .flat_map(|s| {
-                let frozen = s.frozen.iter().filter(|f| Some(f.id) != frozen_id).map(|f| f.min_seq);
+                let frozen = s
+                    .frozen
+                    .iter()
+                    .filter(|f| Some(f.id) != frozen_id)
+                    .map(|f| f.min_seq);
                 frozen.chain(s.active.min_seq)
             })
             .min();
@@ -252,15 +268,20 @@ impl Catalog {
         let mut by_size: Vec<(u64, &TableId)> = Vec::new();
         for (id, s) in &inner.tables {
             let a = &s.active;
-            let old = a.since.is_some_and(|t| now.duration_since(t) >= self.cfg.age);
+            let old = a
+                .since
+                .is_some_and(|t| now.duration_since(t) >= self.cfg.age);
             if a.rows > 0 && (old || a.rows >= self.cfg.rows || a.bytes >= self.cfg.bytes) {
                 due.push(id.clone());
             } else if a.rows > 0 {
                 by_size.push((a.bytes, id));
             }
         }
-        let frozen_bytes: u64 =
-            inner.tables.values().flat_map(|s| s.frozen.iter().map(|f| f.bytes)).sum();
+        let frozen_bytes: u64 = inner
+            .tables
+            .values()
+            .flat_map(|s| s.frozen.iter().map(|f| f.bytes))
+            .sum();
         let mut projected = inner.bytes.saturating_sub(frozen_bytes);
         by_size.sort_by(|a, b| b.0.cmp(&a.0));
         for (bytes, id) in by_size {
@@ -276,23 +297,41 @@ impl Catalog {
     /// Tables whose active memtable holds rows.
     pub fn tables_with_rows(&self) -> Vec<TableId> {
         let inner = self.inner.read();
-        inner.tables.iter().filter(|(_, s)| s.active.rows > 0).map(|(id, _)| id.clone()).collect()
+        inner
+            .tables
+            .iter()
+            .filter(|(_, s)| s.active.rows > 0)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Every known table of a tenant.
     pub fn tables_of(&self, tenant: &str) -> Vec<TableId> {
         let inner = self.inner.read();
-        inner.tables.keys().filter(|t| &*t.tenant == tenant).cloned().collect()
+        inner
+            .tables
+            .keys()
+            .filter(|t| &*t.tenant == tenant)
+            .cloned()
+            .collect()
     }
 
     /// Files ∪ frozen ∪ active rows of a table, consistent at one instant.
     pub fn snapshot(&self, table: &TableId) -> TableSnapshot {
         let inner = self.inner.read();
-        let Some(s) = inner.tables.get(table) else { return TableSnapshot::default() };
-        let mut batches: Vec<RecordBatch> =
-            s.frozen.iter().flat_map(|f| f.batches.iter().cloned()).collect();
+        let Some(s) = inner.tables.get(table) else {
+            return TableSnapshot::default();
+        };
+        let mut batches: Vec<RecordBatch> = s
+            .frozen
+            .iter()
+            .flat_map(|f| f.batches.iter().cloned())
+            .collect();
         batches.extend(s.active.batches.iter().cloned());
-        TableSnapshot { files: s.files.clone(), batches }
+        TableSnapshot {
+            files: s.files.clone(),
+            batches,
+        }
     }
 
     /// Rows and bytes held in memtables.
@@ -313,7 +352,8 @@ mod tests {
     use arrow::array::Int64Array;
 
     fn batch(n: i64) -> RecordBatch {
-        RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from_iter_values(0..n)) as _)]).unwrap()
+        RecordBatch::try_from_iter([("x", Arc::new(Int64Array::from_iter_values(0..n)) as _)])
+            .unwrap()
     }
 
     fn seq(n: u128) -> Ulid {
@@ -345,7 +385,10 @@ mod tests {
 
     #[test]
     fn budget_rejects_and_due_picks_largest() {
-        let cfg = FlushConfig { memtable_budget: 1, ..FlushConfig::default() };
+        let cfg = FlushConfig {
+            memtable_budget: 1,
+            ..FlushConfig::default()
+        };
         let cat = Catalog::new(cfg);
         cat.admit().unwrap();
         let due = cat.insert(seq(1), vec![(TableId::new("t", "a"), batch(100))]);

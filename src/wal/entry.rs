@@ -101,7 +101,12 @@ impl WalEntry {
         if stored != computed {
             return Err(DecodeError::Checksum { stored, computed });
         }
-        Ok(Self { kind, tenant, endpoint, payload: Bytes::copy_from_slice(payload) })
+        Ok(Self {
+            kind,
+            tenant,
+            endpoint,
+            payload: Bytes::copy_from_slice(payload),
+        })
     }
 }
 
@@ -152,7 +157,10 @@ mod tests {
         let mut buf = sample().encode();
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
-        assert!(matches!(WalEntry::decode(&buf), Err(DecodeError::Checksum { .. })));
+        assert!(matches!(
+            WalEntry::decode(&buf),
+            Err(DecodeError::Checksum { .. })
+        ));
         let buf = sample().encode();
         for cut in 0..10 {
             assert!(WalEntry::decode(&buf[..cut]).is_err(), "cut at {cut}");

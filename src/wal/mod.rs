@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use tokio::sync::{mpsc, oneshot};
 use ulid::Ulid;
 
@@ -39,14 +41,24 @@ pub const CF_MANIFEST: &str = "manifest";
 pub const CF_KEYS: &str = "keys";
 pub const CF_SCHEMAS: &str = "schemas";
 pub const CF_BATCHES: &str = "batches";
-pub const COLUMN_FAMILIES: &[&str] = &[CF_WAL, CF_META, CF_MANIFEST, CF_KEYS, CF_SCHEMAS, CF_BATCHES];
+pub const COLUMN_FAMILIES: &[&str] = &[
+    CF_WAL,
+    CF_META,
+    CF_MANIFEST,
+    CF_KEYS,
+    CF_SCHEMAS,
+    CF_BATCHES,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("WAL storage error: {0}")]
     Rocks(#[from] rocksdb::Error),
     #[error("WAL entry {key} is corrupt: {source}")]
-    Corrupt { key: Ulid, source: entry::DecodeError },
+    Corrupt {
+        key: Ulid,
+        source: entry::DecodeError,
+    },
     #[error("the write-ahead log is shut down")]
     Closed,
     #[error("starting the WAL writer thread: {0}")]
@@ -89,7 +101,11 @@ impl Wal {
         wal_opts.set_write_buffer_size(64 << 20);
         wal_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = COLUMN_FAMILIES.iter().map(|name| {
-            let o = if *name == CF_WAL { wal_opts.clone() } else { Options::default() };
+            let o = if *name == CF_WAL {
+                wal_opts.clone()
+            } else {
+                Options::default()
+            };
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
@@ -100,7 +116,11 @@ impl Wal {
             .name("wal-writer".into())
             .spawn(move || writer_loop(writer_db, rx, last, max_group))
             .map_err(|e| Error::Thread(e.to_string()))?;
-        Ok(Self { db, tx: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)) })
+        Ok(Self {
+            db,
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -117,13 +137,20 @@ impl Wal {
     ) -> Result<Ulid> {
         let tx = self.tx.lock().clone().ok_or(Error::Closed)?;
         let (reply, rx) = oneshot::channel();
-        let req = Append { bytes: entry.encode(), on_durable: Box::new(on_durable), reply };
+        let req = Append {
+            bytes: entry.encode(),
+            on_durable: Box::new(on_durable),
+            reply,
+        };
         tx.send(req).await.map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Entries with keys strictly greater than `after` (all when `None`), in order.
-    pub fn iter_after(&self, after: Option<Ulid>) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
+    pub fn iter_after(
+        &self,
+        after: Option<Ulid>,
+    ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
         let cf = self.db.cf_handle(CF_WAL).expect("wal column family exists");
         let start = after.map(|u| u.to_bytes()).unwrap_or([0; 16]);
         self.db
@@ -137,14 +164,22 @@ impl Wal {
                 if Some(key) == after {
                     return None;
                 }
-                Some(WalEntry::decode(&v).map(|e| (key, e)).map_err(|source| Error::Corrupt { key, source }))
+                Some(
+                    WalEntry::decode(&v)
+                        .map(|e| (key, e))
+                        .map_err(|source| Error::Corrupt { key, source }),
+                )
             })
     }
 
     /// The oldest retained key, if any.
     pub fn first_key(&self) -> Result<Option<Ulid>> {
         let cf = self.db.cf_handle(CF_WAL).expect("wal column family exists");
-        let first = self.db.iterator_cf(&cf, IteratorMode::Start).next().transpose()?;
+        let first = self
+            .db
+            .iterator_cf(&cf, IteratorMode::Start)
+            .next()
+            .transpose()?;
         Ok(first.and_then(|(k, _)| key_from_bytes(&k)))
     }
 
@@ -179,13 +214,19 @@ fn key_from_bytes(k: &[u8]) -> Option<Ulid> {
 fn last_key(db: &DB) -> Result<Ulid> {
     let cf = db.cf_handle(CF_WAL).expect("wal column family exists");
     let last = db.iterator_cf(&cf, IteratorMode::End).next().transpose()?;
-    Ok(last.and_then(|(k, _)| key_from_bytes(&k)).unwrap_or(Ulid::nil()))
+    Ok(last
+        .and_then(|(k, _)| key_from_bytes(&k))
+        .unwrap_or(Ulid::nil()))
 }
 
 /// The next key: a fresh ULID, or `last + 1` when the clock has not moved on.
 fn next_key(last: &mut Ulid) -> Ulid {
     let fresh = Ulid::new();
-    let key = if fresh > *last { fresh } else { last.increment().unwrap_or(fresh) };
+    let key = if fresh > *last {
+        fresh
+    } else {
+        last.increment().unwrap_or(fresh)
+    };
     *last = key;
     key
 }
@@ -213,7 +254,9 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
         }
         let started = Instant::now();
         let result = db.write_opt(batch, &sync);
-        METRICS.wal_fsync_seconds.observe_duration(started.elapsed());
+        METRICS
+            .wal_fsync_seconds
+            .observe_duration(started.elapsed());
         METRICS.wal_fsyncs.inc();
         METRICS.wal_group_size.observe(group.len() as f64);
         match result {
@@ -258,7 +301,9 @@ mod tests {
         for i in 0..200u32 {
             let (wal, applied) = (wal.clone(), applied.clone());
             tasks.push(tokio::spawn(async move {
-                wal.append(&entry(i), move |k| applied.lock().push(k)).await.unwrap()
+                wal.append(&entry(i), move |k| applied.lock().push(k))
+                    .await
+                    .unwrap()
             }));
         }
         let mut keys = Vec::new();
@@ -281,7 +326,10 @@ mod tests {
         // Keys after a restart stay above the old ones.
         let k = wal.append(&entry(999), |_| {}).await.unwrap();
         assert!(k > *keys.last().unwrap());
-        let after: Vec<_> = wal.iter_after(Some(keys[99])).map(|r| r.unwrap().0).collect();
+        let after: Vec<_> = wal
+            .iter_after(Some(keys[99]))
+            .map(|r| r.unwrap().0)
+            .collect();
         assert_eq!(after.len(), 101);
         wal.truncate_before(keys[150]).unwrap();
         assert_eq!(wal.first_key().unwrap(), Some(keys[150]));

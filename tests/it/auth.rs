@@ -14,22 +14,33 @@ use tonic::Code;
 
 use crate::harness::*;
 
-async fn create_key(server: &Server, admin: &str, body: serde_json::Value) -> (reqwest::StatusCode, serde_json::Value) {
+async fn create_key(
+    server: &Server,
+    admin: &str,
+    body: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
     let r = server.post("/api/v1/apikeys", Some(admin), body).await;
     let status = r.status();
     (status, r.json().await.unwrap_or(json!(null)))
 }
 
 async fn export_ok(client: &mut TraceClient, n: u64) -> Result<(), tonic::Status> {
-    client.export(request("auth", vec![span(n, n, None)])).await.map(|_| ())
+    client
+        .export(request("auth", vec![span(n, n, None)]))
+        .await
+        .map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_lifecycle_tenancy_and_every_header_form() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]).await;
-    let (status, created) =
-        create_key(&server, ADMIN_KEY, json!({"tenant": "acme", "name": "ci", "scopes": ["write", "read"]})).await;
+    let (status, created) = create_key(
+        &server,
+        ADMIN_KEY,
+        json!({"tenant": "acme", "name": "ci", "scopes": ["write", "read"]}),
+    )
+    .await;
     assert_eq!(status, 201, "{created}");
     let key = created["key"].as_str().unwrap().to_string();
     let id = created["id"].as_str().unwrap().to_string();
@@ -40,7 +51,9 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
         let mut c = server.trace_client_with(header, Some(key.clone())).await;
         export_ok(&mut c, n).await.unwrap();
     }
-    let mut c = server.trace_client_with("authorization", Some(format!("Bearer {key}"))).await;
+    let mut c = server
+        .trace_client_with("authorization", Some(format!("Bearer {key}")))
+        .await;
     export_ok(&mut c, 5).await.unwrap();
 
     // API key → JWT over HTTP and gRPC, both usable as Bearer.
@@ -54,19 +67,38 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
     let tok: serde_json::Value = r.json().await.unwrap();
     let jwt = tok["token"].as_str().unwrap().to_string();
     assert!(tok["expires_at"].as_u64().unwrap() > 1_700_000_000);
-    let mut c = server.trace_client_with("authorization", Some(format!("Bearer {jwt}"))).await;
+    let mut c = server
+        .trace_client_with("authorization", Some(format!("Bearer {jwt}")))
+        .await;
     export_ok(&mut c, 3).await.unwrap();
     let mut auth = AuthServiceClient::new(server.channel().await);
-    let grpc_tok = auth.get_token(GetTokenRequest { api_key: key.clone() }).await.unwrap().into_inner();
-    let mut c = server.trace_client_with("authorization", Some(format!("Bearer {}", grpc_tok.jwt))).await;
+    let grpc_tok = auth
+        .get_token(GetTokenRequest {
+            api_key: key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = server
+        .trace_client_with("authorization", Some(format!("Bearer {}", grpc_tok.jwt)))
+        .await;
     export_ok(&mut c, 4).await.unwrap();
-    let err = auth.get_token(GetTokenRequest { api_key: "lw_nope".into() }).await.unwrap_err();
+    let err = auth
+        .get_token(GetTokenRequest {
+            api_key: "lw_nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // Claims are what the issue promised.
     let payload = jwt.split('.').nth(1).unwrap();
-    let claims: serde_json::Value =
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(claims["tenant"], "acme");
     assert_eq!(claims["sub"], id.as_str());
     for c in ["iss", "aud", "iat", "exp", "scopes"] {
@@ -75,7 +107,10 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
 
     // The data landed under tenant=acme only.
     server.flush().await;
-    assert_eq!(strings(&read_table(&server.lake(), "acme", "spans"), "span_id").len(), 5);
+    assert_eq!(
+        strings(&read_table(&server.lake(), "acme", "spans"), "span_id").len(),
+        5
+    );
     assert!(read_table(&server.lake(), "default", "spans").is_empty());
 
     // Listing never shows key material; the log never contains it either.
@@ -101,7 +136,9 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
         .unwrap();
     assert_eq!(r.status(), 204);
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut c = server.trace_client_with("x-api-key", Some(key.clone())).await;
+    let mut c = server
+        .trace_client_with("x-api-key", Some(key.clone()))
+        .await;
     loop {
         match export_ok(&mut c, 9).await {
             Err(e) if e.code() == Code::Unauthenticated => break,
@@ -109,19 +146,35 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut c = server.trace_client_with("authorization", Some(format!("Bearer {jwt}"))).await;
-    assert_eq!(export_ok(&mut c, 9).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut c = server
+        .trace_client_with("authorization", Some(format!("Bearer {jwt}")))
+        .await;
+    assert_eq!(
+        export_ok(&mut c, 9).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scopes_endpoints_bad_credentials_and_bad_names() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]).await;
-    let (_, reader) = create_key(&server, ADMIN_KEY, json!({"tenant": "acme", "scopes": ["read"]})).await;
-    let (_, other_ep) =
-        create_key(&server, ADMIN_KEY, json!({"tenant": "acme", "scopes": ["write"], "endpoints": ["orders"]})).await;
+    let (_, reader) = create_key(
+        &server,
+        ADMIN_KEY,
+        json!({"tenant": "acme", "scopes": ["read"]}),
+    )
+    .await;
+    let (_, other_ep) = create_key(
+        &server,
+        ADMIN_KEY,
+        json!({"tenant": "acme", "scopes": ["write"], "endpoints": ["orders"]}),
+    )
+    .await;
     for k in [&reader, &other_ep] {
-        let mut c = server.trace_client_with("x-api-key", Some(k["key"].as_str().unwrap().into())).await;
+        let mut c = server
+            .trace_client_with("x-api-key", Some(k["key"].as_str().unwrap().into()))
+            .await;
         let err = export_ok(&mut c, 1).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     }
@@ -134,35 +187,89 @@ async fn scopes_endpoints_bad_credentials_and_bad_names() {
     ];
     for (h, v) in cases {
         let mut c = server.trace_client_with(h, v.clone()).await;
-        assert_eq!(export_ok(&mut c, 1).await.unwrap_err().code(), Code::Unauthenticated, "{h}: {v:?}");
+        assert_eq!(
+            export_ok(&mut c, 1).await.unwrap_err().code(),
+            Code::Unauthenticated,
+            "{h}: {v:?}"
+        );
     }
     // Names that try path traversal or odd characters are refused.
     for tenant in ["../etc", "Acme", "a/b", "", "é", "x".repeat(64).as_str()] {
-        let (status, body) = create_key(&server, ADMIN_KEY, json!({"tenant": tenant, "scopes": ["write"]})).await;
+        let (status, body) = create_key(
+            &server,
+            ADMIN_KEY,
+            json!({"tenant": tenant, "scopes": ["write"]}),
+        )
+        .await;
         assert_eq!(status, 400, "{tenant}: {body}");
     }
-    let (status, _) = create_key(&server, ADMIN_KEY, json!({"tenant": "ok", "scopes": ["root"]})).await;
+    let (status, _) = create_key(
+        &server,
+        ADMIN_KEY,
+        json!({"tenant": "ok", "scopes": ["root"]}),
+    )
+    .await;
     assert_eq!(status, 400);
     // Non-admin keys cannot manage keys; a tenant admin cannot touch other tenants.
-    let (status, _) = create_key(&server, reader["key"].as_str().unwrap(), json!({"tenant": "acme", "scopes": ["read"]})).await;
+    let (status, _) = create_key(
+        &server,
+        reader["key"].as_str().unwrap(),
+        json!({"tenant": "acme", "scopes": ["read"]}),
+    )
+    .await;
     assert_eq!(status, 403);
-    let (_, acme_admin) = create_key(&server, ADMIN_KEY, json!({"tenant": "acme", "scopes": ["admin"]})).await;
+    let (_, acme_admin) = create_key(
+        &server,
+        ADMIN_KEY,
+        json!({"tenant": "acme", "scopes": ["admin"]}),
+    )
+    .await;
     let acme_admin = acme_admin["key"].as_str().unwrap();
-    let (status, _) = create_key(&server, acme_admin, json!({"tenant": "beta", "scopes": ["write"]})).await;
+    let (status, _) = create_key(
+        &server,
+        acme_admin,
+        json!({"tenant": "beta", "scopes": ["write"]}),
+    )
+    .await;
     assert_eq!(status, 403);
-    let (status, _) = create_key(&server, acme_admin, json!({"tenant": "acme", "scopes": ["write"]})).await;
+    let (status, _) = create_key(
+        &server,
+        acme_admin,
+        json!({"tenant": "acme", "scopes": ["write"]}),
+    )
+    .await;
     assert_eq!(status, 201);
     let r = server.post("/api/v1/admin/flush", None, json!({})).await;
     assert_eq!(r.status(), 401);
-    let r = server.post("/api/v1/admin/flush", Some(reader["key"].as_str().unwrap()), json!({})).await;
+    let r = server
+        .post(
+            "/api/v1/admin/flush",
+            Some(reader["key"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
     assert_eq!(r.status(), 403);
 
     // Internal ValidateApiKey, as the Go service calls it.
-    let ch = tonic::transport::Channel::from_shared(server.internal_url()).unwrap().connect().await.unwrap();
+    let ch = tonic::transport::Channel::from_shared(server.internal_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut internal = InternalAuthServiceClient::new(ch);
-    let ok = internal.validate_api_key(ValidateApiKeyRequest { api_key: ADMIN_KEY.into() }).await.unwrap();
+    let ok = internal
+        .validate_api_key(ValidateApiKeyRequest {
+            api_key: ADMIN_KEY.into(),
+        })
+        .await
+        .unwrap();
     assert!(ok.into_inner().is_valid);
-    let bad = internal.validate_api_key(ValidateApiKeyRequest { api_key: "lw_x".into() }).await.unwrap();
+    let bad = internal
+        .validate_api_key(ValidateApiKeyRequest {
+            api_key: "lw_x".into(),
+        })
+        .await
+        .unwrap();
     assert!(!bad.into_inner().is_valid);
 }
 
@@ -173,12 +280,17 @@ async fn generated_admin_key_is_written_once_with_mode_0600() {
     let mut server = Server::start_unbootstrapped(dir.path(), &[]).await;
     let path = dir.path().join("admin-api-key");
     let key = std::fs::read_to_string(&path).unwrap().trim().to_string();
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(server.log().contains(&key), "printed once at creation");
     server.restart().await;
     assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key);
     assert_eq!(server.log().matches(&key).count(), 1, "printed only once");
-    let r = server.post("/api/v1/admin/flush", Some(&key), json!({})).await;
+    let r = server
+        .post("/api/v1/admin/flush", Some(&key), json!({}))
+        .await;
     assert_eq!(r.status(), 200);
 }
 
@@ -189,27 +301,46 @@ async fn rotation_keeps_old_tokens_valid_across_restart() {
     let token = |server: &Server| {
         let url = format!("{}/api/v1/otel/token", server.http());
         async move {
-            let v: serde_json::Value = reqwest::Client::new().post(url).header("X-API-Key", ADMIN_KEY).send().await.unwrap().json().await.unwrap();
+            let v: serde_json::Value = reqwest::Client::new()
+                .post(url)
+                .header("X-API-Key", ADMIN_KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             v["token"].as_str().unwrap().to_string()
         }
     };
     let old = token(&server).await;
-    let r = server.post("/api/v1/admin/keys/rotate", Some(ADMIN_KEY), json!({})).await;
+    let r = server
+        .post("/api/v1/admin/keys/rotate", Some(ADMIN_KEY), json!({}))
+        .await;
     assert_eq!(r.status(), 200);
-    let jwks: serde_json::Value = reqwest::get(format!("{}/.well-known/jwks.json", server.http())).await.unwrap().json().await.unwrap();
+    let jwks: serde_json::Value = reqwest::get(format!("{}/.well-known/jwks.json", server.http()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
     let new = token(&server).await;
     let kid = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
     assert_ne!(kid(&old), kid(&new));
     server.restart().await;
     for t in [&old, &new] {
-        let mut c = server.trace_client_with("authorization", Some(format!("Bearer {t}"))).await;
+        let mut c = server
+            .trace_client_with("authorization", Some(format!("Bearer {t}")))
+            .await;
         export_ok(&mut c, 1).await.unwrap();
     }
 }
 
 /// A JWKS endpoint of our own, for the remote-provider path.
-async fn serve_jwks(jwks: serde_json::Value) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn serve_jwks(
+    jwks: serde_json::Value,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let h = hits.clone();
     let app = axum::Router::new().route(
@@ -232,18 +363,28 @@ async fn serve_jwks(jwks: serde_json::Value) -> (String, std::sync::Arc<std::syn
 async fn remote_jwks_tokens_and_every_forgery_case() {
     let private = rsa::RsaPrivateKey::new(&mut rand08::rngs::OsRng, 2048).unwrap();
     let b64 = |b: Vec<u8>| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let (n, e) = (b64(private.n().to_bytes_be()), b64(private.e().to_bytes_be()));
+    let (n, e) = (
+        b64(private.n().to_bytes_be()),
+        b64(private.e().to_bytes_be()),
+    );
     let (url, hits) = serve_jwks(json!({"keys": [{"kty": "RSA", "kid": "idp-1", "alg": "RS256", "use": "sig", "n": n, "e": e}]})).await;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--jwks-url", &url]).await;
     let pem = private.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).unwrap();
     let enc = EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let claims = |over: serde_json::Value| {
         let mut c = json!({"iss": "lakewriter", "aud": "lakewriter", "sub": "idp-user", "tenant": "beta",
                            "scopes": ["write"], "iat": now, "exp": now + 600});
         for (k, v) in over.as_object().unwrap() {
-            if v.is_null() { c.as_object_mut().unwrap().remove(k); } else { c[k] = v.clone(); }
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
         }
         c
     };
@@ -253,35 +394,55 @@ async fn remote_jwks_tokens_and_every_forgery_case() {
         jsonwebtoken::encode(&h, &c, &enc).unwrap()
     };
     let good = sign("idp-1", claims(json!({})));
-    let mut c = server.trace_client_with("authorization", Some(format!("Bearer {good}"))).await;
+    let mut c = server
+        .trace_client_with("authorization", Some(format!("Bearer {good}")))
+        .await;
     export_ok(&mut c, 1).await.unwrap();
     server.flush().await;
-    assert_eq!(strings(&read_table(&server.lake(), "beta", "spans"), "span_id").len(), 1);
+    assert_eq!(
+        strings(&read_table(&server.lake(), "beta", "spans"), "span_id").len(),
+        1
+    );
 
     let hdr = |v: serde_json::Value| b64(v.to_string().into_bytes());
     let body = b64(claims(json!({})).to_string().into_bytes());
     let alg_none = format!("{}.{}.", hdr(json!({"alg": "none", "kid": "idp-1"})), body);
-    let public_pem = rsa::RsaPublicKey::from(&private).to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+    let public_pem = rsa::RsaPublicKey::from(&private)
+        .to_pkcs1_pem(rsa::pkcs8::LineEnding::LF)
+        .unwrap();
     let hs256 = {
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("idp-1".into());
-        jsonwebtoken::encode(&h, &claims(json!({})), &EncodingKey::from_secret(public_pem.as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &h,
+            &claims(json!({})),
+            &EncodingKey::from_secret(public_pem.as_bytes()),
+        )
+        .unwrap()
     };
     let forged = vec![
         ("alg none", alg_none),
         ("HS256 keyed with the public key", hs256),
         ("expired", sign("idp-1", claims(json!({"exp": now - 120})))),
-        ("not yet valid", sign("idp-1", claims(json!({"nbf": now + 600})))),
+        (
+            "not yet valid",
+            sign("idp-1", claims(json!({"nbf": now + 600}))),
+        ),
         ("wrong iss", sign("idp-1", claims(json!({"iss": "evil"})))),
         ("wrong aud", sign("idp-1", claims(json!({"aud": "other"})))),
         ("no exp", sign("idp-1", claims(json!({"exp": null})))),
         ("unknown kid", sign("nope", claims(json!({})))),
-        ("bad tenant", sign("idp-1", claims(json!({"tenant": "../x"})))),
+        (
+            "bad tenant",
+            sign("idp-1", claims(json!({"tenant": "../x"}))),
+        ),
         ("truncated", good[..good.len() - 10].to_string()),
         ("garbage", "eyJhbGciOi.zzz.yyy".into()),
     ];
     for (what, token) in forged {
-        let mut c = server.trace_client_with("authorization", Some(format!("Bearer {token}"))).await;
+        let mut c = server
+            .trace_client_with("authorization", Some(format!("Bearer {token}")))
+            .await;
         let err = export_ok(&mut c, 2).await.unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{what}: {err:?}");
     }
@@ -289,8 +450,13 @@ async fn remote_jwks_tokens_and_every_forgery_case() {
     let before = hits.load(std::sync::atomic::Ordering::SeqCst);
     for i in 0..20 {
         let t = sign(&format!("random-{i}"), claims(json!({})));
-        let mut c = server.trace_client_with("authorization", Some(format!("Bearer {t}"))).await;
+        let mut c = server
+            .trace_client_with("authorization", Some(format!("Bearer {t}")))
+            .await;
         let _ = export_ok(&mut c, 3).await;
     }
-    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) - before <= 2, "JWKS refetched per unknown kid");
+    assert!(
+        hits.load(std::sync::atomic::Ordering::SeqCst) - before <= 2,
+        "JWKS refetched per unknown kid"
+    );
 }

@@ -44,9 +44,25 @@ async fn kill9_under_load_loses_no_acked_span_and_duplicates_none() {
     server.flush().await;
     let ids = strings(&read_table(&server.lake(), "default", "spans"), "span_id");
     let unique: HashSet<String> = ids.iter().flatten().cloned().collect();
-    assert_eq!(unique.len(), ids.len(), "duplicate spans after crash/replay");
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "duplicate spans after crash/replay"
+    );
     let acked = acked.lock().clone();
-    assert!(acked.len() > 1000, "load too small to mean anything: {}", acked.len());
-    let missing: Vec<_> = acked.iter().filter(|n| !unique.contains(&span_id_hex(**n))).take(5).collect();
-    assert!(missing.is_empty(), "acked spans lost: {missing:?} (of {})", acked.len());
+    assert!(
+        acked.len() > 1000,
+        "load too small to mean anything: {}",
+        acked.len()
+    );
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|n| !unique.contains(&span_id_hex(**n)))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acked spans lost: {missing:?} (of {})",
+        acked.len()
+    );
 }

@@ -10,7 +10,9 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use bytes::{Buf, BufMut};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{
+    any_value::Value, AnyValue, InstrumentationScope, KeyValue,
+};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -37,7 +39,11 @@ impl tonic::service::Interceptor for Cred {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Server {
@@ -99,7 +105,10 @@ impl Server {
             .arg(&self.dir)
             .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
             .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
-            .args(["--internal-grpc-addr", &format!("127.0.0.1:{}", self.internal_port)])
+            .args([
+                "--internal-grpc-addr",
+                &format!("127.0.0.1:{}", self.internal_port),
+            ])
             .args(&self.args)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
@@ -121,7 +130,11 @@ impl Server {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("server exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "server not healthy in time: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "server not healthy in time: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -139,21 +152,37 @@ impl Server {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port)).unwrap().connect().await.unwrap()
+        Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     /// A trace client authenticated with the admin key (`x-api-key`).
     pub async fn trace_client(&self) -> TraceClient {
-        self.trace_client_with("x-api-key", Some(ADMIN_KEY.to_string())).await
+        self.trace_client_with("x-api-key", Some(ADMIN_KEY.to_string()))
+            .await
     }
 
-    pub async fn trace_client_with(&self, header: &'static str, value: Option<String>) -> TraceClient {
+    pub async fn trace_client_with(
+        &self,
+        header: &'static str,
+        value: Option<String>,
+    ) -> TraceClient {
         TraceServiceClient::with_interceptor(self.channel().await, Cred(header, value))
             .max_encoding_message_size(usize::MAX)
     }
 
-    pub async fn post(&self, path: &str, key: Option<&str>, body: serde_json::Value) -> reqwest::Response {
-        let mut req = reqwest::Client::new().post(format!("{}{path}", self.http())).json(&body);
+    pub async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}{path}", self.http()))
+            .json(&body);
         if let Some(k) = key {
             req = req.header("x-api-key", k);
         }
@@ -171,7 +200,10 @@ impl Server {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
             let status = c.wait().unwrap();
             assert!(status.success(), "unclean exit {status}: {}", self.log());
         }
@@ -187,15 +219,34 @@ impl Server {
     }
 
     pub async fn flush(&self) -> serde_json::Value {
-        let r = self.post("/api/v1/admin/flush", Some(ADMIN_KEY), serde_json::json!({})).await;
-        assert!(r.status().is_success(), "flush failed: {}", r.text().await.unwrap());
+        let r = self
+            .post(
+                "/api/v1/admin/flush",
+                Some(ADMIN_KEY),
+                serde_json::json!({}),
+            )
+            .await;
+        assert!(
+            r.status().is_success(),
+            "flush failed: {}",
+            r.text().await.unwrap()
+        );
         r.json().await.unwrap()
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.http())).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(format!("{}/metrics", self.http()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .map(|v| v.parse().unwrap())
+            })
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
 }
@@ -211,7 +262,9 @@ pub fn parquet_files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -227,12 +280,17 @@ pub fn parquet_files(root: &Path) -> Vec<PathBuf> {
 
 /// All rows of one endpoint of one tenant, read back from the Parquet files.
 pub fn read_table(lake: &Path, tenant: &str, endpoint: &str) -> Vec<RecordBatch> {
-    let root = lake.join(format!("tenant={tenant}")).join(format!("endpoint={endpoint}"));
+    let root = lake
+        .join(format!("tenant={tenant}"))
+        .join(format!("endpoint={endpoint}"));
     parquet_files(&root)
         .into_iter()
         .flat_map(|p| {
             let f = std::fs::File::open(&p).unwrap();
-            let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap();
+            let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                .unwrap()
+                .build()
+                .unwrap();
             reader.map(|b| b.unwrap()).collect::<Vec<_>>()
         })
         .collect()
@@ -243,14 +301,23 @@ pub fn strings(batches: &[RecordBatch], name: &str) -> Vec<Option<String>> {
     batches
         .iter()
         .flat_map(|b| {
-            let a = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_string::<i32>();
-            (0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).to_string())).collect::<Vec<_>>()
+            let a = b
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("no column {name}"))
+                .as_string::<i32>();
+            (0..a.len())
+                .map(|i| a.is_valid(i).then(|| a.value(i).to_string()))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
 
 pub fn kv(key: &str, v: Value) -> KeyValue {
-    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), key_strindex: 0 }
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(v) }),
+        key_strindex: 0,
+    }
 }
 
 pub fn sv(s: &str) -> Value {
@@ -264,7 +331,9 @@ pub fn span(trace: u64, n: u64, parent: Option<u64>) -> Span {
     Span {
         trace_id,
         span_id: (n + 1).to_be_bytes().to_vec(),
-        parent_span_id: parent.map(|p| (p + 1).to_be_bytes().to_vec()).unwrap_or_default(),
+        parent_span_id: parent
+            .map(|p| (p + 1).to_be_bytes().to_vec())
+            .unwrap_or_default(),
         name: format!("op-{n}"),
         kind: 1,
         start_time_unix_nano: 1_763_000_000_000_000_000 + n * 1000,
@@ -281,9 +350,16 @@ pub fn span_id_hex(n: u64) -> String {
 pub fn request(service: &str, spans: Vec<Span>) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
-            resource: Some(Resource { attributes: vec![kv("service.name", sv(service))], ..Default::default() }),
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", sv(service))],
+                ..Default::default()
+            }),
             scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope { name: "test".into(), version: "1.0".into(), ..Default::default() }),
+                scope: Some(InstrumentationScope {
+                    name: "test".into(),
+                    version: "1.0".into(),
+                    ..Default::default()
+                }),
                 spans,
                 schema_url: String::new(),
             }],
@@ -328,13 +404,20 @@ impl tonic::codec::Decoder for RawCodec {
 }
 
 /// Sends raw bytes as a gRPC unary request to `path`.
-pub async fn raw_unary(channel: Channel, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+pub async fn raw_unary(
+    channel: Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let path = http::uri::PathAndQuery::from_static(path);
     let mut req = tonic::Request::new(body);
-    req.metadata_mut().insert("x-api-key", ADMIN_KEY.parse().unwrap());
-    grpc.unary(req, path, RawCodec).await.map(|r| r.into_inner())
+    req.metadata_mut()
+        .insert("x-api-key", ADMIN_KEY.parse().unwrap());
+    grpc.unary(req, path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
 }
 
 pub const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";

@@ -21,7 +21,10 @@ async fn exported_spans_land_in_parquet_column_by_column() {
 
     let mut root = span(7, 1, None);
     root.kind = 2;
-    root.status = Some(Status { code: 2, message: "failed".into() });
+    root.status = Some(Status {
+        code: 2,
+        message: "failed".into(),
+    });
     root.trace_state = "k=v".into();
     root.attributes = vec![
         kv("junjo.executable_runtime_id", sv("rt-wf")),
@@ -32,10 +35,20 @@ async fn exported_spans_land_in_parquet_column_by_column() {
         kv("junjo.workflow.store.id", sv("store-1")),
         kv("junjo.telemetry.contract_version", Value::IntValue(2)),
         kv("bin", Value::BytesValue(vec![0xca, 0xfe])),
-        kv("list", Value::ArrayValue(ArrayValue { values: vec![AnyValue { value: Some(Value::DoubleValue(0.5)) }] })),
+        kv(
+            "list",
+            Value::ArrayValue(ArrayValue {
+                values: vec![AnyValue {
+                    value: Some(Value::DoubleValue(0.5)),
+                }],
+            }),
+        ),
     ];
     let mut child = span(7, 2, Some(1));
-    child.attributes = vec![kv("junjo.executable_runtime_id", sv("rt-node")), kv("junjo.parent_executable_runtime_id", sv("rt-wf"))];
+    child.attributes = vec![
+        kv("junjo.executable_runtime_id", sv("rt-node")),
+        kv("junjo.parent_executable_runtime_id", sv("rt-wf")),
+    ];
     child.events = vec![Event {
         name: "set_state".into(),
         time_unix_nano: child.start_time_unix_nano + 10,
@@ -43,11 +56,18 @@ async fn exported_spans_land_in_parquet_column_by_column() {
             kv("junjo.store.id", sv("store-1")),
             kv("junjo.store.name", sv("MyStore")),
             kv("junjo.store.action", sv("set_count")),
-            kv("junjo.state_json_patch", sv("[{\"op\":\"add\",\"path\":\"/a\",\"value\":2}]")),
+            kv(
+                "junjo.state_json_patch",
+                sv("[{\"op\":\"add\",\"path\":\"/a\",\"value\":2}]"),
+            ),
         ],
         dropped_attributes_count: 0,
     }];
-    let resp = client.export(request("svc-a", vec![root, child])).await.unwrap().into_inner();
+    let resp = client
+        .export(request("svc-a", vec![root, child]))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(resp.partial_success.is_none());
 
     let flushed = server.flush().await;
@@ -57,10 +77,16 @@ async fn exported_spans_land_in_parquet_column_by_column() {
     let n: usize = spans.iter().map(|b| b.num_rows()).sum();
     assert_eq!(n, 2);
     let ids = strings(&spans, "span_id");
-    let r = ids.iter().position(|s| s.as_deref() == Some(&span_id_hex(1))).unwrap();
+    let r = ids
+        .iter()
+        .position(|s| s.as_deref() == Some(&span_id_hex(1)))
+        .unwrap();
     let c = 1 - r;
     let get = |name: &str, i: usize| strings(&spans, name)[i].clone();
-    assert_eq!(get("trace_id", r).unwrap(), format!("{}{}", "00".repeat(8), hex::encode(8u64.to_be_bytes())));
+    assert_eq!(
+        get("trace_id", r).unwrap(),
+        format!("{}{}", "00".repeat(8), hex::encode(8u64.to_be_bytes()))
+    );
     assert_eq!(get("parent_span_id", r), None);
     assert_eq!(get("parent_span_id", c), Some(span_id_hex(1)));
     assert_eq!(get("service_name", r).unwrap(), "svc-a");
@@ -79,29 +105,62 @@ async fn exported_spans_land_in_parquet_column_by_column() {
     assert_eq!(get("junjo_wf_state_start", r).unwrap(), "{\"a\":1}");
     assert_eq!(get("junjo_wf_state_end", r).unwrap(), "{\"a\":2}");
     assert_eq!(get("junjo_wf_store_id", r).unwrap(), "store-1");
-    let attrs: serde_json::Value = serde_json::from_str(&get("attributes_json", r).unwrap()).unwrap();
-    assert_eq!(attrs, serde_json::json!({"junjo.telemetry.contract_version": 2, "bin": "cafe", "list": [0.5]}));
-    let res: serde_json::Value = serde_json::from_str(&get("resource_attributes_json", r).unwrap()).unwrap();
+    let attrs: serde_json::Value =
+        serde_json::from_str(&get("attributes_json", r).unwrap()).unwrap();
+    assert_eq!(
+        attrs,
+        serde_json::json!({"junjo.telemetry.contract_version": 2, "bin": "cafe", "list": [0.5]})
+    );
+    let res: serde_json::Value =
+        serde_json::from_str(&get("resource_attributes_json", r).unwrap()).unwrap();
     assert_eq!(res, serde_json::json!({"service.name": "svc-a"}));
     let events: serde_json::Value = serde_json::from_str(&get("events_json", c).unwrap()).unwrap();
     assert_eq!(events[0]["name"], "set_state");
     assert_eq!(events[0]["attributes"]["junjo.store.action"], "set_count");
-    let start = spans[0].column_by_name("start_time").unwrap().as_primitive::<TimestampNanosecondType>();
-    let dur = spans[0].column_by_name("duration_ns").unwrap().as_primitive::<Int64Type>();
+    let start = spans[0]
+        .column_by_name("start_time")
+        .unwrap()
+        .as_primitive::<TimestampNanosecondType>();
+    let dur = spans[0]
+        .column_by_name("duration_ns")
+        .unwrap()
+        .as_primitive::<Int64Type>();
     assert_eq!(dur.value(0), 500);
     assert!(start.value(0) >= 1_763_000_000_000_000_000);
-    assert_eq!(spans[0].schema().field_with_name("start_time").unwrap().data_type().to_string(), "Timestamp(ns, \"UTC\")");
+    assert_eq!(
+        spans[0]
+            .schema()
+            .field_with_name("start_time")
+            .unwrap()
+            .data_type()
+            .to_string(),
+        "Timestamp(ns, \"UTC\")"
+    );
 
     let patches = read_table(&server.lake(), "default", "state_patches");
-    assert_eq!(strings(&patches, "patch_json"), vec![Some("[{\"op\":\"add\",\"path\":\"/a\",\"value\":2}]".to_string())]);
+    assert_eq!(
+        strings(&patches, "patch_json"),
+        vec![Some(
+            "[{\"op\":\"add\",\"path\":\"/a\",\"value\":2}]".to_string()
+        )]
+    );
     assert_eq!(strings(&patches, "store_id"), vec![Some("store-1".into())]);
     assert_eq!(strings(&patches, "junjo_id"), vec![Some("rt-node".into())]);
 
     // Hive layout: tenant=/endpoint=/date=/hour=/part-*.parquet, from the span's start time.
     let files = parquet_files(&server.lake());
-    let rel = files[0].strip_prefix(server.lake()).unwrap().to_string_lossy().to_string();
+    let rel = files[0]
+        .strip_prefix(server.lake())
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
     assert!(rel.starts_with("tenant=default/endpoint="), "{rel}");
-    assert!(files.iter().any(|f| f.to_string_lossy().contains("date=2025-11-13/hour=02")), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().contains("date=2025-11-13/hour=02")),
+        "{files:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,34 +171,68 @@ async fn bad_input_gets_precise_codes_and_writes_nothing() {
 
     let mut bad = span(1, 1, None);
     bad.trace_id = vec![1; 15];
-    let err = client.export(request("s", vec![span(1, 2, None), bad])).await.unwrap_err();
+    let err = client
+        .export(request("s", vec![span(1, 2, None), bad]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.message(), "resource_spans[0].scope_spans[0].spans[1].trace_id is 15 bytes, expected 16");
+    assert_eq!(
+        err.message(),
+        "resource_spans[0].scope_spans[0].spans[1].trace_id is 15 bytes, expected 16"
+    );
 
     let mut bad = span(1, 1, None);
     bad.span_id = vec![1; 9];
     let err = client.export(request("s", vec![bad])).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("span_id is 9 bytes, expected 8"), "{}", err.message());
+    assert!(
+        err.message().contains("span_id is 9 bytes, expected 8"),
+        "{}",
+        err.message()
+    );
 
-    let mut deep = AnyValue { value: Some(sv("x")) };
+    let mut deep = AnyValue {
+        value: Some(sv("x")),
+    };
     for _ in 0..40 {
-        deep = AnyValue { value: Some(Value::ArrayValue(ArrayValue { values: vec![deep] })) };
+        deep = AnyValue {
+            value: Some(Value::ArrayValue(ArrayValue { values: vec![deep] })),
+        };
     }
     let mut nested = span(1, 1, None);
-    nested.attributes = vec![opentelemetry_proto::tonic::common::v1::KeyValue { key: "deep".into(), value: Some(deep) , key_strindex: 0 }];
+    nested.attributes = vec![opentelemetry_proto::tonic::common::v1::KeyValue {
+        key: "deep".into(),
+        value: Some(deep),
+        key_strindex: 0,
+    }];
     let err = client.export(request("s", vec![nested])).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("nested deeper than 32"), "{}", err.message());
+    assert!(
+        err.message().contains("nested deeper than 32"),
+        "{}",
+        err.message()
+    );
 
     // Malformed protobuf and invalid UTF-8 in a string field.
-    let err = raw_unary(server.channel().await, TRACE_EXPORT, vec![0x0a, 0xff, 0xff, 0xff]).await.unwrap_err();
+    let err = raw_unary(
+        server.channel().await,
+        TRACE_EXPORT,
+        vec![0x0a, 0xff, 0xff, 0xff],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().starts_with("malformed protobuf request"), "{}", err.message());
+    assert!(
+        err.message().starts_with("malformed protobuf request"),
+        "{}",
+        err.message()
+    );
     let mut good = request("s", vec![span(1, 1, None)]).encode_to_vec();
     let pos = good.windows(4).position(|w| w == b"op-1").unwrap();
     good[pos] = 0xff;
-    let err = raw_unary(server.channel().await, TRACE_EXPORT, good).await.unwrap_err();
+    let err = raw_unary(server.channel().await, TRACE_EXPORT, good)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
     // Oversized.
@@ -151,10 +244,18 @@ async fn bad_input_gets_precise_codes_and_writes_nothing() {
     // All-zero ids: rejected alone, through partial_success.
     let mut zero = span(1, 5, None);
     zero.trace_id = vec![0; 16];
-    let resp = client.export(request("s", vec![zero.clone()])).await.unwrap().into_inner();
+    let resp = client
+        .export(request("s", vec![zero.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
     let ps = resp.partial_success.unwrap();
     assert_eq!(ps.rejected_spans, 1);
-    assert!(ps.error_message.contains("all-zero"), "{}", ps.error_message);
+    assert!(
+        ps.error_message.contains("all-zero"),
+        "{}",
+        ps.error_message
+    );
 
     // Nothing at all was written by any of the above.
     assert_eq!(server.metric("lakewriter_wal_appends_total").await, 0.0);
@@ -163,10 +264,17 @@ async fn bad_input_gets_precise_codes_and_writes_nothing() {
     assert!(parquet_files(&server.lake()).is_empty());
 
     // A valid request with one bad span out of two: the good one lands.
-    let resp = client.export(request("s", vec![zero, span(1, 6, None)])).await.unwrap().into_inner();
+    let resp = client
+        .export(request("s", vec![zero, span(1, 6, None)]))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.partial_success.unwrap().rejected_spans, 1);
     server.flush().await;
-    assert_eq!(strings(&read_table(&server.lake(), "default", "spans"), "span_id"), vec![Some(span_id_hex(6))]);
+    assert_eq!(
+        strings(&read_table(&server.lake(), "default", "spans"), "span_id"),
+        vec![Some(span_id_hex(6))]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,13 +283,17 @@ async fn unflushed_writes_survive_kill9_and_replay_exactly_once() {
     let mut server = Server::start(dir.path(), &["--flush-age", "1h"]).await;
     let mut client = server.trace_client().await;
     for batch in 0..5u64 {
-        let spans = (0..100).map(|i| span(batch, batch * 100 + i, None)).collect();
+        let spans = (0..100)
+            .map(|i| span(batch, batch * 100 + i, None))
+            .collect();
         client.export(request("replay", spans)).await.unwrap();
     }
     // Half of it reaches Parquet, the rest lives only in the WAL.
     server.flush().await;
     for batch in 5..10u64 {
-        let spans = (0..100).map(|i| span(batch, batch * 100 + i, None)).collect();
+        let spans = (0..100)
+            .map(|i| span(batch, batch * 100 + i, None))
+            .collect();
         client.export(request("replay", spans)).await.unwrap();
     }
     server.restart().await; // kill -9, start again
@@ -198,12 +310,21 @@ async fn graceful_shutdown_flushes_and_restart_keeps_files() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &["--flush-age", "1h"]).await;
     let mut client = server.trace_client().await;
-    client.export(request("bye", (0..10).map(|i| span(1, i, None)).collect())).await.unwrap();
+    client
+        .export(request("bye", (0..10).map(|i| span(1, i, None)).collect()))
+        .await
+        .unwrap();
     server.stop();
-    assert_eq!(strings(&read_table(&server.lake(), "default", "spans"), "span_id").len(), 10);
+    assert_eq!(
+        strings(&read_table(&server.lake(), "default", "spans"), "span_id").len(),
+        10
+    );
     let server = Server::start(dir.path(), &[]).await;
     server.flush().await;
-    assert_eq!(strings(&read_table(&server.lake(), "default", "spans"), "span_id").len(), 10);
+    assert_eq!(
+        strings(&read_table(&server.lake(), "default", "spans"), "span_id").len(),
+        10
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,10 +332,17 @@ async fn age_and_size_thresholds_flush_without_admin_call() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--flush-age", "300ms", "--flush-rows", "50"]).await;
     let mut client = server.trace_client().await;
-    client.export(request("auto", (0..60).map(|i| span(1, i, None)).collect())).await.unwrap();
+    client
+        .export(request("auto", (0..60).map(|i| span(1, i, None)).collect()))
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while strings(&read_table(&server.lake(), "default", "spans"), "span_id").len() < 60 {
-        assert!(std::time::Instant::now() < deadline, "no automatic flush: {}", server.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic flush: {}",
+            server.log()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(server.metric("lakewriter_flush_files_total").await >= 1.0);
