@@ -107,11 +107,11 @@ pub fn junjo_request(seed: u64, n: usize, attr_bytes: usize) -> ExportTraceServi
             let is_wf = i % 10 == 0;
             let mut trace_id = trace.to_be_bytes().to_vec();
             trace_id.extend_from_slice(&(trace ^ 0x5a5a).to_be_bytes());
-            let span_id = (seed << 24 | i + 1).to_be_bytes().to_vec();
+            let span_id = ((seed << 24) | (i + 1)).to_be_bytes().to_vec();
             let parent = if is_wf {
                 vec![]
             } else {
-                (seed << 24 | (i - i % 10) + 1).to_be_bytes().to_vec()
+                ((seed << 24) | (i - i % 10 + 1)).to_be_bytes().to_vec()
             };
             let mut attributes = vec![
                 kv("junjo.telemetry.contract_version", Value::IntValue(2)),

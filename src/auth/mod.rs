@@ -155,12 +155,37 @@ impl crate::error::Classify for Error {
     }
 }
 
+/// Verified credentials by hash or token, bounded (cleared when full).
+struct Cache<V>(Mutex<HashMap<String, V>>);
+
+impl<V: Clone> Cache<V> {
+    const MAX: usize = 10_000;
+
+    fn get(&self, key: &str) -> Option<V> {
+        self.0.lock().get(key).cloned()
+    }
+
+    fn put(&self, key: String, value: V) {
+        let mut map = self.0.lock();
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(key, value);
+    }
+}
+
+impl<V> Default for Cache<V> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
 pub struct Auth {
     db: Arc<DB>,
     pub jwt: jwt::Jwt,
     disabled: bool,
-    key_cache: Mutex<HashMap<String, (Principal, Instant)>>,
-    token_cache: Mutex<HashMap<String, (Principal, u64)>>,
+    key_cache: Cache<(Principal, Instant)>,
+    token_cache: Cache<(Principal, u64)>,
 }
 
 fn unauthenticated(msg: impl Into<String>) -> ApiError {
@@ -180,8 +205,8 @@ impl Auth {
             db,
             jwt,
             disabled: cfg.disabled,
-            key_cache: Mutex::default(),
-            token_cache: Mutex::default(),
+            key_cache: Cache::default(),
+            token_cache: Cache::default(),
         };
         auth.bootstrap(cfg.bootstrap_api_key.as_deref(), data_dir)?;
         Ok(auth)
@@ -245,9 +270,9 @@ impl Auth {
 
     fn check_key(&self, key: &str) -> Result<Principal, ApiError> {
         let hash = apikeys::hash_hex(key);
-        if let Some((p, at)) = self.key_cache.lock().get(&hash) {
+        if let Some((p, at)) = self.key_cache.get(&hash) {
             if at.elapsed() < KEY_CACHE_TTL {
-                return Ok(p.clone());
+                return Ok(p);
             }
         }
         let rec = self
@@ -261,19 +286,15 @@ impl Auth {
             scopes: rec.scopes,
             endpoints: rec.endpoints,
         };
-        let mut cache = self.key_cache.lock();
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(hash, (p.clone(), Instant::now()));
+        self.key_cache.put(hash, (p.clone(), Instant::now()));
         Ok(p)
     }
 
     async fn check_token(&self, token: &str) -> Result<Principal, ApiError> {
         let now = now_ms() / 1000;
-        if let Some((p, exp)) = self.token_cache.lock().get(token) {
-            if *exp > now {
-                return Ok(p.clone());
+        if let Some((p, exp)) = self.token_cache.get(token) {
+            if exp > now {
+                return Ok(p);
             }
         }
         let (claims, local) = self
@@ -302,11 +323,8 @@ impl Auth {
             scopes: claims.scopes,
             endpoints: claims.endpoints,
         };
-        let mut cache = self.token_cache.lock();
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(token.to_string(), (p.clone(), claims.exp));
+        self.token_cache
+            .put(token.to_string(), (p.clone(), claims.exp));
         Ok(p)
     }
 
@@ -376,8 +394,8 @@ impl Auth {
             .keys()
             .delete(id)
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-        self.key_cache.lock().clear();
-        self.token_cache.lock().retain(|_, (p, _)| p.key_id != id);
+        self.key_cache.0.lock().clear();
+        self.token_cache.0.lock().retain(|_, (p, _)| p.key_id != id);
         Ok(gone.is_some())
     }
 }

@@ -283,7 +283,7 @@ impl Catalog {
             .flat_map(|s| s.frozen.iter().map(|f| f.bytes))
             .sum();
         let mut projected = inner.bytes.saturating_sub(frozen_bytes);
-        by_size.sort_by(|a, b| b.0.cmp(&a.0));
+        by_size.sort_by_key(|b| std::cmp::Reverse(b.0));
         for (bytes, id) in by_size {
             if projected <= self.cfg.memtable_budget / 2 {
                 break;

@@ -460,3 +460,71 @@ async fn remote_jwks_tokens_and_every_forgery_case() {
         "JWKS refetched per unknown kid"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_creates_lists_and_deletes_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakewriter"))
+            .args(args)
+            .args(["--server", &server.http()])
+            .env("LAKEWRITER_ADMIN_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = cli(&[
+        "apikey",
+        "create",
+        "--tenant",
+        "clitenant",
+        "--name",
+        "from-cli",
+        "--scopes",
+        "write",
+    ]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (id, key) = (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    );
+    let mut c = server
+        .trace_client_with("x-junjo-api-key", Some(key.clone()))
+        .await;
+    export_ok(&mut c, 1).await.unwrap();
+    let (ok, out, _) = cli(&["apikey", "list"]);
+    assert!(
+        ok && out.contains(&id) && out.contains("clitenant") && !out.contains(&key),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&[
+        "apikey", "create", "--tenant", "../bad", "--scopes", "write",
+    ]);
+    assert!(!ok && err.contains("400"), "{err}");
+    let (ok, out, err) = cli(&["keys", "rotate"]);
+    assert!(ok && out.contains("new signing key"), "{err}");
+    let (ok, _, err) = cli(&["apikey", "delete", &id]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&["apikey", "list"]);
+    assert!(ok && !out.contains(&id));
+    // Without an admin key the CLI reports the server's refusal.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakewriter"))
+        .args([
+            "apikey",
+            "list",
+            "--server",
+            &server.http(),
+            "--admin-key",
+            "lw_wrong",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
