@@ -135,6 +135,18 @@ impl<'a> ApiKeys<'a> {
         Ok(rec)
     }
 
+    /// The record of a key by id (through the `i/<id>` index).
+    pub fn get(&self, id: &str) -> Result<Option<KeyRecord>, Error> {
+        let Some(hash) = self.db.get_cf(self.cf(), format!("i/{id}"))? else {
+            return Ok(None);
+        };
+        let hash = String::from_utf8_lossy(&hash).into_owned();
+        Ok(self
+            .db
+            .get_cf(self.cf(), format!("k/{hash}"))?
+            .and_then(|v| decode(&v)))
+    }
+
     pub fn exists_id(&self, id: &str) -> Result<bool, Error> {
         Ok(self
             .db

@@ -181,10 +181,8 @@ async fn delete_key(
     let rec = s
         .auth
         .keys()
-        .list()
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
-        .into_iter()
-        .find(|k| k.id == id);
+        .get(&id)
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
     let rec =
         rec.ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no API key {id:?}")))?;
     may_manage(&p, &rec.tenant)?;

@@ -298,22 +298,7 @@ async fn generated_admin_key_is_written_once_with_mode_0600() {
 async fn rotation_keeps_old_tokens_valid_across_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dir.path(), &[]).await;
-    let token = |server: &Server| {
-        let url = format!("{}/api/v1/otel/token", server.http());
-        async move {
-            let v: serde_json::Value = reqwest::Client::new()
-                .post(url)
-                .header("X-API-Key", ADMIN_KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["token"].as_str().unwrap().to_string()
-        }
-    };
-    let old = token(&server).await;
+    let old = server.token(ADMIN_KEY).await;
     let r = server
         .post("/api/v1/admin/keys/rotate", Some(ADMIN_KEY), json!({}))
         .await;
@@ -325,7 +310,7 @@ async fn rotation_keeps_old_tokens_valid_across_restart() {
         .await
         .unwrap();
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
-    let new = token(&server).await;
+    let new = server.token(ADMIN_KEY).await;
     let kid = |t: &str| jsonwebtoken::decode_header(t).unwrap().kid.unwrap();
     assert_ne!(kid(&old), kid(&new));
     server.restart().await;

@@ -218,6 +218,19 @@ impl Server {
         self.spawn().await;
     }
 
+    /// `POST /api/v1/otel/token` with `key`; the JWT.
+    pub async fn token(&self, key: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/otel/token", self.http()))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
     pub async fn flush(&self) -> serde_json::Value {
         let r = self
             .post(
