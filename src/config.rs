@@ -150,6 +150,39 @@ pub struct ServeArgs {
     pub flush: FlushArgs,
     #[command(flatten)]
     pub wal: WalArgs,
+    #[command(flatten)]
+    pub query: QueryArgs,
+}
+
+/// Limits of the SQL and span query endpoints.
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// A query running longer than this is cancelled (HTTP 504, DEADLINE_EXCEEDED).
+    #[arg(long, env = "LAKEWRITER_QUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub query_timeout: Duration,
+    /// Memory one query may hold (sorts, joins, aggregates); above it the query fails.
+    #[arg(long, env = "LAKEWRITER_QUERY_MEMORY", default_value = "512MiB")]
+    pub query_memory: ByteSize,
+    /// Most rows a SQL result may have; larger results fail and ask for a LIMIT.
+    #[arg(long, env = "LAKEWRITER_QUERY_MAX_ROWS", default_value_t = 100_000)]
+    pub query_max_rows: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    pub timeout: Duration,
+    pub memory: usize,
+    pub max_rows: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            memory: 512 << 20,
+            max_rows: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +238,7 @@ pub struct Config {
     pub flush: FlushConfig,
     pub wal: WalConfig,
     pub auth: AuthConfig,
+    pub query: QueryConfig,
 }
 
 fn default_lake_url(data_dir: &Path) -> String {
@@ -245,6 +279,11 @@ impl Config {
                 token_ttl: args.auth.token_ttl,
                 ..AuthConfig::default()
             },
+            query: QueryConfig {
+                timeout: args.query.query_timeout,
+                memory: args.query.query_memory.0 as usize,
+                max_rows: args.query.query_max_rows,
+            },
         }
     }
 
@@ -261,6 +300,7 @@ impl Config {
             flush: FlushConfig::default(),
             wal: WalConfig::default(),
             auth: AuthConfig::default(),
+            query: QueryConfig::default(),
         }
     }
 
@@ -287,6 +327,12 @@ impl Config {
         }
         if self.wal.max_group == 0 {
             return Err("--wal-max-group must be at least 1".into());
+        }
+        if self.query.timeout.is_zero() || self.query.max_rows == 0 || self.query.memory < 1 << 20 {
+            return Err(
+                "--query-timeout and --query-max-rows must be above 0, --query-memory at least 1MiB"
+                    .into(),
+            );
         }
         if self.auth.token_ttl.is_zero() {
             return Err("--token-ttl must be above 0".into());

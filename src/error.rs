@@ -16,7 +16,12 @@ pub enum ErrorKind {
     Unauthenticated,
     Forbidden,
     NotFound,
+    /// Temporarily out of capacity (memtable budget): retry later.
     ResourceExhausted,
+    /// This request is too big for a configured limit (query memory, result
+    /// rows): retrying the same request will fail again.
+    LimitExceeded,
+    Timeout,
     OutOfRange,
     Unavailable,
     Internal,
@@ -29,7 +34,8 @@ impl ErrorKind {
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::Forbidden => tonic::Code::PermissionDenied,
             Self::NotFound => tonic::Code::NotFound,
-            Self::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Self::ResourceExhausted | Self::LimitExceeded => tonic::Code::ResourceExhausted,
+            Self::Timeout => tonic::Code::DeadlineExceeded,
             Self::OutOfRange => tonic::Code::OutOfRange,
             Self::Unavailable => tonic::Code::Unavailable,
             Self::Internal => tonic::Code::Internal,
@@ -43,6 +49,8 @@ impl ErrorKind {
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Self::LimitExceeded => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,9 +111,21 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// gRPC metadata key set to `true` on statuses worth retrying with the same
+/// request (the code alone is ambiguous: RESOURCE_EXHAUSTED is both "memtables
+/// full, retry" and "request too large, don't").
+pub const RETRYABLE_METADATA: &str = "lw-retryable";
+
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
-        tonic::Status::new(err.kind.grpc_code(), err.message)
+        let mut status = tonic::Status::new(err.kind.grpc_code(), err.message);
+        if err.kind.retryable() {
+            status.metadata_mut().insert(
+                RETRYABLE_METADATA,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+        }
+        status
     }
 }
 

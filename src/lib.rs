@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod loadgen;
 pub mod memtable;
 pub mod metrics;
+pub mod query;
 pub mod server;
 pub mod wal;
 

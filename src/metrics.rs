@@ -108,6 +108,10 @@ pub struct Metrics {
     pub flush_bytes: Counter,
     pub flush_seconds: Histogram,
     pub flush_errors: Counter,
+    pub queries: Counter,
+    pub query_errors: Counter,
+    pub query_latency: Histogram,
+    pub duplicate_batches: Counter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
@@ -127,6 +131,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     flush_bytes: Counter::default(),
     flush_seconds: Histogram::new(LATENCY_BUCKETS),
     flush_errors: Counter::default(),
+    queries: Counter::default(),
+    query_errors: Counter::default(),
+    query_latency: Histogram::new(LATENCY_BUCKETS),
+    duplicate_batches: Counter::default(),
 });
 
 fn counter(out: &mut String, name: &str, help: &str, v: u64) {
@@ -144,6 +152,29 @@ fn gauge(out: &mut String, name: &str, help: &str, v: i64) {
 pub fn render() -> String {
     let m = &*METRICS;
     let mut o = String::with_capacity(4096);
+    counter(
+        &mut o,
+        "lakewriter_queries_total",
+        "Queries answered (SQL and span endpoints).",
+        m.queries.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_query_errors_total",
+        "Queries that failed (bad SQL, limits, timeouts).",
+        m.query_errors.get(),
+    );
+    m.query_latency.render(
+        &mut o,
+        "lakewriter_query_seconds",
+        "Query duration, planning to last row.",
+    );
+    counter(
+        &mut o,
+        "lakewriter_duplicate_batches_total",
+        "DataRecord batches answered from the idempotency index.",
+        m.duplicate_batches.get(),
+    );
     counter(
         &mut o,
         "lakewriter_ingest_requests_total",

@@ -26,10 +26,14 @@ use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
 use crate::ingest::grpc::{fix_status, AuthGrpc, OtlpTraceService};
+use crate::ingest::read_spans::ReadSpansService;
 use crate::ingest::{rows_for_entry, Ingestor};
+use crate::memtable::schema::Registry;
 use crate::memtable::Catalog;
 use crate::proto::ingestion::auth_service_server::AuthServiceServer;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
+use crate::proto::ingestion::internal_ingestion_service_server::InternalIngestionServiceServer;
+use crate::query::QueryEngine;
 use crate::wal::Wal;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,10 @@ pub enum Error {
     Flush(#[from] crate::flush::Error),
     #[error(transparent)]
     Auth(#[from] crate::auth::Error),
+    #[error(transparent)]
+    Schema(#[from] crate::memtable::schema::Error),
+    #[error("query engine: {0}")]
+    Query(String),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -108,6 +116,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         );
     }
     let catalog = Arc::new(Catalog::new(cfg.flush.clone()));
+    let schemas = Arc::new(Registry::open(wal.db().clone())?);
     let loaded = manifest::load(wal.db())?;
     let mut recorded = HashSet::new();
     for (table, files) in loaded.files {
@@ -175,17 +184,36 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let internal = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(InternalAuthServiceServer::new(AuthGrpc(auth.clone())))
+        .add_service(InternalIngestionServiceServer::new(ReadSpansService::new(
+            wal.clone(),
+            auth.clone(),
+        )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             cancel.clone().cancelled_owned(),
         );
     servers.push(spawn_server("internal gRPC", internal));
 
+    let lake_root = flusher
+        .lake()
+        .local_root()
+        .cloned()
+        .ok_or_else(|| Error::Config("queries need a file:// lake".into()))?;
+    let query = Arc::new(
+        QueryEngine::new(
+            catalog.clone(),
+            schemas.clone(),
+            lake_root,
+            cfg.query.clone(),
+        )
+        .map_err(|e| Error::Query(e.to_string()))?,
+    );
     let (http_addr, listener) = bind(cfg.http_addr).await?;
     let app = crate::http::router(crate::http::AppState {
         catalog: catalog.clone(),
         flusher: flusher.clone(),
         auth: auth.clone(),
+        query,
     });
     let http = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
     servers.push(spawn_server("HTTP", async move { http.await }));

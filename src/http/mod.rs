@@ -10,6 +10,8 @@
 //! Errors are JSON `{"error","code","retryable"}` via [`crate::error::ApiError`].
 //! When you add a route: the README API reference and a test in `tests/`.
 
+pub mod query;
+
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -30,6 +32,7 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub flusher: Arc<Flusher>,
     pub auth: Arc<Auth>,
+    pub query: Arc<crate::query::QueryEngine>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -42,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/keys/rotate", post(rotate))
         .route("/api/v1/apikeys", post(create_key).get(list_keys))
         .route("/api/v1/apikeys/{id}", delete(delete_key))
+        .merge(query::routes())
         .with_state(state)
 }
 

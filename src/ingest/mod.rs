@@ -16,6 +16,7 @@ pub mod grpc;
 pub mod json;
 pub mod names;
 pub mod otlp_trace;
+pub mod read_spans;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -93,6 +94,13 @@ impl Ingestor {
             .flat_map(|r| &r.scope_spans)
             .map(|s| s.spans.len())
             .sum();
+        if span_count as u128 > crate::wal::SPAN_INDEX_MASK {
+            METRICS.ingest_rejected.inc();
+            return Err(ApiError::invalid(format!(
+                "{span_count} spans in one request; at most {} are accepted, split the export",
+                crate::wal::SPAN_INDEX_MASK
+            )));
+        }
         let (req, converted) = if span_count > INLINE_CONVERT_SPANS {
             tokio::task::spawn_blocking(move || {
                 let c = otlp_trace::convert(&req);

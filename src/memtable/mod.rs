@@ -15,6 +15,8 @@
 //! of it the flusher flushes the largest tables; above all of it
 //! [`Catalog::admit`] rejects writes with a retryable RESOURCE_EXHAUSTED.
 
+pub mod schema;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -10,7 +10,9 @@
 //! `WriteBatch` with `sync = true`, then answers each through its oneshot.
 //!
 //! Keys are 16-byte big-endian ULIDs, strictly increasing across restarts (a
-//! clock going back yields `last + 1`). Entry layout: [`entry`].
+//! clock going back yields the next free key after the last), with the low
+//! [`SPAN_INDEX_BITS`] zero so cursor readers can give each span of an entry
+//! its own key. Entry layout: [`entry`].
 //!
 //! The same RocksDB instance holds the manifest and metadata column families
 //! ([`CF_META`], [`CF_MANIFEST`], …) so that flush can record a file and move
@@ -36,6 +38,8 @@ use crate::error::{Classify, ErrorKind};
 use crate::metrics::METRICS;
 
 pub const CF_WAL: &str = "wal";
+/// `meta` key: the newest WAL key deleted by retention.
+const DELETED_THROUGH: &[u8] = b"wal_deleted_through";
 pub const CF_META: &str = "meta";
 pub const CF_MANIFEST: &str = "manifest";
 pub const CF_KEYS: &str = "keys";
@@ -183,11 +187,41 @@ impl Wal {
         Ok(first.and_then(|(k, _)| key_from_bytes(&k)))
     }
 
-    /// Deletes every entry with a key strictly below `bound`.
+    /// Deletes every entry with a key strictly below `bound`, remembering the
+    /// newest deleted key for cursor readers ([`Wal::deleted_through`]).
     pub fn truncate_before(&self, bound: Ulid) -> Result<()> {
         let cf = self.db.cf_handle(CF_WAL).expect("wal column family exists");
+        let newest_deleted = self
+            .db
+            .iterator_cf(
+                &cf,
+                IteratorMode::From(&bound.to_bytes(), Direction::Reverse),
+            )
+            .filter_map(|kv| kv.ok().and_then(|(k, _)| key_from_bytes(&k)))
+            .find(|k| *k < bound);
+        let Some(newest_deleted) = newest_deleted else {
+            return Ok(());
+        };
+        let meta = self
+            .db
+            .cf_handle(CF_META)
+            .expect("meta column family exists");
+        self.db
+            .put_cf(&meta, DELETED_THROUGH, newest_deleted.to_bytes())?;
         self.db.delete_range_cf(&cf, [0u8; 16], bound.to_bytes())?;
         Ok(())
+    }
+
+    /// The newest entry key ever deleted by retention, if any.
+    pub fn deleted_through(&self) -> Result<Option<Ulid>> {
+        let meta = self
+            .db
+            .cf_handle(CF_META)
+            .expect("meta column family exists");
+        Ok(self
+            .db
+            .get_cf(&meta, DELETED_THROUGH)?
+            .and_then(|v| key_from_bytes(&v)))
     }
 
     /// Stops the writer after it has answered every queued append.
@@ -219,13 +253,19 @@ fn last_key(db: &DB) -> Result<Ulid> {
         .unwrap_or(Ulid::nil()))
 }
 
-/// The next key: a fresh ULID, or `last + 1` when the clock has not moved on.
+/// Low bits of every entry key are zero; ReadSpans numbers the spans of an
+/// entry in them (`key | index`), so each span has its own increasing key.
+pub const SPAN_INDEX_BITS: u32 = 20;
+pub const SPAN_INDEX_MASK: u128 = (1 << SPAN_INDEX_BITS) - 1;
+
+/// The next key: a fresh ULID with the span-index bits cleared, or the next
+/// free key after `last` when the clock has not moved on.
 fn next_key(last: &mut Ulid) -> Ulid {
-    let fresh = Ulid::new();
+    let fresh = Ulid(Ulid::new().0 & !SPAN_INDEX_MASK);
     let key = if fresh > *last {
         fresh
     } else {
-        last.increment().unwrap_or(fresh)
+        Ulid((last.0 | SPAN_INDEX_MASK) + 1)
     };
     *last = key;
     key
@@ -331,7 +371,9 @@ mod tests {
             .map(|r| r.unwrap().0)
             .collect();
         assert_eq!(after.len(), 101);
+        assert_eq!(wal.deleted_through().unwrap(), None);
         wal.truncate_before(keys[150]).unwrap();
+        assert_eq!(wal.deleted_through().unwrap(), Some(keys[149]));
         assert_eq!(wal.first_key().unwrap(), Some(keys[150]));
     }
 
@@ -340,5 +382,8 @@ mod tests {
         let mut last = Ulid::from_parts(u64::MAX >> 16, 5);
         let k = next_key(&mut last);
         assert!(k > Ulid::from_parts(u64::MAX >> 16, 5));
+        assert_eq!(k.0 & SPAN_INDEX_MASK, 0);
+        let k2 = next_key(&mut last);
+        assert_eq!(k2.0 - k.0, 1 << SPAN_INDEX_BITS);
     }
 }

@@ -434,3 +434,42 @@ pub async fn raw_unary(
 }
 
 pub const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+impl Server {
+    /// Creates an API key with the admin key; returns the key material.
+    pub async fn new_key(
+        &self,
+        tenant: &str,
+        scopes: &[&str],
+        endpoints: Option<&[&str]>,
+    ) -> String {
+        let mut body = serde_json::json!({"tenant": tenant, "name": "test", "scopes": scopes});
+        if let Some(e) = endpoints {
+            body["endpoints"] = serde_json::json!(e);
+        }
+        let r = self.post("/api/v1/apikeys", Some(ADMIN_KEY), body).await;
+        assert_eq!(r.status(), 201);
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["key"].as_str().unwrap().to_string()
+    }
+
+    /// `GET path` with `x-api-key: key`; status and JSON body.
+    pub async fn get_json(&self, path: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+        let mut req = reqwest::Client::new().get(format!("{}{path}", self.http()));
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// `POST /api/v1/query` (JSON result); status and body.
+    pub async fn sql(&self, key: &str, sql: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .post("/api/v1/query", Some(key), serde_json::json!({"sql": sql}))
+            .await;
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+}

@@ -4,4 +4,5 @@
 mod auth;
 mod crash;
 mod harness;
+mod query;
 mod write_path;

@@ -1,0 +1,171 @@
+//! Read routes: `POST /api/v1/query` (SQL) and the Junjo span endpoints under `/otel`.
+//!
+//! Every route authenticates, requires the `read` scope, and queries only the
+//! credential's tenant (see `crate::query`).
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::{principal, AppState};
+use crate::error::{ApiError, ErrorKind};
+use crate::query::output;
+use crate::query::spans::ListParams;
+
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/query", post(sql))
+        .route("/otel/span-service-names", get(service_names))
+        .route("/otel/service/{service}/root-spans", get(root_spans))
+        .route(
+            "/otel/service/{service}/root-spans-filtered",
+            get(root_spans_filtered),
+        )
+        .route("/otel/trace/{trace_id}/nested-spans", get(trace))
+        .route("/otel/trace/{trace_id}/span/{span_id}", get(span))
+        .route("/otel/spans/type/workflow/{service}", get(workflows))
+}
+
+#[derive(Deserialize)]
+struct SqlRequest {
+    sql: String,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Json,
+    Arrow,
+    Csv,
+}
+
+fn negotiate(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    for part in accept.split(',') {
+        let mime = part.split(';').next().unwrap_or("").trim();
+        match mime {
+            "" | "*/*" | "application/json" | "application/*" => return Ok(Format::Json),
+            ARROW_STREAM => return Ok(Format::Arrow),
+            "text/csv" | "text/*" => return Ok(Format::Csv),
+            _ => {}
+        }
+    }
+    if accept.trim().is_empty() {
+        return Ok(Format::Json);
+    }
+    Err(ApiError::new(
+        ErrorKind::InvalidInput,
+        format!("cannot produce {accept:?}; use application/json, {ARROW_STREAM} or text/csv"),
+    ))
+}
+
+fn body(content_type: &'static str, bytes: Vec<u8>) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        bytes,
+    )
+        .into_response()
+}
+
+async fn sql(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    req: Result<Json<SqlRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    let format = negotiate(&headers)?;
+    let Json(req) =
+        req.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let result = s.query.sql(&p, req.sql).await?;
+    let encode_err =
+        |e: arrow::error::ArrowError| ApiError::new(ErrorKind::Internal, e.to_string());
+    Ok(match format {
+        Format::Json => Json(output::json_table(&result.schema, &result.batches)).into_response(),
+        Format::Arrow => body(
+            ARROW_STREAM,
+            output::arrow_stream(&result.schema, &result.batches).map_err(encode_err)?,
+        ),
+        Format::Csv => body(
+            "text/csv",
+            output::csv(&result.batches).map_err(encode_err)?,
+        ),
+    })
+}
+
+fn params(q: Result<Query<ListParams>, QueryRejection>) -> Result<ListParams, ApiError> {
+    q.map(|Query(p)| p)
+        .map_err(|e| ApiError::invalid(format!("query string: {}", e.body_text())))
+}
+
+async fn service_names(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    Ok(Json(s.query.service_names(&p).await?).into_response())
+}
+
+async fn root_spans(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    let rows = s.query.root_spans(&p, &service, &params(q)?, false).await?;
+    Ok(Json(rows).into_response())
+}
+
+async fn root_spans_filtered(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    let rows = s.query.root_spans(&p, &service, &params(q)?, true).await?;
+    Ok(Json(rows).into_response())
+}
+
+async fn workflows(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    let rows = s.query.workflow_spans(&p, &service, &params(q)?).await?;
+    Ok(Json(rows).into_response())
+}
+
+async fn trace(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(trace_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    Ok(Json(s.query.trace_spans(&p, &trace_id).await?).into_response())
+}
+
+async fn span(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((trace_id, span_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let p = principal(&s.auth, &headers).await?;
+    match s.query.span(&p, &trace_id, &span_id).await? {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(ApiError::new(
+            ErrorKind::NotFound,
+            format!("span {span_id} of trace {trace_id} not found"),
+        )),
+    }
+}

@@ -1,0 +1,267 @@
+//! Queries: DataFusion over each tenant's Parquet files ∪ live memtables.
+//!
+//! Every request gets its own `SessionContext` holding only the caller's
+//! tenant's tables (and only those its key may read), each a
+//! [`table::LakeTable`] built from one catalog snapshot. There is no other
+//! catalog, no URL tables, no file table functions: a query cannot name
+//! another tenant's data or a local file. SQL is planned with DDL, DML and
+//! statements disabled. Limits: a per-query memory pool (no spilling), a
+//! wall-clock timeout that cancels the plan, and a result row cap.
+//!
+//! Queries run on their own Tokio runtime so a heavy scan cannot starve the
+//! ingest path's tasks.
+
+pub mod output;
+pub mod spans;
+pub mod table;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::common::DataFusionError;
+use datafusion::common::TableReference;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
+
+use crate::auth::Principal;
+use crate::config::QueryConfig;
+use crate::error::{ApiError, Classify, ErrorKind};
+use crate::memtable::schema::Registry;
+use crate::memtable::{Catalog, TableId};
+use crate::metrics::METRICS;
+use crate::query::table::{LakeTable, TimeRange};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    DataFusion(#[from] DataFusionError),
+    #[error("query exceeded the time limit of {0:?} and was cancelled")]
+    Timeout(std::time::Duration),
+    #[error("result has more than {0} rows; add a LIMIT or narrow the query")]
+    TooManyRows(usize),
+    #[error("query task failed: {0}")]
+    Task(String),
+}
+
+impl Classify for Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Timeout(_) => ErrorKind::Timeout,
+            Self::TooManyRows(_) => ErrorKind::LimitExceeded,
+            Self::Task(_) => ErrorKind::Internal,
+            Self::DataFusion(e) => match e.find_root() {
+                DataFusionError::ResourcesExhausted(_) => ErrorKind::LimitExceeded,
+                DataFusionError::SQL(..)
+                | DataFusionError::Plan(_)
+                | DataFusionError::SchemaError(..)
+                | DataFusionError::NotImplemented(_)
+                | DataFusionError::Configuration(_)
+                | DataFusionError::Execution(_)
+                | DataFusionError::ArrowError(..) => ErrorKind::InvalidInput,
+                _ => ErrorKind::Internal,
+            },
+        }
+    }
+
+    fn client_message(&self) -> String {
+        match self.kind() {
+            ErrorKind::Internal => "internal error (see server log)".to_string(),
+            _ => match self {
+                Self::DataFusion(e) => e.find_root().to_string(),
+                other => other.to_string(),
+            },
+        }
+    }
+}
+
+/// A collected result.
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl QueryResult {
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
+pub struct QueryEngine {
+    catalog: Arc<Catalog>,
+    schemas: Arc<Registry>,
+    lake_root: PathBuf,
+    /// Shared object store registry and Parquet metadata cache; each query
+    /// gets a copy with its own memory pool.
+    runtime: Arc<RuntimeEnv>,
+    cfg: QueryConfig,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for QueryEngine {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl QueryEngine {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        schemas: Arc<Registry>,
+        lake_root: PathBuf,
+        cfg: QueryConfig,
+    ) -> anyhow::Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            .build_arc()?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("query")
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            catalog,
+            schemas,
+            lake_root,
+            runtime,
+            cfg,
+            rt: Some(rt),
+        })
+    }
+
+    pub fn config(&self) -> &QueryConfig {
+        &self.cfg
+    }
+
+    /// Table names the principal may read, sorted.
+    pub fn tables_for(&self, p: &Principal) -> Vec<String> {
+        let mut names: BTreeSet<String> = ["spans", "state_patches"].map(String::from).into();
+        names.extend(
+            self.schemas
+                .record_tables_of(&p.tenant)
+                .into_iter()
+                .chain(self.catalog.tables_of(&p.tenant))
+                .map(|t| t.endpoint.to_string()),
+        );
+        names
+            .into_iter()
+            .filter(|n| p.endpoints.as_ref().is_none_or(|l| l.contains(n)))
+            .collect()
+    }
+
+    /// A session over the principal's tables at this instant.
+    pub fn context(&self, p: &Principal, range: TimeRange) -> Result<SessionContext, Error> {
+        let mut config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("lakewriter", "public");
+        config
+            .options_mut()
+            .execution
+            .parquet
+            .schema_force_view_types = false;
+        let runtime = Arc::new(RuntimeEnv {
+            memory_pool: Arc::new(GreedyMemoryPool::new(self.cfg.memory)),
+            ..(*self.runtime).clone()
+        });
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        for name in self.tables_for(p) {
+            let table = TableId::new(&p.tenant, &name);
+            let Some(schema) = self.schemas.get(&table) else {
+                continue;
+            };
+            let snapshot = self.catalog.snapshot(&table);
+            let provider = LakeTable::new(schema, snapshot, &self.lake_root, range)?;
+            ctx.register_table(TableReference::bare(name), Arc::new(provider))?;
+        }
+        Ok(ctx)
+    }
+
+    /// Runs `build` (which plans on the context) and collects at most
+    /// `max_rows` rows, on the query runtime, within the time limit.
+    pub async fn run<F, Fut>(
+        &self,
+        p: &Principal,
+        range: TimeRange,
+        max_rows: usize,
+        build: F,
+    ) -> Result<QueryResult, ApiError>
+    where
+        F: FnOnce(SessionContext) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<DataFrame, DataFusionError>> + Send,
+    {
+        let started = Instant::now();
+        let ctx = self.context(p, range).map_err(ApiError::from_err)?;
+        let timeout = self.cfg.timeout;
+        let task = self
+            .rt
+            .as_ref()
+            .expect("query runtime lives as long as the engine")
+            .spawn(async move {
+                let df = build(ctx).await?;
+                collect_limited(df, max_rows).await
+            });
+        let abort = task.abort_handle();
+        let result = match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(Error::Task(join.to_string())),
+            Err(_) => {
+                abort.abort();
+                Err(Error::Timeout(timeout))
+            }
+        };
+        METRICS.query_latency.observe_duration(started.elapsed());
+        match result {
+            Ok(r) => {
+                METRICS.queries.inc();
+                Ok(r)
+            }
+            Err(e) => {
+                METRICS.query_errors.inc();
+                Err(ApiError::from_err(e))
+            }
+        }
+    }
+
+    /// Plans and runs read-only SQL for the principal.
+    pub async fn sql(&self, p: &Principal, sql: String) -> Result<QueryResult, ApiError> {
+        p.require("read")?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let max_rows = self.cfg.max_rows;
+        self.run(p, TimeRange::default(), max_rows, move |ctx| async move {
+            ctx.sql_with_options(&sql, options).await
+        })
+        .await
+    }
+}
+
+async fn collect_limited(df: DataFrame, max_rows: usize) -> Result<QueryResult, Error> {
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let mut stream = df.execute_stream().await?;
+    let mut batches = Vec::new();
+    let mut rows = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        rows += batch.num_rows();
+        if rows > max_rows {
+            return Err(Error::TooManyRows(max_rows));
+        }
+        if batch.num_rows() > 0 {
+            batches.push(batch);
+        }
+    }
+    Ok(QueryResult { schema, batches })
+}

@@ -1,0 +1,201 @@
+//! Result encodings: JSON (`{"columns","rows"}` or row objects), CSV, Arrow IPC stream.
+//!
+//! JSON cell rules: integers and finite floats are numbers (int64 beyond 2^53
+//! loses precision in JavaScript clients; use Arrow for exact values), NaN and
+//! ±inf are the strings `"NaN"`, `"inf"`, `"-inf"`, timestamps are RFC 3339 UTC
+//! strings with nanoseconds, dates `YYYY-MM-DD`, binary is lowercase hex, and
+//! anything else (lists, structs, decimals, intervals) is its display string.
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, SchemaRef,
+    TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use serde_json::{Map, Value};
+
+/// RFC 3339 UTC with nanoseconds, e.g. `2026-11-22T10:00:00.123456789Z`.
+pub fn rfc3339_nanos(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn float(v: f64) -> Value {
+    match serde_json::Number::from_f64(v) {
+        Some(n) => Value::Number(n),
+        None if v.is_nan() => Value::from("NaN"),
+        None if v > 0.0 => Value::from("inf"),
+        None => Value::from("-inf"),
+    }
+}
+
+/// One cell as JSON.
+pub fn cell(col: &dyn Array, row: usize) -> Value {
+    if col.is_null(row) {
+        return Value::Null;
+    }
+    match col.data_type() {
+        DataType::Boolean => Value::Bool(col.as_boolean().value(row)),
+        DataType::Int8 => col.as_primitive::<Int8Type>().value(row).into(),
+        DataType::Int16 => col.as_primitive::<Int16Type>().value(row).into(),
+        DataType::Int32 => col.as_primitive::<Int32Type>().value(row).into(),
+        DataType::Int64 => col.as_primitive::<Int64Type>().value(row).into(),
+        DataType::UInt8 => col.as_primitive::<UInt8Type>().value(row).into(),
+        DataType::UInt16 => col.as_primitive::<UInt16Type>().value(row).into(),
+        DataType::UInt32 => col.as_primitive::<UInt32Type>().value(row).into(),
+        DataType::UInt64 => col.as_primitive::<UInt64Type>().value(row).into(),
+        DataType::Float32 => float(col.as_primitive::<Float32Type>().value(row) as f64),
+        DataType::Float64 => float(col.as_primitive::<Float64Type>().value(row)),
+        DataType::Utf8 => col.as_string::<i32>().value(row).into(),
+        DataType::LargeUtf8 => col.as_string::<i64>().value(row).into(),
+        DataType::Utf8View => col.as_string_view().value(row).into(),
+        DataType::Binary => hex::encode(col.as_binary::<i32>().value(row)).into(),
+        DataType::LargeBinary => hex::encode(col.as_binary::<i64>().value(row)).into(),
+        DataType::BinaryView => hex::encode(col.as_binary_view().value(row)).into(),
+        DataType::Timestamp(unit, _) => {
+            let ns = match unit {
+                TimeUnit::Second => col
+                    .as_primitive::<TimestampSecondType>()
+                    .value(row)
+                    .saturating_mul(1_000_000_000),
+                TimeUnit::Millisecond => col
+                    .as_primitive::<TimestampMillisecondType>()
+                    .value(row)
+                    .saturating_mul(1_000_000),
+                TimeUnit::Microsecond => col
+                    .as_primitive::<TimestampMicrosecondType>()
+                    .value(row)
+                    .saturating_mul(1_000),
+                TimeUnit::Nanosecond => col.as_primitive::<TimestampNanosecondType>().value(row),
+            };
+            rfc3339_nanos(ns).into()
+        }
+        _ => display(col, row),
+    }
+}
+
+fn display(col: &dyn Array, row: usize) -> Value {
+    match ArrayFormatter::try_new(col, &FormatOptions::default()) {
+        Ok(f) => Value::from(f.value(row).to_string()),
+        Err(_) => Value::Null,
+    }
+}
+
+/// `{"columns": [{"name","type"}], "rows": [[...]]}`.
+pub fn json_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Value {
+    let columns: Vec<Value> = schema
+        .fields()
+        .iter()
+        .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string()}))
+        .collect();
+    let mut rows = Vec::new();
+    for b in batches {
+        for r in 0..b.num_rows() {
+            rows.push(Value::Array(
+                b.columns().iter().map(|c| cell(c.as_ref(), r)).collect(),
+            ));
+        }
+    }
+    serde_json::json!({"columns": columns, "rows": rows})
+}
+
+/// One JSON object per row; columns for which `parse_json(name)` is true hold
+/// JSON text and are embedded parsed (kept as a string if they do not parse).
+pub fn json_objects(batches: &[RecordBatch], parse_json: impl Fn(&str) -> bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    for b in batches {
+        let schema = b.schema();
+        let parsed: Vec<bool> = schema
+            .fields()
+            .iter()
+            .map(|f| parse_json(f.name()))
+            .collect();
+        for r in 0..b.num_rows() {
+            let mut obj = Map::with_capacity(b.num_columns());
+            for (i, f) in schema.fields().iter().enumerate() {
+                let v = cell(b.column(i).as_ref(), r);
+                let v = match v {
+                    Value::String(s) if parsed[i] => {
+                        serde_json::from_str(&s).unwrap_or(Value::String(s))
+                    }
+                    v => v,
+                };
+                obj.insert(f.name().clone(), v);
+            }
+            out.push(Value::Object(obj));
+        }
+    }
+    out
+}
+
+pub fn csv(batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(&mut buf);
+        for b in batches {
+            w.write(b)?;
+        }
+    }
+    Ok(buf)
+}
+
+pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut buf = Vec::new();
+    {
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, schema)?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.finish()?;
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use std::sync::Arc;
+
+    #[test]
+    fn cells_follow_the_documented_rules() {
+        assert_eq!(
+            rfc3339_nanos(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456789Z"
+        );
+        let f = Float64Array::from(vec![
+            Some(1.5),
+            Some(f64::NAN),
+            Some(f64::NEG_INFINITY),
+            None,
+        ]);
+        let got: Vec<Value> = (0..4).map(|i| cell(&f, i)).collect();
+        assert_eq!(
+            got,
+            vec![Value::from(1.5), "NaN".into(), "-inf".into(), Value::Null]
+        );
+        let i = Int64Array::from(vec![i64::MIN]);
+        assert_eq!(cell(&i, 0), Value::from(i64::MIN));
+        let ts = TimestampNanosecondArray::from(vec![0]).with_timezone("UTC");
+        assert_eq!(cell(&ts, 0), Value::from("1970-01-01T00:00:00.000000000Z"));
+    }
+
+    #[test]
+    fn objects_parse_json_columns() {
+        let b = RecordBatch::try_from_iter([
+            (
+                "a_json",
+                Arc::new(StringArray::from(vec![r#"{"k":[1,2]}"#])) as _,
+            ),
+            ("name", Arc::new(StringArray::from(vec![r#"{"k":1}"#])) as _),
+        ])
+        .unwrap();
+        let objs = json_objects(&[b], |n| n.ends_with("_json"));
+        assert_eq!(objs[0]["a_json"]["k"][1], 2);
+        assert_eq!(objs[0]["name"], r#"{"k":1}"#);
+    }
+}

@@ -1,0 +1,514 @@
+//! Reads: span endpoints, SQL endpoint (formats, safety, limits, tenancy), ReadSpans.
+
+use arrow::ipc::reader::StreamReader;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::{json, Value};
+
+use lakewriter::proto::ingestion::internal_ingestion_service_client::InternalIngestionServiceClient;
+use lakewriter::proto::ingestion::ReadSpansRequest;
+
+use crate::harness::*;
+
+fn trace_hex(trace: u64) -> String {
+    format!("{:016x}{:016x}", 0, trace + 1)
+}
+
+/// A root span `n` of `trace` at `start + n µs`, with optional attributes.
+fn root(trace: u64, n: u64, attrs: Vec<(&str, &str)>) -> Span {
+    let mut s = span(trace, n, None);
+    s.attributes
+        .extend(attrs.into_iter().map(|(k, v)| kv(k, sv(v))));
+    s
+}
+
+fn ids(rows: &Value, field: &str) -> Vec<String> {
+    rows.as_array()
+        .unwrap_or_else(|| panic!("not an array: {rows}"))
+        .iter()
+        .map(|r| r[field].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Traces: 1 (svc-a, root 10 + LLM child 11, flushed), 2 (svc-a, root 20,
+/// in memory), 3 (svc-b workflow root 30, in memory).
+async fn load(server: &Server) {
+    let mut c = server.trace_client().await;
+    let mut child = span(1, 11, Some(10));
+    child
+        .attributes
+        .push(kv("openinference.span.kind", sv("LLM")));
+    c.export(request("svc-a", vec![root(1, 10, vec![]), child]))
+        .await
+        .unwrap();
+    server.flush().await;
+    c.export(request("svc-a", vec![root(2, 20, vec![])]))
+        .await
+        .unwrap();
+    c.export(request(
+        "svc-b",
+        vec![root(3, 30, vec![("junjo.span_type", "workflow")])],
+    ))
+    .await
+    .unwrap();
+}
+
+async fn check_span_endpoints(server: &Server) {
+    let k = Some(ADMIN_KEY);
+    let (st, names) = server.get_json("/otel/span-service-names", k).await;
+    assert_eq!((st, names), (200, json!(["svc-a", "svc-b"])));
+
+    let (st, roots) = server.get_json("/otel/service/svc-a/root-spans", k).await;
+    assert_eq!(st, 200, "{roots}");
+    assert_eq!(ids(&roots, "span_id"), [span_id_hex(20), span_id_hex(10)]);
+    let r = &roots[1];
+    assert_eq!(r["trace_id"], trace_hex(1));
+    assert!(r["parent_span_id"].is_null());
+    assert_eq!(r["attributes_json"], json!({"n": 10}));
+    assert_eq!(r["start_time"], "2025-11-13T02:13:20.000010000Z");
+    assert_eq!(r["duration_ns"], 500);
+    assert_eq!(r["kind"], "INTERNAL");
+
+    let (_, page) = server
+        .get_json("/otel/service/svc-a/root-spans?limit=1&offset=1", k)
+        .await;
+    assert_eq!(ids(&page, "span_id"), [span_id_hex(10)]);
+    // start is inclusive, end exclusive; both RFC 3339 or ns.
+    let (_, bounded) = server
+        .get_json(
+            "/otel/service/svc-a/root-spans?start=2025-11-13T02:13:20.000015Z&end=1763000000000021000",
+            k,
+        )
+        .await;
+    assert_eq!(ids(&bounded, "span_id"), [span_id_hex(20)]);
+
+    let (_, llm) = server
+        .get_json("/otel/service/svc-a/root-spans-filtered", k)
+        .await;
+    assert_eq!(ids(&llm, "span_id"), [span_id_hex(10)]);
+
+    let (_, trace) = server
+        .get_json(&format!("/otel/trace/{}/nested-spans", trace_hex(1)), k)
+        .await;
+    assert_eq!(ids(&trace, "span_id"), [span_id_hex(10), span_id_hex(11)]);
+    assert_eq!(trace[1]["parent_span_id"], span_id_hex(10));
+    assert_eq!(
+        trace[1]["attributes_json"]["openinference.span.kind"],
+        "LLM"
+    );
+
+    let (st, one) = server
+        .get_json(
+            &format!(
+                "/otel/trace/{}/span/{}",
+                trace_hex(2).to_uppercase(),
+                span_id_hex(20)
+            ),
+            k,
+        )
+        .await;
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(one["service_name"], "svc-a");
+    let (st, missing) = server
+        .get_json(
+            &format!("/otel/trace/{}/span/{}", trace_hex(2), span_id_hex(99)),
+            k,
+        )
+        .await;
+    assert_eq!(st, 404);
+    assert!(missing["error"].as_str().unwrap().contains("not found"));
+
+    let (_, wf) = server.get_json("/otel/spans/type/workflow/svc-b", k).await;
+    assert_eq!(ids(&wf, "span_id"), [span_id_hex(30)]);
+    let (_, none) = server.get_json("/otel/spans/type/workflow/svc-a", k).await;
+    assert_eq!(none, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_endpoints_read_files_and_memtables_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]).await;
+    load(&server).await;
+    check_span_endpoints(&server).await;
+    // Unflushed rows come back from the WAL after kill -9; flushed ones from files.
+    server.restart().await;
+    check_span_endpoints(&server).await;
+    server.flush().await;
+    check_span_endpoints(&server).await;
+
+    // Bad parameters: precise 400s, never SQL text.
+    let k = Some(ADMIN_KEY);
+    for (path, needle) in [
+        ("/otel/trace/xyz/nested-spans", "trace_id must be 32 hex"),
+        (
+            "/otel/trace/' OR 1=1 --/nested-spans",
+            "trace_id must be 32 hex",
+        ),
+        (
+            "/otel/trace/00000000000000000000000000000002/span/12",
+            "span_id must be 16 hex",
+        ),
+        (
+            "/otel/service/svc-a/root-spans?limit=0",
+            "limit must be within",
+        ),
+        (
+            "/otel/service/svc-a/root-spans?limit=10001",
+            "limit must be within",
+        ),
+        ("/otel/service/svc-a/root-spans?limit=abc", "query string"),
+        ("/otel/service/svc-a/root-spans?start=yesterday", "start="),
+    ] {
+        let (st, body) = server.get_json(path, k).await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(needle),
+            "{path}: {body}"
+        );
+    }
+    // A service name with quotes is a literal, not SQL.
+    let (st, body) = server
+        .get_json("/otel/service/x'%20OR%20'1'='1/root-spans", k)
+        .await;
+    assert_eq!((st, body), (200, json!([])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_formats_safety_and_tenant_isolation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    load(&server).await;
+    let acme = server.new_key("acme", &["write", "read"], None).await;
+    let mut ac = server
+        .trace_client_with("x-api-key", Some(acme.clone()))
+        .await;
+    ac.export(request("acme-svc", vec![root(9, 90, vec![])]))
+        .await
+        .unwrap();
+
+    // JSON (default): columns + rows, read-your-writes across file + memtable.
+    let (st, v) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT service_name, count(*) AS n FROM spans GROUP BY service_name ORDER BY service_name",
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["columns"][1], json!({"name": "n", "type": "Int64"}));
+    assert_eq!(v["rows"], json!([["svc-a", 3], ["svc-b", 1]]));
+    let (_, v) = server.sql(&acme, "SELECT service_name FROM spans").await;
+    assert_eq!(v["rows"], json!([["acme-svc"]]));
+    let (_, v) = server
+        .sql(
+            &acme,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+        )
+        .await;
+    assert_eq!(v["rows"], json!([["spans"], ["state_patches"]]));
+
+    // Arrow IPC stream and CSV.
+    let http = reqwest::Client::new();
+    let q = json!({"sql": "SELECT span_id, start_time FROM spans ORDER BY span_id"});
+    let r = http
+        .post(format!("{}/api/v1/query", server.http()))
+        .header("x-api-key", ADMIN_KEY)
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .json(&q)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let bytes = r.bytes().await.unwrap();
+    let batches: Vec<_> = StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 4);
+    assert_eq!(
+        batches[0].schema().field(1).data_type().to_string(),
+        "Timestamp(ns, \"UTC\")"
+    );
+    let csv = http
+        .post(format!("{}/api/v1/query", server.http()))
+        .header("x-api-key", ADMIN_KEY)
+        .header("accept", "text/csv")
+        .json(&json!({"sql": "SELECT name FROM spans WHERE span_id = '000000000000000b'"}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv, "name\nop-10\n");
+
+    // Everything that is not a read is refused with a precise message.
+    for (sql, needle) in [
+        ("CREATE TABLE t AS SELECT 1", "DDL not supported"),
+        (
+            "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/etc'",
+            "DDL not supported",
+        ),
+        ("DROP TABLE spans", "DDL not supported"),
+        ("INSERT INTO spans SELECT * FROM spans", "DML not supported"),
+        ("COPY spans TO '/tmp/x.parquet'", "DML not supported"),
+        (
+            "SET datafusion.execution.batch_size = 1",
+            "Statement not supported",
+        ),
+        ("SELECT * FROM '/etc/passwd'", "not found"),
+        ("SELECT * FROM read_parquet('/tmp/x.parquet')", "not found"),
+        ("SELECT * FROM acme.public.spans", "not found"),
+        ("SELECT * FROM spans; SELECT 1", "single SQL statement"),
+        ("SELEC 1", "Expected"),
+    ] {
+        let (st, v) = server.sql(ADMIN_KEY, sql).await;
+        assert_eq!(st, 400, "{sql}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{sql}: {v}");
+    }
+
+    // Credentials: none, wrong scope, endpoint allow-list.
+    let (st, _) = server.get_json("/otel/span-service-names", None).await;
+    assert_eq!(st, 401);
+    let writer = server.new_key("default", &["write"], None).await;
+    let (st, v) = server.sql(&writer, "SELECT 1").await;
+    assert_eq!(st, 403, "{v}");
+    let (st, _) = server
+        .get_json("/otel/span-service-names", Some(&writer))
+        .await;
+    assert_eq!(st, 403);
+    let patches_only = server
+        .new_key("default", &["read"], Some(&["state_patches"]))
+        .await;
+    let (st, v) = server
+        .sql(&patches_only, "SELECT count(*) FROM spans")
+        .await;
+    assert_eq!(st, 400);
+    assert!(v["error"].as_str().unwrap().contains("not found"), "{v}");
+    let (st, _) = server
+        .get_json("/otel/span-service-names", Some(&patches_only))
+        .await;
+    assert_eq!(st, 403);
+    // Tenant acme never sees default's spans through the span endpoints.
+    let (_, names) = server
+        .get_json("/otel/span-service-names", Some(&acme))
+        .await;
+    assert_eq!(names, json!(["acme-svc"]));
+    let (_, trace) = server
+        .get_json(
+            &format!("/otel/trace/{}/nested-spans", trace_hex(1)),
+            Some(&acme),
+        )
+        .await;
+    assert_eq!(trace, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_limits_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--query-max-rows",
+            "10",
+            "--query-memory",
+            "2MiB",
+            "--query-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let (st, v) = server.sql(ADMIN_KEY, "SELECT * FROM range(11)").await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("more than 10 rows"),
+        "{v}"
+    );
+    let (st, v) = server.sql(ADMIN_KEY, "SELECT * FROM range(10)").await;
+    assert_eq!((st, v["rows"].as_array().unwrap().len()), (200, 10));
+    let (st, v) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT value % 1000000 AS k, count(*) FROM range(5000000) GROUP BY k ORDER BY k LIMIT 1",
+        )
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("Resources exhausted"),
+        "{v}"
+    );
+    let (st, v) = server
+        .sql(ADMIN_KEY, "SELECT count(*) FROM range(1000000000000)")
+        .await;
+    assert_eq!(st, 504, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("time limit"), "{v}");
+    // The server is still fine.
+    let (st, _) = server.sql(ADMIN_KEY, "SELECT 1").await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_during_flush_see_every_row_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut c = server.trace_client().await;
+    let mut total = 0;
+    for batch in 0..20u64 {
+        let spans = (0..500).map(|i| span(batch, i, None)).collect();
+        c.export(request("svc", spans)).await.unwrap();
+        total += 500;
+    }
+    let flush = {
+        let http = server.http();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{http}/api/v1/admin/flush"))
+                .header("x-api-key", ADMIN_KEY)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    let mut checks = 0;
+    while !flush.is_finished() || checks < 5 {
+        let (st, v) = server
+            .sql(
+                ADMIN_KEY,
+                "SELECT count(*), count(DISTINCT span_id || trace_id) FROM spans",
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["rows"], json!([[total, total]]), "after {checks} checks");
+        checks += 1;
+    }
+    assert_eq!(flush.await.unwrap(), 200);
+}
+
+async fn read_all(
+    client: &mut InternalIngestionServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Cred>,
+    >,
+    mut cursor: Vec<u8>,
+    batch: u32,
+) -> Result<(Vec<Vec<u8>>, Vec<Span>), tonic::Status> {
+    let (mut keys, mut spans) = (Vec::new(), Vec::new());
+    loop {
+        let mut stream = client
+            .read_spans(ReadSpansRequest {
+                start_key_ulid: cursor.clone(),
+                batch_size: batch,
+            })
+            .await?
+            .into_inner();
+        let mut got = 0;
+        while let Some(r) = stream.message().await? {
+            assert_eq!(r.key_ulid.len(), 16);
+            assert!(r.key_ulid > cursor, "keys increase");
+            cursor = r.key_ulid.clone();
+            keys.push(r.key_ulid);
+            spans.push(Span::decode(&r.span_bytes[..]).unwrap());
+            got += 1;
+            assert!(r.remaining_count < batch as u64);
+        }
+        if got < batch {
+            return Ok((keys, spans));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_spans_pages_resumes_across_restart_and_scopes_tenants() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]).await;
+    let acme = server.new_key("acme", &["write", "read"], None).await;
+    let mut c = server.trace_client().await;
+    for t in 0..3u64 {
+        let spans = (0..3).map(|i| span(t, i, None)).collect();
+        c.export(request("svc", spans)).await.unwrap();
+    }
+    let mut ac = server
+        .trace_client_with("x-api-key", Some(acme.clone()))
+        .await;
+    ac.export(request("acme", vec![span(50, 1, None)]))
+        .await
+        .unwrap();
+
+    let channel = tonic::transport::Channel::from_shared(server.internal_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut all =
+        InternalIngestionServiceClient::with_interceptor(channel.clone(), Cred("x", None));
+    let (keys, spans) = read_all(&mut all, vec![], 2).await.unwrap();
+    assert_eq!(
+        spans.len(),
+        10,
+        "no credential on the internal port: every tenant"
+    );
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, keys, "strictly increasing");
+    assert_eq!(spans[0].span_id, span(0, 0, None).span_id);
+
+    let mut scoped = InternalIngestionServiceClient::with_interceptor(
+        channel.clone(),
+        Cred("x-api-key", Some(acme)),
+    );
+    let (_, acme_spans) = read_all(&mut scoped, vec![], 100).await.unwrap();
+    assert_eq!(acme_spans.len(), 1);
+    assert_eq!(acme_spans[0].span_id, span(50, 1, None).span_id);
+    let mut bad = InternalIngestionServiceClient::with_interceptor(
+        channel,
+        Cred("x-api-key", Some("lw_nope".into())),
+    );
+    let err = read_all(&mut bad, vec![], 10).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // A cursor in the middle of a request resumes inside it, across kill -9.
+    let mid = keys[4].clone();
+    server.restart().await;
+    let channel = tonic::transport::Channel::from_shared(server.internal_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut all = InternalIngestionServiceClient::with_interceptor(channel, Cred("x", None));
+    let (rest, _) = read_all(&mut all, mid, 3).await.unwrap();
+    assert_eq!(rest, keys[5..].to_vec());
+    let err = read_all(&mut all, vec![1, 2, 3], 3).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_spans_cursor_older_than_retention_is_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--wal-retention", "0s"]).await;
+    let mut c = server.trace_client().await;
+    c.export(request("svc", vec![span(1, 1, None)]))
+        .await
+        .unwrap();
+    let channel = tonic::transport::Channel::from_shared(server.internal_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = InternalIngestionServiceClient::with_interceptor(channel, Cred("x", None));
+    let (first, _) = read_all(&mut client, vec![], 10).await.unwrap();
+    c.export(request("svc", vec![span(2, 1, None)]))
+        .await
+        .unwrap();
+    c.export(request("svc", vec![span(3, 1, None)]))
+        .await
+        .unwrap();
+    server.flush().await;
+    let err = read_all(&mut client, first[0].clone(), 10)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("retention"), "{}", err.message());
+    // An empty cursor starts at the oldest retained entry (none are left).
+    let (keys, _) = read_all(&mut client, vec![], 10).await.unwrap();
+    assert!(keys.is_empty());
+}
