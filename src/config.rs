@@ -118,6 +118,9 @@ pub struct WalArgs {
     /// Most requests that share one fsync.
     #[arg(long, env = "LAKEWRITER_WAL_MAX_GROUP", default_value_t = 1024)]
     pub wal_max_group: usize,
+    /// A DataRecord `batch_id` seen within this window returns the original ack.
+    #[arg(long, env = "LAKEWRITER_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
 }
 
 /// Credentials.
@@ -215,6 +218,7 @@ impl Default for FlushConfig {
 pub struct WalConfig {
     pub retention: Duration,
     pub max_group: usize,
+    pub idempotency_window: Duration,
 }
 
 impl Default for WalConfig {
@@ -222,6 +226,7 @@ impl Default for WalConfig {
         Self {
             retention: Duration::from_secs(3600),
             max_group: 1024,
+            idempotency_window: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -271,6 +276,7 @@ impl Config {
             wal: WalConfig {
                 retention: args.wal.wal_retention,
                 max_group: args.wal.wal_max_group,
+                idempotency_window: args.wal.idempotency_window,
             },
             auth: AuthConfig {
                 disabled: args.auth.no_auth,

@@ -25,12 +25,13 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
-use crate::ingest::grpc::{fix_status, AuthGrpc, OtlpTraceService};
+use crate::ingest::grpc::{fix_status, AuthGrpc, IngestionGrpc, OtlpTraceService};
 use crate::ingest::read_spans::ReadSpansService;
 use crate::ingest::{rows_for_entry, Ingestor};
 use crate::memtable::schema::Registry;
 use crate::memtable::Catalog;
 use crate::proto::ingestion::auth_service_server::AuthServiceServer;
+use crate::proto::ingestion::ingestion_service_server::IngestionServiceServer;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
 use crate::proto::ingestion::internal_ingestion_service_server::InternalIngestionServiceServer;
 use crate::query::QueryEngine;
@@ -142,7 +143,15 @@ pub async fn start(cfg: Config) -> Result<Running> {
         node,
     ));
     let removed = flusher.reconcile(&recorded).await?;
-    let (entries, rows) = replay(&wal, &catalog, &flusher, loaded.flushed_through, &cfg).await?;
+    let (entries, rows) = replay(
+        &wal,
+        &catalog,
+        &schemas,
+        &flusher,
+        loaded.flushed_through,
+        &cfg,
+    )
+    .await?;
     tracing::info!(
         entries,
         rows,
@@ -155,12 +164,35 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let ingestor = Arc::new(Ingestor::new(
         wal.clone(),
         catalog.clone(),
+        schemas.clone(),
+        cfg.wal.idempotency_window,
         flusher.wake.clone(),
     ));
+    let pruner = ingestor.clone();
+    let prune_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tokio::select! {
+                _ = prune_cancel.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let p = pruner.clone();
+            match tokio::task::spawn_blocking(move || p.prune_batches()).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(n, "pruned expired batch ids"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "pruning batch ids failed"),
+                _ => {}
+            }
+        }
+    });
     let mut servers = Vec::new();
 
     let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
     let trace = TraceServiceServer::new(OtlpTraceService::new(ingestor.clone(), auth.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(cfg.max_request_size);
+    let records = IngestionServiceServer::new(IngestionGrpc::new(ingestor.clone(), auth.clone()))
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .max_decoding_message_size(cfg.max_request_size);
@@ -169,6 +201,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             fix_status::<tonic::body::Body>,
         ))
         .add_service(trace)
+        .add_service(records)
         .add_service(AuthServiceServer::new(AuthGrpc(auth.clone())))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -258,6 +291,7 @@ fn spawn_server<E: std::fmt::Display>(
 async fn replay(
     wal: &Wal,
     catalog: &Catalog,
+    schemas: &Registry,
     flusher: &Flusher,
     from: Option<Ulid>,
     cfg: &Config,
@@ -266,7 +300,7 @@ async fn replay(
     let mut pending = Vec::new();
     for item in wal.iter_after(from) {
         let (seq, entry) = item?;
-        match rows_for_entry(&entry) {
+        match rows_for_entry(&entry, schemas) {
             Ok(r) => {
                 rows += r.iter().map(|(_, b)| b.num_rows() as u64).sum::<u64>();
                 pending.push((seq, r));

@@ -5,22 +5,28 @@
 //! INVALID_ARGUMENT and RESOURCE_EXHAUSTED with a clear message, as OTLP and
 //! our clients expect. It is applied as a layer to the whole gRPC server.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{otlp_trace, Ingestor};
+use super::{names, otlp_trace, Ingestor};
 use crate::auth::{Auth, Credential, Principal};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
+use crate::memtable::schema::is_reserved_endpoint;
 use crate::proto::ingestion::auth_service_server::AuthService;
+use crate::proto::ingestion::ingestion_service_server::IngestionService;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthService;
 use crate::proto::ingestion::{
     GetTokenRequest, GetTokenResponse, ValidateApiKeyRequest, ValidateApiKeyResponse,
 };
+use crate::proto::ingestion::{WriteBatchRequest, WriteBatchResponse};
 
 /// The principal behind a gRPC request's metadata.
 pub async fn principal(
@@ -54,6 +60,91 @@ impl TraceService for OtlpTraceService {
             .write_traces(&p.tenant, request.into_inner())
             .await?;
         Ok(Response::new(resp))
+    }
+}
+
+/// `ingestion.IngestionService` (public port): DataRecord batches.
+pub struct IngestionGrpc {
+    ingestor: Arc<Ingestor>,
+    auth: Arc<Auth>,
+}
+
+impl IngestionGrpc {
+    pub fn new(ingestor: Arc<Ingestor>, auth: Arc<Auth>) -> Self {
+        Self { ingestor, auth }
+    }
+}
+
+/// Batches of one `WriteStream` processed concurrently (acks stay in order).
+const STREAM_PIPELINE: usize = 8;
+
+async fn write_batch(
+    ingestor: &Arc<Ingestor>,
+    p: &Principal,
+    req: WriteBatchRequest,
+) -> Result<WriteBatchResponse, Status> {
+    names::validate("endpoint_id", &req.endpoint_id)?;
+    if is_reserved_endpoint(&req.endpoint_id) {
+        return Err(ApiError::invalid(format!(
+            "endpoint_id {:?} is reserved for telemetry tables; choose another name",
+            req.endpoint_id
+        ))
+        .into());
+    }
+    if !req.tenant_id.is_empty() && req.tenant_id != p.tenant {
+        return Err(ApiError::new(
+            ErrorKind::Forbidden,
+            format!(
+                "tenant_id {:?} does not match the credential's tenant {:?}",
+                req.tenant_id.chars().take(80).collect::<String>(),
+                p.tenant
+            ),
+        )
+        .into());
+    }
+    p.require_endpoint("write", &req.endpoint_id)?;
+    Ok(ingestor.write_records(&p.tenant, req).await?)
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<WriteBatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl IngestionService for IngestionGrpc {
+    async fn write_batch(
+        &self,
+        request: Request<WriteBatchRequest>,
+    ) -> Result<Response<WriteBatchResponse>, Status> {
+        let p = principal(&self.auth, request.metadata()).await?;
+        let ack = write_batch(&self.ingestor, &p, request.into_inner()).await?;
+        Ok(Response::new(ack))
+    }
+
+    type WriteStreamStream = AckStream;
+
+    /// One ack per request, in order. The first failure ends the stream with
+    /// its status; up to [`STREAM_PIPELINE`] - 1 later batches may have been
+    /// written already, so resend them with their `batch_id`s.
+    async fn write_stream(
+        &self,
+        request: Request<Streaming<WriteBatchRequest>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let p = Arc::new(principal(&self.auth, request.metadata()).await?);
+        let ingestor = self.ingestor.clone();
+        let acks = request
+            .into_inner()
+            .map(move |item| {
+                let (ingestor, p) = (ingestor.clone(), p.clone());
+                async move { write_batch(&ingestor, &p, item?).await }
+            })
+            .buffered(STREAM_PIPELINE)
+            .scan(false, |failed, r| {
+                let out = (!*failed).then(|| {
+                    *failed = r.is_err();
+                    r
+                });
+                futures::future::ready(out)
+            });
+        Ok(Response::new(Box::pin(acks)))
     }
 }
 

@@ -12,14 +12,16 @@
 //! Touch together: `wal::entry::PayloadKind`, `rows_for_entry`, the README
 //! tables section.
 
+pub mod batches;
 pub mod grpc;
 pub mod json;
 pub mod names;
 pub mod otlp_trace;
 pub mod read_spans;
+pub mod records;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
@@ -31,9 +33,13 @@ use tokio::sync::Notify;
 use ulid::Ulid;
 
 use crate::error::{ApiError, ErrorKind};
+use crate::ingest::batches::BatchIndex;
+use crate::memtable::schema::Registry;
 use crate::memtable::{Catalog, TableId};
 use crate::metrics::METRICS;
-use crate::wal::{PayloadKind, Wal, WalEntry};
+use crate::proto::ingestion::write_batch_request::Payload;
+use crate::proto::ingestion::{WriteBatchRequest, WriteBatchResponse};
+use crate::wal::{Mark, PayloadKind, Wal, WalEntry};
 
 /// Requests with more spans than this are converted on the blocking pool.
 const INLINE_CONVERT_SPANS: usize = 2_000;
@@ -41,22 +47,47 @@ const INLINE_CONVERT_SPANS: usize = 2_000;
 pub struct Ingestor {
     wal: Arc<Wal>,
     catalog: Arc<Catalog>,
+    schemas: Arc<Registry>,
+    batches: BatchIndex,
     wake_flusher: Arc<Notify>,
 }
 
 impl Ingestor {
-    pub fn new(wal: Arc<Wal>, catalog: Arc<Catalog>, wake_flusher: Arc<Notify>) -> Self {
+    pub fn new(
+        wal: Arc<Wal>,
+        catalog: Arc<Catalog>,
+        schemas: Arc<Registry>,
+        idempotency_window: Duration,
+        wake_flusher: Arc<Notify>,
+    ) -> Self {
+        let batches = BatchIndex::new(wal.db().clone(), idempotency_window);
         Self {
             wal,
             catalog,
+            schemas,
+            batches,
             wake_flusher,
         }
+    }
+
+    /// Deletes idempotency rows older than the window.
+    pub fn prune_batches(&self) -> Result<usize, rocksdb::Error> {
+        self.batches.prune()
     }
 
     /// Appends one request to the WAL and its rows to memtables; Ok is the ack.
     pub async fn commit(
         &self,
         entry: WalEntry,
+        rows: Vec<(TableId, RecordBatch)>,
+    ) -> Result<Ulid, ApiError> {
+        self.commit_marked(entry, None, rows).await
+    }
+
+    async fn commit_marked(
+        &self,
+        entry: WalEntry,
+        mark: Option<Mark>,
         rows: Vec<(TableId, RecordBatch)>,
     ) -> Result<Ulid, ApiError> {
         let started = Instant::now();
@@ -68,7 +99,7 @@ impl Ingestor {
         let (catalog, wake) = (self.catalog.clone(), self.wake_flusher.clone());
         let seq = self
             .wal
-            .append(&entry, move |seq| {
+            .append_marked(&entry, mark, move |seq| {
                 if catalog.insert(seq, rows) {
                     wake.notify_one();
                 }
@@ -138,6 +169,94 @@ impl Ingestor {
     }
 }
 
+impl Ingestor {
+    /// Validates, converts and commits a DataRecord batch for `tenant`
+    /// (names and the tenant/endpoint permission are checked by the caller).
+    /// A known `batch_id` returns the original ack with `duplicate = true`.
+    pub async fn write_records(
+        self: &Arc<Self>,
+        tenant: &str,
+        req: WriteBatchRequest,
+    ) -> Result<WriteBatchResponse, ApiError> {
+        if req.batch_id.len() > batches::MAX_BATCH_ID_BYTES {
+            return Err(ApiError::invalid(format!(
+                "batch_id is {} bytes; at most {} are allowed",
+                req.batch_id.len(),
+                batches::MAX_BATCH_ID_BYTES
+            )));
+        }
+        let table = TableId::new(tenant, &req.endpoint_id);
+        let claim = if req.batch_id.is_empty() {
+            None
+        } else {
+            Some(
+                self.batches
+                    .claim(tenant, &req.endpoint_id, &req.batch_id)
+                    .await,
+            )
+        };
+        if let Some(c) = &claim {
+            let known = self
+                .batches
+                .lookup(c)
+                .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+            if let Some(ack) = known {
+                METRICS.duplicate_batches.inc();
+                return Ok(WriteBatchResponse {
+                    records_accepted: ack.records,
+                    duplicate: true,
+                    sequence_token: ack.seq.to_bytes().to_vec(),
+                });
+            }
+        }
+        let (req, converted) = {
+            let this = self.clone();
+            let table = table.clone();
+            tokio::task::spawn_blocking(move || {
+                let rows = record_rows(&this.schemas, &table, &req);
+                (req, rows)
+            })
+            .await
+            .map_err(|e| {
+                ApiError::new(ErrorKind::Internal, format!("conversion task failed: {e}"))
+            })?
+        };
+        let batch = converted.map_err(|e| {
+            METRICS.ingest_rejected.inc();
+            ApiError::from_err(e)
+        })?;
+        let records = batch.num_rows() as u64;
+        let entry = WalEntry {
+            kind: PayloadKind::DataRecordBatch,
+            tenant: tenant.to_string(),
+            endpoint: req.endpoint_id.clone(),
+            payload: Bytes::from(req.encode_to_vec()),
+        };
+        let mark = claim.as_ref().map(|c| c.mark(records));
+        let seq = self
+            .commit_marked(entry, mark, vec![(table, batch)])
+            .await?;
+        Ok(WriteBatchResponse {
+            records_accepted: records,
+            duplicate: false,
+            sequence_token: seq.to_bytes().to_vec(),
+        })
+    }
+}
+
+/// The rows of a DataRecord request (evolving the table's schema).
+fn record_rows(
+    schemas: &Registry,
+    table: &TableId,
+    req: &WriteBatchRequest,
+) -> Result<RecordBatch, records::Error> {
+    match &req.payload {
+        Some(Payload::Records(r)) => records::from_records(schemas, table, &r.records),
+        Some(Payload::ArrowIpcStream(ipc)) => records::from_arrow_ipc(schemas, table, ipc),
+        None => Err(records::Error::Empty),
+    }
+}
+
 fn trace_tables(tenant: &str, rows: otlp_trace::TraceRows) -> Vec<(TableId, RecordBatch)> {
     vec![
         (TableId::new(tenant, otlp_trace::SPANS), rows.spans),
@@ -154,16 +273,27 @@ pub enum ReplayError {
     Decode(#[from] prost::DecodeError),
     #[error("payload does not convert: {0}")]
     Convert(#[from] otlp_trace::Error),
+    #[error("records do not convert: {0}")]
+    Records(#[from] records::Error),
     #[error("payload kind {0:?} is not supported by this version")]
     Unsupported(PayloadKind),
 }
 
 /// The rows a WAL entry produced when it was accepted (for replay).
-pub fn rows_for_entry(entry: &WalEntry) -> Result<Vec<(TableId, RecordBatch)>, ReplayError> {
+pub fn rows_for_entry(
+    entry: &WalEntry,
+    schemas: &Registry,
+) -> Result<Vec<(TableId, RecordBatch)>, ReplayError> {
     match entry.kind {
         PayloadKind::OtlpTraces => {
             let req = ExportTraceServiceRequest::decode(entry.payload.clone())?;
             Ok(trace_tables(&entry.tenant, otlp_trace::convert(&req)?))
+        }
+        PayloadKind::DataRecordBatch => {
+            let req = WriteBatchRequest::decode(entry.payload.clone())?;
+            let table = TableId::new(&entry.tenant, &entry.endpoint);
+            let rows = record_rows(schemas, &table, &req)?;
+            Ok(vec![(table, rows)])
         }
         other => Err(ReplayError::Unsupported(other)),
     }

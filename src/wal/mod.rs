@@ -84,8 +84,18 @@ type OnDurable = Box<dyn FnOnce(Ulid) + Send>;
 
 struct Append {
     bytes: Vec<u8>,
+    mark: Option<Mark>,
     on_durable: OnDurable,
     reply: oneshot::Sender<Result<Ulid>>,
+}
+
+/// A row written in the same atomic batch as an entry: `cf[key] = entry key ++ suffix`
+/// (used for the DataRecord idempotency index, so a durable batch is always a
+/// known batch).
+pub struct Mark {
+    pub cf: &'static str,
+    pub key: Vec<u8>,
+    pub suffix: Vec<u8>,
 }
 
 pub struct Wal {
@@ -139,10 +149,21 @@ impl Wal {
         entry: &WalEntry,
         on_durable: impl FnOnce(Ulid) + Send + 'static,
     ) -> Result<Ulid> {
+        self.append_marked(entry, None, on_durable).await
+    }
+
+    /// [`Wal::append`] that also writes `mark` atomically with the entry.
+    pub async fn append_marked(
+        &self,
+        entry: &WalEntry,
+        mark: Option<Mark>,
+        on_durable: impl FnOnce(Ulid) + Send + 'static,
+    ) -> Result<Ulid> {
         let tx = self.tx.lock().clone().ok_or(Error::Closed)?;
         let (reply, rx) = oneshot::channel();
         let req = Append {
             bytes: entry.encode(),
+            mark,
             on_durable: Box::new(on_durable),
             reply,
         };
@@ -289,6 +310,12 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
         for req in &group {
             let key = next_key(&mut last);
             batch.put_cf(&cf, key.to_bytes(), &req.bytes);
+            if let Some(m) = &req.mark {
+                let mcf = db.cf_handle(m.cf).expect("mark column family exists");
+                let mut value = key.to_bytes().to_vec();
+                value.extend_from_slice(&m.suffix);
+                batch.put_cf(&mcf, &m.key, value);
+            }
             bytes += req.bytes.len();
             keys.push(key);
         }

@@ -5,4 +5,5 @@ mod auth;
 mod crash;
 mod harness;
 mod query;
+mod records;
 mod write_path;
