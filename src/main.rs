@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (gRPC ingestion, HTTP API, flusher).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage API keys of a running server.
     #[command(subcommand)]
     Apikey(lakewriter::cli::ApiKeyCommand),
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Apikey(cmd) => runtime.block_on(lakewriter::cli::apikey(cmd)),
         Command::Keys(cmd) => runtime.block_on(lakewriter::cli::keys(cmd)),
         Command::Loadgen(args) => runtime.block_on(async {

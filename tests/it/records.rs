@@ -197,10 +197,7 @@ async fn arrow_ipc_batches_map_types_and_reject_bad_columns() {
                 (0..n).map(|i| 1_763_000_000_000 + i as i64),
             )) as _,
         ),
-        (
-            "qty",
-            Arc::new(Int32Array::from_iter_values(0..n as i32)) as _,
-        ),
+        ("qty", Arc::new(Int32Array::from_iter_values(0..n)) as _),
         (
             "price",
             Arc::new(Float64Array::from_iter_values(
