@@ -1,5 +1,6 @@
 //! Client subcommands that talk to a running server over HTTP:
-//! `lakewriter apikey create|list|delete` and `lakewriter keys rotate`.
+//! `lakewriter apikey create|list|delete`, `lakewriter keys rotate` and
+//! `lakewriter query "SQL"`.
 
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -133,5 +134,52 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             println!("new signing key {}", out["kid"].as_str().unwrap_or("?"));
         }
     }
+    Ok(())
+}
+
+/// `lakewriter query "SQL"`: runs read-only SQL on a server, prints a table.
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// The SQL (tables: spans, state_patches, one per DataRecord endpoint).
+    pub sql: String,
+    /// The server's HTTP address.
+    #[arg(
+        long,
+        env = "LAKEWRITER_SERVER",
+        default_value = "http://localhost:1323"
+    )]
+    pub server: String,
+    /// An API key with the `read` scope.
+    #[arg(long, env = "LAKEWRITER_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+}
+
+pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/query",
+            args.server.trim_end_matches('/')
+        ))
+        .header("x-api-key", &args.api_key)
+        .header("accept", crate::http::query::ARROW_STREAM)
+        .json(&json!({ "sql": args.sql }))
+        .send()
+        .await?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(json!({}));
+        anyhow::bail!(
+            "server answered {status}: {}",
+            body["error"]
+                .as_str()
+                .unwrap_or(&String::from_utf8_lossy(&bytes))
+        );
+    }
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)?;
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
+    eprintln!("{rows} row(s)");
     Ok(())
 }

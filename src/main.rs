@@ -27,6 +27,8 @@ enum Command {
     /// Manage JWT signing keys of a running server.
     #[command(subcommand)]
     Keys(lakewriter::cli::KeysCommand),
+    /// Run read-only SQL on a running server and print the result as a table.
+    Query(lakewriter::cli::QueryArgs),
     /// Drive a running server with OTLP trace exports and report throughput/latency.
     Loadgen(lakewriter::loadgen::LoadgenArgs),
 }
@@ -79,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Apikey(cmd) => runtime.block_on(lakewriter::cli::apikey(cmd)),
         Command::Keys(cmd) => runtime.block_on(lakewriter::cli::keys(cmd)),
+        Command::Query(args) => runtime.block_on(lakewriter::cli::query(args)),
         Command::Loadgen(args) => runtime.block_on(async {
             let report = lakewriter::loadgen::run(args).await?;
             anyhow::ensure!(

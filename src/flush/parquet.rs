@@ -87,7 +87,8 @@ pub fn unify(batches: &[RecordBatch]) -> Result<(SchemaRef, Vec<RecordBatch>)> {
     Ok((merged, aligned))
 }
 
-fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+/// `batch` in `schema`: columns matched by name, missing ones null.
+pub fn align(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     let columns: Vec<ArrayRef> = schema
         .fields()
         .iter()

@@ -13,7 +13,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, ArrayRef};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
@@ -30,6 +29,7 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 
+use crate::flush::parquet::align;
 use crate::memtable::TableSnapshot;
 
 /// Half-open time range `[start, end)` in ns, for pruning files by the manifest.
@@ -115,16 +115,7 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema().fields() == schema.fields() {
         return Ok(batch.clone());
     }
-    let cols: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
-            Some(c) => c.clone(),
-            None => new_null_array(f.data_type(), batch.num_rows()),
-        })
-        .collect();
-    RecordBatch::try_new(schema.clone(), cols)
-        .map_err(|e| DataFusionError::ArrowError(Box::new(e), None))
+    align(batch, schema).map_err(|e| DataFusionError::External(Box::new(e)))
 }
 
 #[async_trait]

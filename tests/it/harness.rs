@@ -213,6 +213,14 @@ impl Server {
         format!("http://127.0.0.1:{}", self.internal_port)
     }
 
+    pub async fn internal_channel(&self) -> Channel {
+        Channel::from_shared(self.internal_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub async fn restart(&mut self) {
         self.kill9();
         self.spawn().await;

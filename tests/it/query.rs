@@ -288,6 +288,27 @@ async fn sql_formats_safety_and_tenant_isolation() {
         .get_json("/otel/span-service-names", Some(&patches_only))
         .await;
     assert_eq!(st, 403);
+    // The CLI prints a table, and the server's message on errors.
+    let cli = |sql: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lakewriter"))
+            .args([
+                "query",
+                sql,
+                "--server",
+                &server.http(),
+                "--api-key",
+                ADMIN_KEY,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = cli("SELECT service_name, count(*) AS n FROM spans GROUP BY 1 ORDER BY 1");
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("| svc-a        | 3 |"), "{table}");
+    let out = cli("DROP TABLE spans");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DDL not supported"));
     // Tenant acme never sees default's spans through the span endpoints.
     let (_, names) = server
         .get_json("/otel/span-service-names", Some(&acme))
@@ -433,11 +454,7 @@ async fn read_spans_pages_resumes_across_restart_and_scopes_tenants() {
         .await
         .unwrap();
 
-    let channel = tonic::transport::Channel::from_shared(server.internal_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.internal_channel().await;
     let mut all =
         InternalIngestionServiceClient::with_interceptor(channel.clone(), Cred("x", None));
     let (keys, spans) = read_all(&mut all, vec![], 2).await.unwrap();
@@ -469,11 +486,7 @@ async fn read_spans_pages_resumes_across_restart_and_scopes_tenants() {
     // A cursor in the middle of a request resumes inside it, across kill -9.
     let mid = keys[4].clone();
     server.restart().await;
-    let channel = tonic::transport::Channel::from_shared(server.internal_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.internal_channel().await;
     let mut all = InternalIngestionServiceClient::with_interceptor(channel, Cred("x", None));
     let (rest, _) = read_all(&mut all, mid, 3).await.unwrap();
     assert_eq!(rest, keys[5..].to_vec());
@@ -489,11 +502,7 @@ async fn read_spans_cursor_older_than_retention_is_out_of_range() {
     c.export(request("svc", vec![span(1, 1, None)]))
         .await
         .unwrap();
-    let channel = tonic::transport::Channel::from_shared(server.internal_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.internal_channel().await;
     let mut client = InternalIngestionServiceClient::with_interceptor(channel, Cred("x", None));
     let (first, _) = read_all(&mut client, vec![], 10).await.unwrap();
     c.export(request("svc", vec![span(2, 1, None)]))
