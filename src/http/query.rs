@@ -22,10 +22,13 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/query", post(sql))
         .route("/otel/span-service-names", get(service_names))
-        .route("/otel/service/{service}/root-spans", get(root_spans))
+        .route(
+            "/otel/service/{service}/root-spans",
+            get(root_spans::<false>),
+        )
         .route(
             "/otel/service/{service}/root-spans-filtered",
-            get(root_spans_filtered),
+            get(root_spans::<true>),
         )
         .route("/otel/trace/{trace_id}/nested-spans", get(trace))
         .route("/otel/trace/{trace_id}/span/{span_id}", get(span))
@@ -113,25 +116,18 @@ async fn service_names(
     Ok(Json(s.query.service_names(&p).await?).into_response())
 }
 
-async fn root_spans(
+/// Root spans of a service; `LLM_ONLY` for `root-spans-filtered`.
+async fn root_spans<const LLM_ONLY: bool>(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(service): Path<String>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let p = principal(&s.auth, &headers).await?;
-    let rows = s.query.root_spans(&p, &service, &params(q)?, false).await?;
-    Ok(Json(rows).into_response())
-}
-
-async fn root_spans_filtered(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Path(service): Path<String>,
-    q: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let p = principal(&s.auth, &headers).await?;
-    let rows = s.query.root_spans(&p, &service, &params(q)?, true).await?;
+    let rows = s
+        .query
+        .root_spans(&p, &service, &params(q)?, LLM_ONLY)
+        .await?;
     Ok(Json(rows).into_response())
 }
 
