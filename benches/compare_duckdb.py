@@ -56,11 +56,13 @@ def run_lakewriter(binary: str, seconds: int, concurrency: int, spans: int) -> d
                 time.sleep(0.1)
         out = subprocess.run(
             [binary, "loadgen", "--target", f"http://127.0.0.1:{grpc}", "--concurrency", str(concurrency),
-             "--spans-per-request", str(spans), "--duration", f"{seconds}s", "--json",
+             "--items-per-request", str(spans), "--duration", f"{seconds}s", "--json",
              "--api-key", "lw_compare_admin_key_0123456789",
              "--metrics-url", f"http://127.0.0.1:{http}/metrics"],
             check=True, capture_output=True, text=True)
-        return json.loads(out.stdout)
+        report = json.loads(out.stdout)
+        report["spans_per_sec"] = report["items_per_sec"]
+        return report
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)

@@ -74,7 +74,8 @@ pub struct ServerArgs {
     /// HTTP: health, metrics, admin, queries, OTLP/HTTP.
     #[arg(long, env = "LAKEWRITER_HTTP_ADDR", default_value = "0.0.0.0:1323")]
     pub http_addr: SocketAddr,
-    /// Where Parquet goes: `file:///abs/path`. Default `file://<data-dir>/lake`.
+    /// Where Parquet goes: `file:///abs/path` or `s3://bucket/prefix` (S3 settings
+    /// from `AWS_*` variables). Default `file://<data-dir>/lake`.
     #[arg(long, env = "LAKEWRITER_LAKE_URL")]
     pub lake_url: Option<String>,
     /// Log filter, `RUST_LOG` syntax (e.g. `info,lakewriter=debug`).
@@ -351,9 +352,12 @@ impl Config {
         {
             return Err("LAKEWRITER_BOOTSTRAP_API_KEY must be at least 16 characters".into());
         }
-        if !self.lake_url.starts_with("file://") {
+        if !["file://", "s3://", "s3a://"]
+            .iter()
+            .any(|p| self.lake_url.starts_with(p))
+        {
             return Err(format!(
-                "--lake-url {:?}: only file:// URLs are supported by this build",
+                "--lake-url {:?}: use file:///path or s3://bucket/prefix",
                 self.lake_url
             ));
         }

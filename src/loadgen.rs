@@ -1,9 +1,16 @@
-//! `lakewriter loadgen`: drives a real server with OTLP trace exports.
+//! `lakewriter loadgen`: drives a real server with OTLP exports or DataRecord
+//! batches.
 //!
-//! Spans look like Junjo's: per trace one `workflow` span and node spans with
-//! v2 Junjo attributes, state JSON, and a `set_state` event each. Requests are
-//! pre-encoded (a pool of distinct requests, cycled) so the client spends its
-//! CPU on sending, not on protobuf encoding. Closed loop by default (each
+//! `--signal traces` (default): spans look like Junjo's: per trace one
+//! `workflow` span and node spans with v2 Junjo attributes, state JSON, and a
+//! `set_state` event each. `logs`: log records with a text body, attributes and
+//! trace context. `metrics`: points of sums, gauges and 10-bucket histograms.
+//! `records-proto` / `records-arrow`: 10-field DataRecords as protobuf or as
+//! an Arrow IPC stream (`WriteBatch`, no batch id). `--protocol` picks OTLP/gRPC
+//! (default), OTLP/HTTP protobuf (`http`) or OTLP/HTTP JSON (`http-json`).
+//!
+//! Requests are pre-encoded (a pool of distinct requests, cycled) so the
+//! client spends its CPU on sending, not on encoding. Closed loop by default (each
 //! worker sends as fast as acks come back); `--rate` makes it open loop, with
 //! latency measured from the scheduled send time (no coordinated omission).
 //!
@@ -16,11 +23,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut};
-use clap::Args;
+use bytes::{Buf, BufMut, Bytes};
+use clap::{Args, ValueEnum};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{
     any_value::Value, AnyValue, InstrumentationScope, KeyValue,
+};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric::Data, number_data_point, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span::Event, ResourceSpans, ScopeSpans, Span};
@@ -29,8 +43,36 @@ use prost::Message;
 use serde::Serialize;
 use tonic::codec::{DecodeBuf, EncodeBuf};
 
+use crate::proto::ingestion::write_batch_request::Payload;
+use crate::proto::ingestion::{DataRecords, WriteBatchRequest};
+use crate::proto::storage::DataRecord;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Signal {
+    Traces,
+    Logs,
+    Metrics,
+    RecordsProto,
+    RecordsArrow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    Grpc,
+    Http,
+    HttpJson,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct LoadgenArgs {
+    /// What to send.
+    #[arg(long, value_enum, default_value = "traces")]
+    pub signal: Signal,
+    /// How to send it (DataRecords: grpc only).
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub protocol: Protocol,
     /// gRPC target.
     #[arg(
         long,
@@ -38,13 +80,16 @@ pub struct LoadgenArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub target: String,
-    /// Concurrent exporters (each its own HTTP/2 connection).
+    /// HTTP target (for `--protocol http`/`http-json`).
+    #[arg(long, default_value = "http://127.0.0.1:1323")]
+    pub http_target: String,
+    /// Concurrent senders (each its own connection).
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Spans per Export request.
-    #[arg(long, default_value_t = 500)]
-    pub spans_per_request: usize,
-    /// Extra attribute bytes per span (payload size knob).
+    /// Items (spans, log records, points, records) per request.
+    #[arg(long, alias = "spans-per-request", default_value_t = 500)]
+    pub items_per_request: usize,
+    /// Extra attribute bytes per item (payload size knob).
     #[arg(long, default_value_t = 64)]
     pub attr_bytes: usize,
     /// How long to send.
@@ -53,7 +98,7 @@ pub struct LoadgenArgs {
     /// Requests per second over all workers (open loop); 0 = as fast as possible.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
-    /// API key sent as `x-junjo-api-key`.
+    /// API key (gRPC: `x-junjo-api-key`, HTTP: `x-api-key`).
     #[arg(long, env = "LAKEWRITER_API_KEY")]
     pub api_key: Option<String>,
     /// Server metrics URL (e.g. http://127.0.0.1:1323/metrics) for the fsync ratio.
@@ -67,7 +112,7 @@ pub struct LoadgenArgs {
 #[derive(Default)]
 struct Stats {
     ok: AtomicU64,
-    spans: AtomicU64,
+    items: AtomicU64,
     bytes: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -75,10 +120,12 @@ struct Stats {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    pub signal: Signal,
+    pub protocol: Protocol,
     pub seconds: f64,
     pub requests: u64,
-    pub spans: u64,
-    pub spans_per_sec: f64,
+    pub items: u64,
+    pub items_per_sec: f64,
     pub mb_per_sec: f64,
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -228,7 +275,340 @@ impl tonic::codec::Decoder for Raw {
     }
 }
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// One request of `n` log records.
+pub fn logs_request(seed: u64, n: usize, attr_bytes: usize) -> ExportLogsServiceRequest {
+    let filler = "x".repeat(attr_bytes);
+    let base = 1_763_000_000_000_000_000u64 + seed * 1_000_000;
+    let log_records = (0..n as u64)
+        .map(|i| {
+            let trace = seed * 1_000_000 + i / 10;
+            let mut trace_id = trace.to_be_bytes().to_vec();
+            trace_id.extend_from_slice(&(trace ^ 0x5a5a).to_be_bytes());
+            LogRecord {
+                time_unix_nano: base + i * 1000,
+                observed_time_unix_nano: base + i * 1000 + 50,
+                severity_number: [9, 9, 9, 13, 17][(i % 5) as usize],
+                severity_text: ["INFO", "INFO", "INFO", "WARN", "ERROR"][(i % 5) as usize].into(),
+                body: Some(AnyValue {
+                    value: Some(Value::StringValue(format!(
+                        "request {i} of batch {seed} handled in {} ms",
+                        i % 250
+                    ))),
+                }),
+                attributes: vec![
+                    kv("http.route", Value::StringValue(format!("/api/v{}", i % 3))),
+                    kv("user.id", Value::IntValue((i % 10_000) as i64)),
+                    kv("app.note", Value::StringValue(filler.clone())),
+                ],
+                trace_id,
+                span_id: ((seed << 24) | (i + 1)).to_be_bytes().to_vec(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(service_resource(seed)),
+            scope_logs: vec![ScopeLogs {
+                log_records,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// One request of `n` metric points: half sums, a quarter gauges, a quarter
+/// 10-bucket histograms, in metrics of 10 points (distinct attribute sets).
+pub fn metrics_request(seed: u64, n: usize, attr_bytes: usize) -> ExportMetricsServiceRequest {
+    let filler = "x".repeat(attr_bytes);
+    let base = 1_763_000_000_000_000_000u64 + seed * 1_000_000;
+    let attrs = |i: u64| {
+        vec![
+            kv("host", Value::StringValue(format!("host-{}", i % 10))),
+            kv("app.note", Value::StringValue(filler.clone())),
+        ]
+    };
+    let num = |i: u64| NumberDataPoint {
+        attributes: attrs(i),
+        start_time_unix_nano: base,
+        time_unix_nano: base + i * 1000,
+        value: Some(number_data_point::Value::AsInt((i * 7) as i64)),
+        ..Default::default()
+    };
+    let metrics = (0..n.div_ceil(10) as u64)
+        .map(|m| {
+            let points = (m * 10..((m + 1) * 10).min(n as u64)).collect::<Vec<_>>();
+            let data = match m % 4 {
+                0 | 1 => Data::Sum(Sum {
+                    data_points: points.iter().map(|&i| num(i)).collect(),
+                    aggregation_temporality: 2,
+                    is_monotonic: true,
+                }),
+                2 => Data::Gauge(Gauge {
+                    data_points: points.iter().map(|&i| num(i)).collect(),
+                }),
+                _ => Data::Histogram(Histogram {
+                    data_points: points
+                        .iter()
+                        .map(|&i| HistogramDataPoint {
+                            attributes: attrs(i),
+                            start_time_unix_nano: base,
+                            time_unix_nano: base + i * 1000,
+                            count: 55,
+                            sum: Some(i as f64),
+                            bucket_counts: (1..=10).collect(),
+                            explicit_bounds: (1..10).map(|b| (b * b) as f64).collect(),
+                            min: Some(0.5),
+                            max: Some(120.0),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    aggregation_temporality: 2,
+                }),
+            };
+            Metric {
+                name: format!("loadgen.metric.{}", m % 20),
+                unit: "1".into(),
+                data: Some(data),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(service_resource(seed)),
+            scope_metrics: vec![ScopeMetrics {
+                metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn service_resource(seed: u64) -> Resource {
+    Resource {
+        attributes: vec![kv(
+            "service.name",
+            Value::StringValue(format!("loadgen-{}", seed % 4)),
+        )],
+        ..Default::default()
+    }
+}
+
+const COUNTRIES: [&str; 4] = ["de", "us", "fr", "jp"];
+const MODELS: [&str; 3] = ["gpt", "claude", "llama"];
+
+/// `n` 10-field DataRecords (the shape of `benches/records_*.py`) as protobuf.
+pub fn records_proto(seed: u64, n: usize) -> WriteBatchRequest {
+    use crate::proto::storage::value::Kind;
+    let base = 1_763_000_000_000_000_000i64 + seed as i64 * 1_000_000;
+    let v = |k: Kind| crate::proto::storage::Value { kind: Some(k) };
+    let records = (0..n as i64)
+        .map(|i| DataRecord {
+            event_id: format!("e{seed}-{i}"),
+            timestamp_unix_nano: base + i,
+            version: 1,
+            fields: [
+                ("user", v(Kind::StringValue((i % 10_000).to_string()))),
+                (
+                    "country",
+                    v(Kind::StringValue(COUNTRIES[(i % 4) as usize].into())),
+                ),
+                (
+                    "model",
+                    v(Kind::StringValue(MODELS[(i % 3) as usize].into())),
+                ),
+                (
+                    "status",
+                    v(Kind::StringValue(
+                        if i % 7 == 0 { "error" } else { "ok" }.into(),
+                    )),
+                ),
+                ("tokens_in", v(Kind::IntValue(i % 4096))),
+                ("tokens_out", v(Kind::IntValue((i * 7) % 4096))),
+                ("latency_ms", v(Kind::IntValue(i % 10_000))),
+                ("cost", v(Kind::DoubleValue(i as f64 / 1e5))),
+                ("score", v(Kind::DoubleValue((i % 100) as f64 / 100.0))),
+                ("cached", v(Kind::BoolValue(i % 2 == 0))),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        })
+        .collect();
+    WriteBatchRequest {
+        endpoint_id: "loadgen_proto".into(),
+        payload: Some(Payload::Records(DataRecords { records })),
+        ..Default::default()
+    }
+}
+
+/// The same records as one Arrow IPC stream.
+pub fn records_arrow(seed: u64, n: usize) -> anyhow::Result<WriteBatchRequest> {
+    use arrow::array::{
+        ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, TimestampNanosecondArray,
+    };
+    let base = 1_763_000_000_000_000_000i64 + seed as i64 * 1_000_000;
+    let idx: Vec<i64> = (0..n as i64).collect();
+    let text = |f: &dyn Fn(i64) -> String| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(idx.iter().map(|&i| f(i))))
+    };
+    let int = |f: &dyn Fn(i64) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(idx.iter().map(|&i| f(i))))
+    };
+    let float = |f: &dyn Fn(i64) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(idx.iter().map(|&i| f(i))))
+    };
+    let batch = arrow::record_batch::RecordBatch::try_from_iter([
+        ("event_id", text(&|i| format!("e{seed}-{i}"))),
+        (
+            "timestamp",
+            Arc::new(
+                TimestampNanosecondArray::from_iter_values(idx.iter().map(|&i| base + i))
+                    .with_timezone("UTC"),
+            ) as ArrayRef,
+        ),
+        ("version", int(&|_| 1)),
+        ("user", text(&|i| (i % 10_000).to_string())),
+        ("country", text(&|i| COUNTRIES[(i % 4) as usize].into())),
+        ("model", text(&|i| MODELS[(i % 3) as usize].into())),
+        (
+            "status",
+            text(&|i| if i % 7 == 0 { "error" } else { "ok" }.into()),
+        ),
+        ("tokens_in", int(&|i| i % 4096)),
+        ("tokens_out", int(&|i| (i * 7) % 4096)),
+        ("latency_ms", int(&|i| i % 10_000)),
+        ("cost", float(&|i| i as f64 / 1e5)),
+        ("score", float(&|i| (i % 100) as f64 / 100.0)),
+        (
+            "cached",
+            Arc::new(BooleanArray::from_iter(
+                idx.iter().map(|&i| Some(i % 2 == 0)),
+            )) as ArrayRef,
+        ),
+    ])?;
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &batch.schema())?;
+    w.write(&batch)?;
+    w.finish()?;
+    Ok(WriteBatchRequest {
+        endpoint_id: "loadgen_arrow".into(),
+        payload: Some(Payload::ArrowIpcStream(w.into_inner()?)),
+        ..Default::default()
+    })
+}
+
+fn otlp_body<M: Message + Serialize>(req: &M, protocol: Protocol) -> anyhow::Result<Bytes> {
+    Ok(Bytes::from(match protocol {
+        Protocol::HttpJson => serde_json::to_vec(req)?,
+        _ => req.encode_to_vec(),
+    }))
+}
+
+/// One pre-encoded request body.
+fn payload(args: &LoadgenArgs, seed: u64) -> anyhow::Result<Bytes> {
+    let (n, extra, p) = (args.items_per_request, args.attr_bytes, args.protocol);
+    match args.signal {
+        Signal::Traces => otlp_body(&junjo_request(seed, n, extra), p),
+        Signal::Logs => otlp_body(&logs_request(seed, n, extra), p),
+        Signal::Metrics => otlp_body(&metrics_request(seed, n, extra), p),
+        Signal::RecordsProto => Ok(Bytes::from(records_proto(seed, n).encode_to_vec())),
+        Signal::RecordsArrow => Ok(Bytes::from(records_arrow(seed, n)?.encode_to_vec())),
+    }
+}
+
+impl Signal {
+    fn grpc_path(self) -> &'static str {
+        match self {
+            Self::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Self::Logs => "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+            Self::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+            Self::RecordsProto | Self::RecordsArrow => "/ingestion.IngestionService/WriteBatch",
+        }
+    }
+
+    fn http_path(self) -> Option<&'static str> {
+        match self {
+            Self::Traces => Some("/v1/traces"),
+            Self::Logs => Some("/v1/logs"),
+            Self::Metrics => Some("/v1/metrics"),
+            Self::RecordsProto | Self::RecordsArrow => None,
+        }
+    }
+}
+
+/// A connection that sends pre-encoded bodies.
+enum Sender {
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>, &'static str),
+    Http(reqwest::Client, String, &'static str),
+}
+
+impl Sender {
+    async fn connect(args: &LoadgenArgs) -> Result<Self, String> {
+        if args.protocol == Protocol::Grpc {
+            let channel = tonic::transport::Endpoint::from_shared(args.target.clone())
+                .map_err(|e| format!("target: {e}"))?
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+            return Ok(Self::Grpc(grpc, args.signal.grpc_path()));
+        }
+        let path = args
+            .signal
+            .http_path()
+            .ok_or("DataRecords are sent over gRPC only")?;
+        let ct = match args.protocol {
+            Protocol::HttpJson => "application/json",
+            _ => "application/x-protobuf",
+        };
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self::Http(
+            client,
+            format!("{}{path}", args.http_target.trim_end_matches('/')),
+            ct,
+        ))
+    }
+
+    /// Ok on an ack; Err names the failure class.
+    async fn send(&mut self, body: Bytes, key: &Option<String>) -> Result<(), String> {
+        match self {
+            Self::Grpc(grpc, path) => {
+                let mut req = tonic::Request::new(body);
+                if let Some(v) = key.as_ref().and_then(|k| k.parse().ok()) {
+                    req.metadata_mut().insert("x-junjo-api-key", v);
+                }
+                grpc.ready().await.map_err(|_| "not ready".to_string())?;
+                grpc.unary(req, http::uri::PathAndQuery::from_static(path), Raw)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}", s.code()))
+            }
+            Self::Http(client, url, ct) => {
+                let mut req = client
+                    .post(url.as_str())
+                    .header("content-type", *ct)
+                    .body(body);
+                if let Some(k) = key {
+                    req = req.header("x-api-key", k);
+                }
+                let resp = req.send().await.map_err(|e| format!("http: {e}"))?;
+                let status = resp.status();
+                let _ = resp.bytes().await;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {}", status.as_u16()))
+                }
+            }
+        }
+    }
+}
 
 async fn scrape(url: &Option<String>, name: &str) -> Option<f64> {
     let text = reqwest::get(url.as_ref()?).await.ok()?.text().await.ok()?;
@@ -246,33 +626,18 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 async fn worker(
     args: Arc<LoadgenArgs>,
-    pool: Arc<Vec<bytes::Bytes>>,
+    pool: Arc<Vec<Bytes>>,
     stats: Arc<Stats>,
     id: usize,
     deadline: Instant,
 ) {
-    let channel = match tonic::transport::Endpoint::from_shared(args.target.clone()) {
-        Ok(e) => match e.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                *stats
-                    .errors
-                    .lock()
-                    .entry(format!("connect: {e}"))
-                    .or_default() += 1;
-                return;
-            }
-        },
+    let mut sender = match Sender::connect(&args).await {
+        Ok(s) => s,
         Err(e) => {
-            *stats
-                .errors
-                .lock()
-                .entry(format!("target: {e}"))
-                .or_default() += 1;
+            *stats.errors.lock().entry(e).or_default() += 1;
             return;
         }
     };
-    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
     let interval =
         (args.rate > 0.0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate));
     let start = Instant::now()
@@ -297,35 +662,21 @@ async fn worker(
         sent += 1;
         let body = pool[k % pool.len()].clone();
         k += args.concurrency;
-        let mut req = tonic::Request::new(body.clone());
-        if let Some(key) = &args.api_key {
-            if let Ok(v) = key.parse() {
-                req.metadata_mut().insert("x-junjo-api-key", v);
-            }
-        }
-        if grpc.ready().await.is_err() {
-            *stats.errors.lock().entry("not ready".into()).or_default() += 1;
-            break;
-        }
-        match grpc
-            .unary(req, http::uri::PathAndQuery::from_static(EXPORT_PATH), Raw)
-            .await
-        {
-            Ok(_) => {
+        let len = body.len() as u64;
+        match sender.send(body, &args.api_key).await {
+            Ok(()) => {
                 local.push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 stats.ok.fetch_add(1, Ordering::Relaxed);
                 stats
-                    .spans
-                    .fetch_add(args.spans_per_request as u64, Ordering::Relaxed);
-                stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    .items
+                    .fetch_add(args.items_per_request as u64, Ordering::Relaxed);
+                stats.bytes.fetch_add(len, Ordering::Relaxed);
             }
-            Err(s) => {
-                *stats
-                    .errors
-                    .lock()
-                    .entry(format!("{:?}", s.code()))
-                    .or_default() += 1
+            Err(e) if e == "not ready" => {
+                *stats.errors.lock().entry(e).or_default() += 1;
+                break;
             }
+            Err(e) => *stats.errors.lock().entry(e).or_default() += 1,
         }
     }
     stats.latencies_us.lock().extend(local);
@@ -334,18 +685,16 @@ async fn worker(
 /// Runs the load and returns the report (also printed).
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
     let pool_size = (args.concurrency * 4).clamp(16, 256);
-    let pool: Vec<bytes::Bytes> = (0..pool_size as u64)
-        .map(|s| {
-            bytes::Bytes::from(
-                junjo_request(s + 1, args.spans_per_request, args.attr_bytes).encode_to_vec(),
-            )
-        })
-        .collect();
+    let pool = (0..pool_size as u64)
+        .map(|s| payload(&args, s + 1))
+        .collect::<anyhow::Result<Vec<Bytes>>>()?;
     let avg = pool.iter().map(|b| b.len()).sum::<usize>() / pool.len();
     eprintln!(
-        "loadgen: {} workers, {} spans/request ({} bytes avg), {:?}, {}",
+        "loadgen: {:?} over {:?}, {} workers, {} items/request ({} bytes avg), {:?}, {}",
+        args.signal,
+        args.protocol,
         args.concurrency,
-        args.spans_per_request,
+        args.items_per_request,
         avg,
         args.duration,
         if args.rate > 0.0 {
@@ -377,16 +726,16 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
             let mut last = 0;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let spans = stats.spans.load(Ordering::Relaxed);
+                let items = stats.items.load(Ordering::Relaxed);
                 let errs: u64 = stats.errors.lock().values().sum();
                 eprintln!(
-                    "  t={:>4.0}s  {:>9} spans/s  total {:>10}  errors {}",
+                    "  t={:>4.0}s  {:>9} items/s  total {:>10}  errors {}",
                     started.elapsed().as_secs_f64(),
-                    spans - last,
-                    spans,
+                    items - last,
+                    items,
                     errs
                 );
-                last = spans;
+                last = items;
             }
         })
     };
@@ -401,12 +750,14 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
     lat.sort_unstable();
     let fsyncs = fsyncs_after.zip(fsyncs_before).map(|(a, b)| a - b);
     let appends = appends_after.zip(appends_before).map(|(a, b)| a - b);
-    let spans = stats.spans.load(Ordering::Relaxed);
+    let items = stats.items.load(Ordering::Relaxed);
     let report = Report {
+        signal: args.signal,
+        protocol: args.protocol,
         seconds: secs,
         requests: stats.ok.load(Ordering::Relaxed),
-        spans,
-        spans_per_sec: spans as f64 / secs,
+        items,
+        items_per_sec: items as f64 / secs,
         mb_per_sec: stats.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
         p50_ms: percentile(&lat, 0.50),
         p90_ms: percentile(&lat, 0.90),
@@ -423,8 +774,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "requests {}  spans {}  {:.0} spans/s  {:.1} MB/s\nack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}\nerrors {:?}\nwal fsyncs {:?}  requests/fsync {:?}",
-            report.requests, report.spans, report.spans_per_sec, report.mb_per_sec, report.p50_ms, report.p90_ms,
+            "{:?} over {:?}: requests {}  items {}  {:.0} items/s  {:.1} MB/s\nack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}\nerrors {:?}\nwal fsyncs {:?}  requests/fsync {:?}",
+            report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.p50_ms, report.p90_ms,
             report.p99_ms, report.max_ms, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
         );
     }

@@ -13,6 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -25,7 +27,7 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
-use crate::ingest::grpc::{fix_status, AuthGrpc, IngestionGrpc, OtlpTraceService};
+use crate::ingest::grpc::{fix_status, AuthGrpc, IngestionGrpc, OtlpService};
 use crate::ingest::read_spans::ReadSpansService;
 use crate::ingest::{rows_for_entry, Ingestor};
 use crate::memtable::schema::Registry;
@@ -188,19 +190,30 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let mut servers = Vec::new();
 
     let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
-    let trace = TraceServiceServer::new(OtlpTraceService::new(ingestor.clone(), auth.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(cfg.max_request_size);
-    let records = IngestionServiceServer::new(IngestionGrpc::new(ingestor.clone(), auth.clone()))
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(cfg.max_request_size);
+    // Every ingest service takes gzip/zstd and the same request size limit.
+    macro_rules! ingest_service {
+        ($server:expr) => {
+            $server
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .max_decoding_message_size(cfg.max_request_size)
+        };
+    }
+    let otlp = OtlpService::new(ingestor.clone(), auth.clone());
+    let trace = ingest_service!(TraceServiceServer::new(otlp.clone()));
+    let logs = ingest_service!(LogsServiceServer::new(otlp.clone()));
+    let metrics = ingest_service!(MetricsServiceServer::new(otlp));
+    let records = ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(
+        ingestor.clone(),
+        auth.clone()
+    )));
     let public = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             fix_status::<tonic::body::Body>,
         ))
         .add_service(trace)
+        .add_service(logs)
+        .add_service(metrics)
         .add_service(records)
         .add_service(AuthServiceServer::new(AuthGrpc(auth.clone())))
         .serve_with_incoming_shutdown(
@@ -227,16 +240,11 @@ pub async fn start(cfg: Config) -> Result<Running> {
         );
     servers.push(spawn_server("internal gRPC", internal));
 
-    let lake_root = flusher
-        .lake()
-        .local_root()
-        .cloned()
-        .ok_or_else(|| Error::Config("queries need a file:// lake".into()))?;
     let query = Arc::new(
         QueryEngine::new(
             catalog.clone(),
             schemas.clone(),
-            lake_root,
+            flusher.lake().clone(),
             cfg.query.clone(),
         )
         .map_err(|e| Error::Query(e.to_string()))?,
@@ -247,6 +255,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
         flusher: flusher.clone(),
         auth: auth.clone(),
         query,
+        ingestor: ingestor.clone(),
+        max_request_size: cfg.max_request_size,
     });
     let http = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());
     servers.push(spawn_server("HTTP", async move { http.await }));

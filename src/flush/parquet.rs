@@ -48,6 +48,10 @@ pub fn sort_columns(endpoint: &str) -> &'static [&'static str] {
     match endpoint {
         "spans" => &["service_name", "trace_id", "start_time"],
         "state_patches" => &["trace_id", "timestamp"],
+        "logs" => &["service_name", "timestamp"],
+        e if e.starts_with("metrics_") && crate::memtable::schema::builtin(e).is_some() => {
+            &["service_name", "metric_name", "timestamp"]
+        }
         _ => &["timestamp"],
     }
 }

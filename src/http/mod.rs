@@ -7,9 +7,12 @@
 //! Admin keys of tenant `default` are operator keys and manage every tenant's
 //! keys; an admin key of another tenant manages only its own tenant's keys.
 //!
+//! OTLP/HTTP (`/v1/traces`, `/v1/logs`, `/v1/metrics`): see [`otlp`].
+//!
 //! Errors are JSON `{"error","code","retryable"}` via [`crate::error::ApiError`].
 //! When you add a route: the README API reference and a test in `tests/`.
 
+pub mod otlp;
 pub mod query;
 
 use std::sync::Arc;
@@ -33,6 +36,9 @@ pub struct AppState {
     pub flusher: Arc<Flusher>,
     pub auth: Arc<Auth>,
     pub query: Arc<crate::query::QueryEngine>,
+    pub ingestor: Arc<crate::ingest::Ingestor>,
+    /// Largest accepted ingest body, compressed or not.
+    pub max_request_size: usize,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/apikeys", post(create_key).get(list_keys))
         .route("/api/v1/apikeys/{id}", delete(delete_key))
         .merge(query::routes())
+        .merge(otlp::routes())
         .with_state(state)
 }
 

@@ -10,13 +10,21 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService;
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{names, otlp_trace, Ingestor};
+use super::{names, otlp_logs, otlp_trace, Ingestor};
 use crate::auth::{Auth, Credential, Principal};
 use crate::error::{ApiError, ErrorKind};
 use crate::memtable::schema::is_reserved_endpoint;
@@ -36,19 +44,55 @@ pub async fn principal(
     auth.authenticate(Credential::from_grpc(md)).await
 }
 
-pub struct OtlpTraceService {
+/// The OTLP collector services (traces, logs, metrics) of the public port.
+#[derive(Clone)]
+pub struct OtlpService {
     ingestor: Arc<Ingestor>,
     auth: Arc<Auth>,
 }
 
-impl OtlpTraceService {
+impl OtlpService {
     pub fn new(ingestor: Arc<Ingestor>, auth: Arc<Auth>) -> Self {
         Self { ingestor, auth }
     }
 }
 
 #[tonic::async_trait]
-impl TraceService for OtlpTraceService {
+impl LogsService for OtlpService {
+    async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let p = principal(&self.auth, request.metadata()).await?;
+        p.require_endpoint("write", otlp_logs::LOGS)?;
+        let resp = self
+            .ingestor
+            .write_logs(&p.tenant, request.into_inner())
+            .await?;
+        Ok(Response::new(resp))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for OtlpService {
+    async fn export(
+        &self,
+        request: Request<ExportMetricsServiceRequest>,
+    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+        let p = principal(&self.auth, request.metadata()).await?;
+        p.require("write")?;
+        let resp = self
+            .ingestor
+            .write_metrics(&p.tenant, request.into_inner(), |t| {
+                p.require_endpoint("write", t)
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for OtlpService {
     async fn export(
         &self,
         request: Request<ExportTraceServiceRequest>,

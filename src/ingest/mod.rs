@@ -1,6 +1,6 @@
 //! Ingestion: authenticate → validate and convert → WAL append → memtable → ack.
 //!
-//! Every write path (OTLP gRPC, later OTLP/HTTP and DataRecords) ends in
+//! Every write path (OTLP traces/logs/metrics over gRPC and HTTP, DataRecords) ends in
 //! [`Ingestor::commit`]: the request's rows are converted *before* the append
 //! (so invalid input writes nothing), the raw validated payload goes into the
 //! WAL, and the rows are inserted into memtables by the WAL writer in key
@@ -16,6 +16,8 @@ pub mod batches;
 pub mod grpc;
 pub mod json;
 pub mod names;
+pub mod otlp_logs;
+pub mod otlp_metrics;
 pub mod otlp_trace;
 pub mod read_spans;
 pub mod records;
@@ -25,6 +27,12 @@ use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -41,8 +49,28 @@ use crate::proto::ingestion::write_batch_request::Payload;
 use crate::proto::ingestion::{WriteBatchRequest, WriteBatchResponse};
 use crate::wal::{Mark, PayloadKind, Wal, WalEntry};
 
-/// Requests with more spans than this are converted on the blocking pool.
-const INLINE_CONVERT_SPANS: usize = 2_000;
+/// Requests with more items (spans, log records, points) than this are
+/// converted on the blocking pool.
+const INLINE_CONVERT_ITEMS: usize = 2_000;
+
+/// Converts `req` inline when it is small, else on the blocking pool; gives
+/// the request back with the result.
+async fn convert_sized<R, T>(req: R, items: usize, convert: fn(&R) -> T) -> Result<(R, T), ApiError>
+where
+    R: Send + 'static,
+    T: Send + 'static,
+{
+    if items <= INLINE_CONVERT_ITEMS {
+        let out = convert(&req);
+        return Ok((req, out));
+    }
+    tokio::task::spawn_blocking(move || {
+        let out = convert(&req);
+        (req, out)
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorKind::Internal, format!("conversion task failed: {e}")))
+}
 
 pub struct Ingestor {
     wal: Arc<Wal>,
@@ -132,19 +160,7 @@ impl Ingestor {
                 crate::wal::SPAN_INDEX_MASK
             )));
         }
-        let (req, converted) = if span_count > INLINE_CONVERT_SPANS {
-            tokio::task::spawn_blocking(move || {
-                let c = otlp_trace::convert(&req);
-                (req, c)
-            })
-            .await
-            .map_err(|e| {
-                ApiError::new(ErrorKind::Internal, format!("conversion task failed: {e}"))
-            })?
-        } else {
-            let c = otlp_trace::convert(&req);
-            (req, c)
-        };
+        let (req, converted) = convert_sized(req, span_count, otlp_trace::convert).await?;
         let rows = converted.map_err(|e| {
             METRICS.ingest_rejected.inc();
             ApiError::invalid(e.to_string())
@@ -167,6 +183,85 @@ impl Ingestor {
         }
         Ok(ExportTraceServiceResponse { partial_success })
     }
+
+    /// Validates, converts and commits an OTLP logs export for `tenant`.
+    pub async fn write_logs(
+        &self,
+        tenant: &str,
+        mut req: ExportLogsServiceRequest,
+    ) -> Result<ExportLogsServiceResponse, ApiError> {
+        let n = otlp_logs::count(&req);
+        if n == 0 {
+            return Ok(ExportLogsServiceResponse::default());
+        }
+        otlp_logs::stamp_observed(&mut req, now_ns());
+        let (req, converted) = convert_sized(req, n, otlp_logs::convert).await?;
+        let rows = converted.map_err(|e| {
+            METRICS.ingest_rejected.inc();
+            ApiError::invalid(e.to_string())
+        })?;
+        let entry = WalEntry {
+            kind: PayloadKind::OtlpLogs,
+            tenant: tenant.to_string(),
+            endpoint: otlp_logs::LOGS.to_string(),
+            payload: Bytes::from(req.encode_to_vec()),
+        };
+        self.commit(entry, vec![(TableId::new(tenant, otlp_logs::LOGS), rows)])
+            .await?;
+        Ok(ExportLogsServiceResponse {
+            partial_success: None,
+        })
+    }
+
+    /// Validates, converts and commits an OTLP metrics export; `allowed`
+    /// checks that the caller may write each table the points land in.
+    pub async fn write_metrics(
+        &self,
+        tenant: &str,
+        req: ExportMetricsServiceRequest,
+        allowed: impl Fn(&str) -> Result<(), ApiError>,
+    ) -> Result<ExportMetricsServiceResponse, ApiError> {
+        let n = otlp_metrics::count(&req);
+        let (req, converted) = convert_sized(req, n, otlp_metrics::convert).await?;
+        let rows = converted.map_err(|e| {
+            METRICS.ingest_rejected.inc();
+            ApiError::invalid(e.to_string())
+        })?;
+        for (table, _) in &rows.tables {
+            allowed(table)?;
+        }
+        let partial_success = rows
+            .reject_reason
+            .clone()
+            .map(|msg| ExportMetricsPartialSuccess {
+                rejected_data_points: rows.rejected as i64,
+                error_message: msg,
+            });
+        if rows.points > 0 {
+            let entry = WalEntry {
+                kind: PayloadKind::OtlpMetrics,
+                tenant: tenant.to_string(),
+                endpoint: otlp_metrics::METRICS.to_string(),
+                payload: Bytes::from(req.encode_to_vec()),
+            };
+            self.commit(entry, metric_tables(tenant, rows)).await?;
+        }
+        Ok(ExportMetricsServiceResponse { partial_success })
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn metric_tables(tenant: &str, rows: otlp_metrics::MetricRows) -> Vec<(TableId, RecordBatch)> {
+    rows.tables
+        .into_iter()
+        .map(|(name, batch)| (TableId::new(tenant, name), batch))
+        .collect()
 }
 
 impl Ingestor {
@@ -275,8 +370,6 @@ pub enum ReplayError {
     Convert(#[from] otlp_trace::Error),
     #[error("records do not convert: {0}")]
     Records(#[from] records::Error),
-    #[error("payload kind {0:?} is not supported by this version")]
-    Unsupported(PayloadKind),
 }
 
 /// The rows a WAL entry produced when it was accepted (for replay).
@@ -289,12 +382,20 @@ pub fn rows_for_entry(
             let req = ExportTraceServiceRequest::decode(entry.payload.clone())?;
             Ok(trace_tables(&entry.tenant, otlp_trace::convert(&req)?))
         }
+        PayloadKind::OtlpLogs => {
+            let req = ExportLogsServiceRequest::decode(entry.payload.clone())?;
+            let table = TableId::new(&entry.tenant, otlp_logs::LOGS);
+            Ok(vec![(table, otlp_logs::convert(&req)?)])
+        }
+        PayloadKind::OtlpMetrics => {
+            let req = ExportMetricsServiceRequest::decode(entry.payload.clone())?;
+            Ok(metric_tables(&entry.tenant, otlp_metrics::convert(&req)?))
+        }
         PayloadKind::DataRecordBatch => {
             let req = WriteBatchRequest::decode(entry.payload.clone())?;
             let table = TableId::new(&entry.tenant, &entry.endpoint);
             let rows = record_rows(schemas, &table, &req)?;
             Ok(vec![(table, rows)])
         }
-        other => Err(ReplayError::Unsupported(other)),
     }
 }

@@ -51,7 +51,7 @@ pub enum Error {
     Nesting { at: String, source: TooDeep },
 }
 
-fn ts_type() -> DataType {
+pub(super) fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
 }
 
@@ -154,7 +154,7 @@ pub struct TraceRows {
     pub reject_reason: Option<String>,
 }
 
-fn str_attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
+pub(super) fn str_attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
     attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
         match kv.value.as_ref()?.value.as_ref()? {
             Value::StringValue(s) => Some(s.as_str()),
@@ -163,7 +163,7 @@ fn str_attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
     })
 }
 
-fn check_id(
+pub(super) fn check_id(
     at: &dyn Fn() -> String,
     field: &'static str,
     id: &[u8],
@@ -265,11 +265,11 @@ struct SpanBuilders {
     buf: String,
 }
 
-fn non_empty(s: &str) -> Option<&str> {
+pub(super) fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
-fn hex_into(buf: &mut String, bytes: &[u8]) {
+pub(super) fn hex_into(buf: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     buf.clear();
     for b in bytes {

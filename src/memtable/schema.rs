@@ -265,13 +265,28 @@ fn record_schema(cols: &[StoredColumn]) -> SchemaRef {
 
 /// Schemas of the tables lakewriter derives from telemetry.
 pub fn builtin(endpoint: &str) -> Option<SchemaRef> {
+    use crate::ingest::otlp_logs::{LOGS, LOGS_SCHEMA};
+    use crate::ingest::otlp_metrics;
     use crate::ingest::otlp_trace::{SPANS, SPANS_SCHEMA, STATE_PATCHES, STATE_PATCHES_SCHEMA};
     match endpoint {
         SPANS => Some(SPANS_SCHEMA.clone()),
         STATE_PATCHES => Some(STATE_PATCHES_SCHEMA.clone()),
-        _ => None,
+        LOGS => Some(LOGS_SCHEMA.clone()),
+        _ => otlp_metrics::schema(endpoint),
     }
 }
+
+/// Every built-in table name.
+pub const BUILTIN_TABLES: [&str; 8] = [
+    "spans",
+    "state_patches",
+    "logs",
+    "metrics_gauge",
+    "metrics_sum",
+    "metrics_histogram",
+    "metrics_exponential_histogram",
+    "metrics_summary",
+];
 
 /// Endpoint names DataRecord batches may not use (telemetry tables, now and later).
 pub fn is_reserved_endpoint(endpoint: &str) -> bool {
@@ -287,6 +302,15 @@ mod tests {
         let wal = crate::wal::Wal::open(dir.path(), 8).unwrap();
         let reg = Registry::open(wal.db().clone()).unwrap();
         (dir, reg)
+    }
+
+    #[test]
+    fn every_builtin_table_has_a_schema_and_is_reserved() {
+        for t in BUILTIN_TABLES {
+            assert!(builtin(t).is_some(), "{t}");
+            assert!(is_reserved_endpoint(t), "{t}");
+        }
+        assert!(builtin("metrics_other").is_none());
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod spans;
 pub mod table;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +32,8 @@ use futures::StreamExt;
 use crate::auth::Principal;
 use crate::config::QueryConfig;
 use crate::error::{ApiError, Classify, ErrorKind};
-use crate::memtable::schema::Registry;
+use crate::flush::lake::Lake;
+use crate::memtable::schema::{Registry, BUILTIN_TABLES};
 use crate::memtable::{Catalog, TableId};
 use crate::metrics::METRICS;
 use crate::query::table::{LakeTable, TimeRange};
@@ -96,7 +96,7 @@ impl QueryResult {
 pub struct QueryEngine {
     catalog: Arc<Catalog>,
     schemas: Arc<Registry>,
-    lake_root: PathBuf,
+    lake: Lake,
     /// Shared object store registry and Parquet metadata cache; each query
     /// gets a copy with its own memory pool.
     runtime: Arc<RuntimeEnv>,
@@ -116,7 +116,7 @@ impl QueryEngine {
     pub fn new(
         catalog: Arc<Catalog>,
         schemas: Arc<Registry>,
-        lake_root: PathBuf,
+        lake: Lake,
         cfg: QueryConfig,
     ) -> anyhow::Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
@@ -124,6 +124,8 @@ impl QueryEngine {
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )
             .build_arc()?;
+        let (url, store) = lake.scan_store();
+        runtime.register_object_store(url, store.clone());
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
@@ -133,7 +135,7 @@ impl QueryEngine {
         Ok(Self {
             catalog,
             schemas,
-            lake_root,
+            lake,
             runtime,
             cfg,
             rt: Some(rt),
@@ -146,7 +148,7 @@ impl QueryEngine {
 
     /// Table names the principal may read, sorted.
     pub fn tables_for(&self, p: &Principal) -> Vec<String> {
-        let mut names: BTreeSet<String> = ["spans", "state_patches"].map(String::from).into();
+        let mut names: BTreeSet<String> = BUILTIN_TABLES.map(String::from).into();
         names.extend(
             self.schemas
                 .record_tables_of(&p.tenant)
@@ -181,7 +183,7 @@ impl QueryEngine {
                 continue;
             };
             let snapshot = self.catalog.snapshot(&table);
-            let provider = LakeTable::new(schema, snapshot, &self.lake_root, range)?;
+            let provider = LakeTable::new(schema, snapshot, &self.lake, range)?;
             ctx.register_table(TableReference::bare(name), Arc::new(provider))?;
         }
         Ok(ctx)

@@ -6,7 +6,7 @@
 //! strings with nanoseconds, dates `YYYY-MM-DD`, binary is lowercase hex, and
 //! anything else (lists, structs, decimals, intervals) is its display string.
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, SchemaRef,
     TimeUnit, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
@@ -72,8 +72,18 @@ pub fn cell(col: &dyn Array, row: usize) -> Value {
             };
             rfc3339_nanos(ns).into()
         }
+        DataType::List(_) => list(col.as_list::<i32>().value(row)),
+        DataType::LargeList(_) => list(col.as_list::<i64>().value(row)),
         _ => display(col, row),
     }
+}
+
+fn list(values: ArrayRef) -> Value {
+    Value::Array(
+        (0..values.len())
+            .map(|i| cell(values.as_ref(), i))
+            .collect(),
+    )
 }
 
 fn display(col: &dyn Array, row: usize) -> Value {

@@ -10,7 +10,6 @@
 //! `trace_id` bloom filter pruning, filter pushdown); files written before a
 //! column existed read it as null through the table schema.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
@@ -29,6 +28,7 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::physical_plan::ExecutionPlan;
 
+use crate::flush::lake::Lake;
 use crate::flush::parquet::align;
 use crate::memtable::TableSnapshot;
 
@@ -53,22 +53,19 @@ pub struct LakeTable {
 }
 
 impl LakeTable {
-    /// `lake_root` is the local directory of the lake; `range` drops files whose
-    /// manifest time range cannot match.
+    /// Files are read from `lake`; `range` drops files whose manifest time
+    /// range cannot match.
     pub fn new(
         schema: SchemaRef,
         snapshot: TableSnapshot,
-        lake_root: &Path,
+        lake: &Lake,
         range: TimeRange,
     ) -> Result<Self> {
         let urls = snapshot
             .files
             .iter()
             .filter(|f| range.overlaps(f.min_time_ns, f.max_time_ns))
-            .map(|f| {
-                let path = lake_root.join(&f.path);
-                ListingTableUrl::parse(format!("file://{}", path.display()))
-            })
+            .map(|f| ListingTableUrl::parse(lake.scan_url(&f.path)))
             .collect::<Result<Vec<_>>>()?;
         let files = if urls.is_empty() {
             None

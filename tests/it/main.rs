@@ -4,6 +4,7 @@
 mod auth;
 mod crash;
 mod harness;
+mod otlp;
 mod query;
 mod records;
 mod write_path;

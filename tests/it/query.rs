@@ -204,7 +204,20 @@ async fn sql_formats_safety_and_tenant_isolation() {
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
         )
         .await;
-    assert_eq!(v["rows"], json!([["spans"], ["state_patches"]]));
+    // The built-in telemetry tables only: no other tenant's record tables.
+    assert_eq!(
+        v["rows"],
+        json!([
+            ["logs"],
+            ["metrics_exponential_histogram"],
+            ["metrics_gauge"],
+            ["metrics_histogram"],
+            ["metrics_sum"],
+            ["metrics_summary"],
+            ["spans"],
+            ["state_patches"]
+        ])
+    );
 
     // Arrow IPC stream and CSV.
     let http = reqwest::Client::new();

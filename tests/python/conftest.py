@@ -31,7 +31,7 @@ def binary() -> str:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *args: str):
+    def __init__(self, data_dir: Path, *args: str, env: dict | None = None):
         self.data_dir = data_dir
         self.grpc_port, self.http_port, self.internal_port = free_port(), free_port(), free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ class Server:
             "--internal-grpc-addr", f"127.0.0.1:{self.internal_port}",
             *args,
         ]
-        env = {**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": ADMIN_KEY}
+        env = {**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": ADMIN_KEY, **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 60
         while True:
@@ -78,6 +78,13 @@ class Server:
 
     def flush(self) -> dict:
         return self.post("/api/v1/admin/flush", headers={"X-API-Key": ADMIN_KEY})
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=60)
+
+    def sql(self, sql: str) -> list:
+        return self.post("/api/v1/query", {"sql": sql}, headers={"X-API-Key": ADMIN_KEY})["rows"]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
