@@ -3,6 +3,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
+        // DataRecord fields: a BTreeMap decodes without hashing, and iterates
+        // in name order, which the record conversion's fast path relies on.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_protos(

@@ -202,19 +202,30 @@ pub fn from_records(
         return Err(Error::Empty);
     }
     // Pass 1: names, sizes and one type per field (sorted by name, so new
-    // columns are added in a deterministic order).
+    // columns are added in a deterministic order). Records of one batch
+    // nearly always carry the same field names: a record whose names equal
+    // the previous one's (fields iterate in name order) checks its types
+    // against that record's slots instead of searching the map per field.
     let mut types: BTreeMap<&str, Option<ColType>> = BTreeMap::new();
+    let mut prev: Vec<(&str, Option<ColType>)> = Vec::new();
     for (index, r) in records.iter().enumerate() {
         if r.event_id.is_empty() || r.event_id.len() > MAX_EVENT_ID_BYTES {
             return Err(Error::EventId { index });
         }
-        for (name, value) in &r.fields {
+        let same_names =
+            r.fields.len() == prev.len() && r.fields.keys().zip(&prev).all(|(a, (b, _))| a == b);
+        let mut changed = !same_names;
+        for (j, (name, value)) in r.fields.iter().enumerate() {
             let ty = value.kind.as_ref().and_then(kind_type);
             if let Some(Kind::StringValue(s)) = &value.kind {
                 check_size(name, s.len())?;
             } else if let Some(Kind::BytesValue(b)) = &value.kind {
                 check_size(name, b.len())?;
             }
+            if same_names && (ty.is_none() || ty == prev[j].1) {
+                continue;
+            }
+            changed = true;
             match types.get_mut(name.as_str()) {
                 None => {
                     check_field_name(name)?;
@@ -233,6 +244,10 @@ pub fn from_records(
                     _ => {}
                 },
             }
+        }
+        if changed {
+            prev.clear();
+            prev.extend(r.fields.keys().map(|k| (k.as_str(), types[k.as_str()])));
         }
     }
     let typed: Vec<(&str, ColType)> = types
@@ -266,13 +281,22 @@ pub fn from_records(
     let mut event_id = StringBuilder::with_capacity(n, n * 26);
     let mut ts = TimestampNanosecondBuilder::with_capacity(n);
     let mut version = Int64Builder::with_capacity(n);
+    // The builder of each field of the previous record (same-names fast path).
+    let mut prev_names: Vec<&str> = Vec::new();
+    let mut prev_slots: Vec<Option<usize>> = Vec::new();
     for (row, r) in records.iter().enumerate() {
         event_id.append_value(&r.event_id);
         ts.append_value(r.timestamp_unix_nano);
         version.append_value(r.version);
-        for (name, value) in &r.fields {
-            if let (Some(&i), Some(k)) = (slot.get(name.as_str()), &value.kind) {
-                builders[i].append(k);
+        let same_names = r.fields.len() == prev_names.len()
+            && r.fields.keys().zip(&prev_names).all(|(a, b)| a == b);
+        if !same_names {
+            prev_names = r.fields.keys().map(String::as_str).collect();
+            prev_slots = prev_names.iter().map(|k| slot.get(k).copied()).collect();
+        }
+        for (value, i) in r.fields.values().zip(&prev_slots) {
+            if let (Some(i), Some(k)) = (i, &value.kind) {
+                builders[*i].append(k);
             }
         }
         for b in &mut builders {
@@ -497,6 +521,7 @@ pub fn from_arrow_ipc(
 mod tests {
     use super::*;
     use crate::proto::storage::Value;
+    use arrow::array::AsArray;
 
     fn registry() -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().unwrap();
@@ -558,5 +583,44 @@ mod tests {
             );
         }
         assert!(from_records(&reg, &t, &[rec("", vec![])]).is_err());
+    }
+
+    #[test]
+    fn same_names_fast_path_still_types_every_value() {
+        let (_d, reg) = registry();
+        let t = TableId::new("t", "fast");
+        let int = |v| Some(Kind::IntValue(v));
+        let b = from_records(
+            &reg,
+            &t,
+            &[
+                rec("a", vec![("p", None), ("q", int(1))]),
+                rec(
+                    "b",
+                    vec![("p", Some(Kind::StringValue("x".into()))), ("q", int(2))],
+                ),
+                rec("c", vec![("p", None), ("q", int(3))]),
+            ],
+        )
+        .unwrap();
+        let p = b.column_by_name("p").unwrap().as_string::<i32>();
+        assert_eq!(p.iter().collect::<Vec<_>>(), vec![None, Some("x"), None]);
+        let err = from_records(
+            &reg,
+            &t,
+            &[
+                rec("a", vec![("r", None), ("s", int(1))]),
+                rec("b", vec![("r", int(5)), ("s", int(1))]),
+                rec(
+                    "c",
+                    vec![("r", Some(Kind::DoubleValue(0.5))), ("s", int(1))],
+                ),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "field `r`: type int64 in an earlier record, double in record 2"
+        );
     }
 }
