@@ -103,6 +103,15 @@ impl Ingestor {
         self.batches.prune()
     }
 
+    /// Refuses a write before any conversion work while memtables are over
+    /// budget (checked again at commit).
+    fn admit(&self) -> Result<(), ApiError> {
+        self.catalog.admit().map_err(|e| {
+            METRICS.ingest_rejected.inc();
+            ApiError::from_err(e)
+        })
+    }
+
     /// Appends one request to the WAL and its rows to memtables; Ok is the ack.
     pub async fn commit(
         &self,
@@ -147,6 +156,7 @@ impl Ingestor {
         tenant: &str,
         req: ExportTraceServiceRequest,
     ) -> Result<ExportTraceServiceResponse, ApiError> {
+        self.admit()?;
         let span_count: usize = req
             .resource_spans
             .iter()
@@ -190,6 +200,7 @@ impl Ingestor {
         tenant: &str,
         mut req: ExportLogsServiceRequest,
     ) -> Result<ExportLogsServiceResponse, ApiError> {
+        self.admit()?;
         let n = otlp_logs::count(&req);
         if n == 0 {
             return Ok(ExportLogsServiceResponse::default());
@@ -221,6 +232,7 @@ impl Ingestor {
         req: ExportMetricsServiceRequest,
         allowed: impl Fn(&str) -> Result<(), ApiError>,
     ) -> Result<ExportMetricsServiceResponse, ApiError> {
+        self.admit()?;
         let n = otlp_metrics::count(&req);
         let (req, converted) = convert_sized(req, n, otlp_metrics::convert).await?;
         let rows = converted.map_err(|e| {
@@ -304,6 +316,9 @@ impl Ingestor {
                 });
             }
         }
+        // After the duplicate check: a retried, already durable batch gets its
+        // ack even while memtables are full.
+        self.admit()?;
         let (req, converted) = {
             let this = self.clone();
             let table = table.clone();
