@@ -104,6 +104,14 @@ pub struct LoadgenArgs {
     /// Server metrics URL (e.g. http://127.0.0.1:1323/metrics) for the fsync ratio.
     #[arg(long)]
     pub metrics_url: Option<String>,
+    /// Stop once this many items were acknowledged (0: run for `--duration`).
+    #[arg(long, default_value_t = 0)]
+    pub max_items: u64,
+    /// Build every request fresh with its own ids (no repeats, for loading a
+    /// lake of distinct traces) instead of cycling a pre-encoded pool; costs
+    /// client CPU.
+    #[arg(long)]
+    pub unique: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -656,11 +664,25 @@ async fn worker(
             }
             None => Instant::now(),
         };
-        if scheduled >= deadline {
+        if scheduled >= deadline
+            || (args.max_items > 0 && stats.items.load(Ordering::Relaxed) >= args.max_items)
+        {
             break;
         }
         sent += 1;
-        let body = pool[k % pool.len()].clone();
+        let body = if args.unique {
+            // Seeds above the pool's, distinct across workers and requests.
+            let seed = 1_000 + k as u64;
+            match payload(&args, seed) {
+                Ok(b) => b,
+                Err(e) => {
+                    *stats.errors.lock().entry(e.to_string()).or_default() += 1;
+                    break;
+                }
+            }
+        } else {
+            pool[k % pool.len()].clone()
+        };
         k += args.concurrency;
         let len = body.len() as u64;
         match sender.send(body, &args.api_key).await {

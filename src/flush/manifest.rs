@@ -45,6 +45,10 @@ pub struct FileMeta {
     pub min_seq: String,
     pub max_seq: String,
     pub created_at_ms: u64,
+    /// Distinct `service_name` values in the file (tables that have the
+    /// column); None in files recorded before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_names: Option<Vec<String>>,
 }
 
 impl FileMeta {

@@ -221,6 +221,7 @@ impl Flusher {
                 min_seq: frozen.min_seq.to_string(),
                 max_seq: frozen.max_seq.to_string(),
                 created_at_ms: now_ms(),
+                service_names: Some(enc.service_names),
             });
         }
         Ok(files)

@@ -63,6 +63,8 @@ pub struct Encoded {
     pub rows: usize,
     pub min_time_ns: i64,
     pub max_time_ns: i64,
+    /// Distinct `service_name` values, sorted (empty for tables without one).
+    pub service_names: Vec<String>,
     pub bytes: Bytes,
 }
 
@@ -167,8 +169,29 @@ fn encode_partition(
         rows: sorted.num_rows(),
         min_time_ns,
         max_time_ns,
+        service_names: distinct_strings(&sorted, "service_name"),
         bytes: Bytes::from(buf),
     })
+}
+
+/// Sorted distinct values of a string column (empty when there is none).
+pub fn distinct_strings(batch: &RecordBatch, name: &str) -> Vec<String> {
+    let Some(col) = batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+    else {
+        return Vec::new();
+    };
+    let mut out = std::collections::BTreeSet::new();
+    let mut prev: Option<&str> = None;
+    for v in col.iter().flatten() {
+        // Rows are mostly grouped by value: skip the set for repeats.
+        if prev != Some(v) {
+            out.insert(v);
+            prev = Some(v);
+        }
+    }
+    out.into_iter().map(String::from).collect()
 }
 
 fn sort(batch: &RecordBatch, names: &[&str]) -> Result<RecordBatch> {
