@@ -1,4 +1,5 @@
-//! Criterion benchmarks of each write-path stage, with throughput in spans.
+//! Criterion benchmarks of each write-path stage, with throughput in spans or
+//! records.
 //!
 //! `cargo bench --bench pipeline` (results in BENCHMARKS.md).
 
@@ -9,8 +10,12 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use lakewriter::config::FlushConfig;
 use lakewriter::flush::parquet::{encode, EncodeOptions};
 use lakewriter::ingest::otlp_trace::convert;
-use lakewriter::loadgen::junjo_request;
+use lakewriter::ingest::records::{from_arrow_ipc, from_records};
+use lakewriter::loadgen::{junjo_request, records_arrow, records_proto};
+use lakewriter::memtable::schema::Registry;
 use lakewriter::memtable::{Catalog, TableId};
+use lakewriter::proto::ingestion::write_batch_request::Payload;
+use lakewriter::proto::ingestion::WriteBatchRequest;
 use lakewriter::wal::{PayloadKind, Wal, WalEntry};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -115,9 +120,47 @@ fn wal_append(c: &mut Criterion) {
     g.finish();
 }
 
+const RECORDS_PROTO: usize = 5_000;
+const RECORDS_ARROW: usize = 50_000;
+
+/// DataRecords: protobuf decode, conversion to Arrow (schema already known),
+/// and Arrow IPC decode + validation, 10-field records as in the load generator.
+fn records(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), 8).unwrap();
+    let reg = Registry::open(wal.db().clone()).unwrap();
+    let proto = Bytes::from(records_proto(1, RECORDS_PROTO).encode_to_vec());
+    let decoded = WriteBatchRequest::decode(proto.clone()).unwrap();
+    let Some(Payload::Records(recs)) = &decoded.payload else {
+        unreachable!()
+    };
+    let table = TableId::new("t", "bench_proto");
+    from_records(&reg, &table, &recs.records).unwrap();
+    let mut g = c.benchmark_group("records");
+    g.throughput(Throughput::Elements(RECORDS_PROTO as u64));
+    g.bench_function("decode_5k_protobuf", |b| {
+        b.iter(|| WriteBatchRequest::decode(proto.clone()).unwrap())
+    });
+    g.bench_function("convert_5k_protobuf", |b| {
+        b.iter(|| from_records(&reg, &table, &recs.records).unwrap())
+    });
+    let arrow = records_arrow(1, RECORDS_ARROW).unwrap();
+    let Some(Payload::ArrowIpcStream(ipc)) = &arrow.payload else {
+        unreachable!()
+    };
+    let table = TableId::new("t", "bench_arrow");
+    from_arrow_ipc(&reg, &table, ipc).unwrap();
+    g.throughput(Throughput::Elements(RECORDS_ARROW as u64));
+    g.bench_function("decode_50k_arrow_ipc", |b| {
+        b.iter(|| from_arrow_ipc(&reg, &table, ipc).unwrap())
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     decode_convert,
+    records,
     memtable_insert,
     parquet_encode,
     wal_append
