@@ -21,10 +21,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
 
 use super::json;
-use super::otlp_trace::{check_id, hex_into, non_empty, str_attr, ts_type, Error, NO_SERVICE_NAME};
+use super::otlp_trace::{check_id, hex_into, non_empty, resource_ctx, ts_type, Error};
 
 pub const LOGS: &str = "logs";
 
@@ -104,15 +103,8 @@ pub fn convert(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Error> {
     let mut b = Builders::default();
     let mut buf = String::new();
     for (ri, rl) in req.resource_logs.iter().enumerate() {
-        let res_attrs: &[KeyValue] = rl
-            .resource
-            .as_ref()
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or(&[]);
-        let service = str_attr(res_attrs, "service.name").unwrap_or(NO_SERVICE_NAME);
-        let res_json = json::attrs_to_string(res_attrs).map_err(|source| Error::Nesting {
-            at: format!("resource_logs[{ri}].resource"),
-            source,
+        let (service, res_json) = resource_ctx(rl.resource.as_ref(), || {
+            format!("resource_logs[{ri}].resource")
         })?;
         for (si, sl) in rl.scope_logs.iter().enumerate() {
             let scope = sl.scope.as_ref();

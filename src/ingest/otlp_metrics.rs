@@ -34,7 +34,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 
 use super::json::{self, TooDeep};
-use super::otlp_trace::{non_empty, str_attr, ts_type, Error, NO_SERVICE_NAME};
+use super::otlp_trace::{non_empty, resource_ctx, ts_type, Error};
 
 pub const GAUGE: &str = "metrics_gauge";
 pub const SUM: &str = "metrics_sum";
@@ -208,6 +208,19 @@ struct PointCommon<'a> {
     exemplars: &'a [Exemplar],
 }
 
+/// The common part of a data point (every point type names these fields alike).
+macro_rules! point_common {
+    ($p:expr, $exemplars:expr) => {
+        PointCommon {
+            time: $p.time_unix_nano,
+            start: $p.start_time_unix_nano,
+            attrs: &$p.attributes,
+            flags: $p.flags,
+            exemplars: $exemplars,
+        }
+    };
+}
+
 fn ns(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
@@ -337,16 +350,7 @@ impl Numbers {
             Some(number_data_point::Value::AsInt(v)) => (v as f64, Some(v)),
             None => return Ok(false),
         };
-        self.c.append(
-            m,
-            &PointCommon {
-                time: p.time_unix_nano,
-                start: p.start_time_unix_nano,
-                attrs: &p.attributes,
-                flags: p.flags,
-                exemplars: &p.exemplars,
-            },
-        )?;
+        self.c.append(m, &point_common!(p, &p.exemplars))?;
         self.value.append_value(value);
         self.value_int.append_option(int);
         if let Some((t, mono)) = sum {
@@ -411,16 +415,7 @@ impl Histograms {
         if !buckets_fit {
             return Ok(false);
         }
-        self.c.append(
-            m,
-            &PointCommon {
-                time: p.time_unix_nano,
-                start: p.start_time_unix_nano,
-                attrs: &p.attributes,
-                flags: p.flags,
-                exemplars: &p.exemplars,
-            },
-        )?;
+        self.c.append(m, &point_common!(p, &p.exemplars))?;
         self.stats.append(p.count, p.sum, p.min, p.max);
         append_list(&mut self.bucket_counts, &p.bucket_counts);
         append_list(&mut self.bounds, &p.explicit_bounds);
@@ -460,16 +455,7 @@ impl ExpHistograms {
         p: &ExponentialHistogramDataPoint,
         t: i32,
     ) -> Result<(), TooDeep> {
-        self.c.append(
-            m,
-            &PointCommon {
-                time: p.time_unix_nano,
-                start: p.start_time_unix_nano,
-                attrs: &p.attributes,
-                flags: p.flags,
-                exemplars: &p.exemplars,
-            },
-        )?;
+        self.c.append(m, &point_common!(p, &p.exemplars))?;
         self.stats.append(p.count, p.sum, p.min, p.max);
         self.scale.append_value(p.scale);
         self.zero_count.append_value(p.zero_count);
@@ -514,16 +500,7 @@ struct Summaries {
 
 impl Summaries {
     fn append(&mut self, m: &MetricCtx, p: &SummaryDataPoint) -> Result<(), TooDeep> {
-        self.c.append(
-            m,
-            &PointCommon {
-                time: p.time_unix_nano,
-                start: p.start_time_unix_nano,
-                attrs: &p.attributes,
-                flags: p.flags,
-                exemplars: &[],
-            },
-        )?;
+        self.c.append(m, &point_common!(p, &[]))?;
         self.count.append_value(p.count);
         self.sum.append_value(p.sum);
         let q: Vec<f64> = p.quantile_values.iter().map(|q| q.quantile).collect();
@@ -559,15 +536,8 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
     let mut rejected = 0u64;
     let mut no_time = 0u64;
     for (ri, rm) in req.resource_metrics.iter().enumerate() {
-        let res_attrs: &[KeyValue] = rm
-            .resource
-            .as_ref()
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or(&[]);
-        let service = str_attr(res_attrs, "service.name").unwrap_or(NO_SERVICE_NAME);
-        let res_json = json::attrs_to_string(res_attrs).map_err(|source| Error::Nesting {
-            at: format!("resource_metrics[{ri}].resource"),
-            source,
+        let (service, res_json) = resource_ctx(rm.resource.as_ref(), || {
+            format!("resource_metrics[{ri}].resource")
         })?;
         for (si, sm) in rm.scope_metrics.iter().enumerate() {
             let scope = sm.scope.as_ref();

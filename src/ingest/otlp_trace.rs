@@ -29,6 +29,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span::Event, Span};
 use sha2::{Digest, Sha256};
 
@@ -181,21 +182,27 @@ pub(super) fn check_id(
     })
 }
 
+/// The service name (`service.name`, else `NO_SERVICE_NAME`) and attributes
+/// JSON of a resource, shared by every row it carries.
+pub(super) fn resource_ctx(
+    resource: Option<&Resource>,
+    at: impl Fn() -> String,
+) -> Result<(&str, String), Error> {
+    let attrs: &[KeyValue] = resource.map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+    let service = str_attr(attrs, "service.name").unwrap_or(NO_SERVICE_NAME);
+    let json =
+        json::attrs_to_string(attrs).map_err(|source| Error::Nesting { at: at(), source })?;
+    Ok((service, json))
+}
+
 /// Validates and converts a whole request.
 pub fn convert(req: &ExportTraceServiceRequest) -> Result<TraceRows, Error> {
     let mut b = SpanBuilders::default();
     let mut p = PatchBuilders::default();
     let mut rejected = 0u64;
     for (ri, rs) in req.resource_spans.iter().enumerate() {
-        let res_attrs: &[KeyValue] = rs
-            .resource
-            .as_ref()
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or(&[]);
-        let service = str_attr(res_attrs, "service.name").unwrap_or(NO_SERVICE_NAME);
-        let res_json = json::attrs_to_string(res_attrs).map_err(|source| Error::Nesting {
-            at: format!("resource_spans[{ri}].resource"),
-            source,
+        let (service, res_json) = resource_ctx(rs.resource.as_ref(), || {
+            format!("resource_spans[{ri}].resource")
         })?;
         for (si, ss) in rs.scope_spans.iter().enumerate() {
             let scope = ss.scope.as_ref();
