@@ -17,55 +17,33 @@ Prints both figures and the ratio; --json for machine-readable output.
 """
 import argparse
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import duckdb
 
+from bench_server import TARGET, BenchServer
+
 ROOT = Path(__file__).resolve().parent.parent
-TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/lakewriter-target"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_lakewriter(binary: str, seconds: int, concurrency: int, spans: int) -> dict:
-    data = tempfile.mkdtemp(prefix="lw-compare-")
-    grpc, http, internal = free_port(), free_port(), free_port()
-    server = subprocess.Popen(
-        [binary, "serve", "--data-dir", data, "--grpc-addr", f"127.0.0.1:{grpc}",
-         "--http-addr", f"127.0.0.1:{http}", "--internal-grpc-addr", f"127.0.0.1:{internal}", "--log", "warn"],
-        env={**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": "lw_compare_admin_key_0123456789"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key = "lw_compare_admin_key_0123456789"
+    server = BenchServer(binary, key, prefix="lw-compare-")
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         out = subprocess.run(
-            [binary, "loadgen", "--target", f"http://127.0.0.1:{grpc}", "--concurrency", str(concurrency),
+            [binary, "loadgen", "--target", server.grpc_target, "--concurrency", str(concurrency),
              "--items-per-request", str(spans), "--duration", f"{seconds}s", "--json",
-             "--api-key", "lw_compare_admin_key_0123456789",
-             "--metrics-url", f"http://127.0.0.1:{http}/metrics"],
+             "--api-key", key, "--metrics-url", f"{server.base}/metrics"],
             check=True, capture_output=True, text=True)
         report = json.loads(out.stdout)
         report["spans_per_sec"] = report["items_per_sec"]
         return report
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+        server.stop()
 
 
 COLUMNS = [

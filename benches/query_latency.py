@@ -16,25 +16,16 @@ Usage (from a checkout, after a build):
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import duckdb
 
-TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/lakewriter-target"))
+from bench_server import TARGET, BenchServer
+
 KEY = "lw_query_bench_admin_key_0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, body: dict | None = None) -> bytes:
@@ -69,26 +60,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    data = Path(tempfile.mkdtemp(prefix="lw-query-"))
-    grpc, web, internal = free_port(), free_port(), free_port()
-    server = subprocess.Popen(
-        [a.binary, "serve", "--data-dir", str(data), "--grpc-addr", f"127.0.0.1:{grpc}",
-         "--http-addr", f"127.0.0.1:{web}", "--internal-grpc-addr", f"127.0.0.1:{internal}",
-         "--wal-retention", "0s", "--log", "warn"],
-        env={**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": KEY},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{web}"
+    server = BenchServer(a.binary, KEY, "--wal-retention", "0s", prefix="lw-query-")
+    data, base = server.data, server.base
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         # Load: requests of 500 distinct spans until --spans are acknowledged.
         started = time.time()
         out = subprocess.run(
-            [a.binary, "loadgen", "--target", f"http://127.0.0.1:{grpc}", "--api-key", KEY,
+            [a.binary, "loadgen", "--target", server.grpc_target, "--api-key", KEY,
              "--unique", "--concurrency", "8", "--items-per-request", "500", "--duration", "3600s",
              "--max-items", str(a.spans), "--json"],
             check=True, capture_output=True, text=True)
@@ -134,8 +112,7 @@ def main() -> None:
             for k in queries:
                 print(f"{k:<24}{lw[k]['p50_ms']:>12} / {lw[k]['p99_ms']:<9}{dk[k]['p50_ms']:>10} / {dk[k]['p99_ms']}")
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=300)
+        server.stop()
 
 
 if __name__ == "__main__":

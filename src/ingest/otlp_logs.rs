@@ -23,7 +23,7 @@ use arrow::record_batch::RecordBatch;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 
 use super::json;
-use super::otlp_trace::{check_id, hex_into, non_empty, resource_ctx, ts_type, Error};
+use super::otlp_trace::{check_id, hex_into, non_empty, ns, resource_ctx, ts_type, Error};
 
 pub const LOGS: &str = "logs";
 
@@ -92,10 +92,6 @@ struct Builders {
     flags: UInt32Builder,
     event_name: StringBuilder,
     dropped_attributes: UInt32Builder,
-}
-
-fn ns(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
 }
 
 /// Validates and converts a whole request.

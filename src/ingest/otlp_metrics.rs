@@ -34,7 +34,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 
 use super::json::{self, TooDeep};
-use super::otlp_trace::{non_empty, resource_ctx, ts_type, Error};
+use super::otlp_trace::{non_empty, ns, resource_ctx, ts_type, Error};
 
 pub const GAUGE: &str = "metrics_gauge";
 pub const SUM: &str = "metrics_sum";
@@ -219,10 +219,6 @@ macro_rules! point_common {
             exemplars: $exemplars,
         }
     };
-}
-
-fn ns(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
 }
 
 #[derive(Default)]

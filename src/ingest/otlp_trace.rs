@@ -272,6 +272,11 @@ struct SpanBuilders {
     buf: String,
 }
 
+/// An OTLP `fixed64` time as an Arrow timestamp (ns), saturating.
+pub(super) fn ns(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
 pub(super) fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
@@ -329,8 +334,8 @@ impl SpanBuilders {
         self.service_name.append_value(ctx.service);
         self.name.append_value(&span.name);
         self.kind.append_value(kind_name(span.kind));
-        let start = span.start_time_unix_nano.min(i64::MAX as u64) as i64;
-        let end = span.end_time_unix_nano.min(i64::MAX as u64) as i64;
+        let start = ns(span.start_time_unix_nano);
+        let end = ns(span.end_time_unix_nano);
         self.start_time.append_value(start);
         self.end_time.append_value(end);
         self.duration_ns.append_value(end.saturating_sub(start));
@@ -486,8 +491,7 @@ impl PatchBuilders {
         self.trace_id.append_value(trace);
         self.span_id.append_value(span);
         self.service_name.append_value(service);
-        self.timestamp
-            .append_value(ev.time_unix_nano.min(i64::MAX as u64) as i64);
+        self.timestamp.append_value(ns(ev.time_unix_nano));
         self.junjo_id.append_option(junjo_id);
         let text = |key: &str| -> Result<Option<String>, TooDeep> {
             json::value_as_text(
