@@ -19,6 +19,7 @@ import argparse
 import json
 import random
 import subprocess
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -99,10 +100,12 @@ def run_duckdb(total: int, batch: int, attr_bytes: int) -> dict:
         con.execute("COMMIT")
         latencies.append(time.perf_counter() - t)
     secs = time.perf_counter() - t0
+    con.close()
+    shutil.rmtree(path.parent, ignore_errors=True)
     latencies.sort()
     n = len(batches) * batch
     return {"spans": n, "seconds": secs, "spans_per_sec": n / secs,
-            "p50_ms": latencies[len(latencies) // 2] * 1e3, "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3}
+            "p50_ms": latencies[len(latencies) // 2] * 1e3, "p99_ms": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1e3}
 
 
 def time_ns(ns: int):
