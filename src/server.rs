@@ -143,7 +143,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         cfg.flush.clone(),
         cfg.wal.clone(),
         node,
-    ));
+    )?);
     let removed = flusher.reconcile(&recorded).await?;
     let (entries, rows) = replay(
         &wal,
@@ -308,7 +308,7 @@ async fn replay(
 ) -> Result<(u64, u64)> {
     let (mut entries, mut rows) = (0u64, 0u64);
     let mut pending = Vec::new();
-    for item in wal.iter_after(from) {
+    for item in wal.replay_after(from) {
         let (seq, entry) = item?;
         match rows_for_entry(&entry, schemas) {
             Ok(r) => {

@@ -4,9 +4,10 @@
 //! when it returns they are durable in the lake *and* recorded in the manifest
 //! with the table's watermark and the global `flushed_through` watermark (one
 //! synced RocksDB batch), and queries read them instead of the memtable.
-//! Order per table: freeze → encode (blocking pool) → put each file → record →
+//! Order per table: freeze → encode ([`threads`]) → put each file → record →
 //! swap in the catalog → truncate the WAL below `min(flushed_through,
-//! now - retention)`. A crash anywhere before "record" leaves the WAL entries
+//! now - retention)` (trace entries) or below `flushed_through` (every other
+//! kind, see [`crate::wal`]). A crash anywhere before "record" leaves the WAL entries
 //! above the old watermark, so startup replays them; unrecorded files of this
 //! node are deleted by [`Flusher::reconcile`].
 //!
@@ -19,6 +20,7 @@
 pub mod lake;
 pub mod manifest;
 pub mod parquet;
+pub mod threads;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -52,8 +54,8 @@ pub enum Error {
     },
     #[error("WAL: {0}")]
     Wal(#[from] crate::wal::Error),
-    #[error("flush task failed: {0}")]
-    Join(String),
+    #[error("starting the flush encode threads: {0}")]
+    Thread(std::io::Error),
 }
 
 impl Classify for Error {
@@ -71,6 +73,7 @@ pub struct Flusher {
     cfg: FlushConfig,
     wal_cfg: WalConfig,
     node_id: String,
+    encode: threads::EncodeThreads,
     lock: tokio::sync::Mutex<()>,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
@@ -84,17 +87,24 @@ impl Flusher {
         cfg: FlushConfig,
         wal_cfg: WalConfig,
         node_id: String,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        // A background encode finishes at normal priority once memtables hold
+        // two flushes' worth of rows (or half the budget, if that is less).
+        let hurry_at = (cfg.bytes.saturating_mul(2)).min(cfg.memtable_budget / 2);
+        let usage = catalog.clone();
+        let encode = threads::EncodeThreads::start(move || usage.usage().1 >= hurry_at)
+            .map_err(Error::Thread)?;
+        Ok(Self {
             catalog,
             wal,
             lake,
             cfg,
             wal_cfg,
             node_id,
+            encode,
             lock: tokio::sync::Mutex::new(()),
             wake: Arc::new(Notify::new()),
-        }
+        })
     }
 
     pub fn lake(&self) -> &Lake {
@@ -112,7 +122,7 @@ impl Flusher {
                 _ = self.wake.notified() => {}
             }
             for table in self.catalog.due_tables(Instant::now()) {
-                if let Err(e) = self.flush_table(&table).await {
+                if let Err(e) = self.flush_table(&table, false).await {
                     METRICS.flush_errors.inc();
                     tracing::error!(%table, error = %e, "flush failed; rows stay in the memtable and WAL");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -125,20 +135,22 @@ impl Flusher {
     pub async fn flush_all(&self) -> Result<Vec<FileMeta>> {
         let mut files = Vec::new();
         for table in self.catalog.tables_with_rows() {
-            files.extend(self.flush_table(&table).await?);
+            files.extend(self.flush_table(&table, true).await?);
         }
         Ok(files)
     }
 
-    /// Flushes one table (see the module contract).
+    /// Flushes one table (see the module contract). A flush that is not
+    /// `urgent` encodes at idle priority until memtables fill up
+    /// ([`threads`]).
     #[tracing::instrument(skip_all, fields(table = %table))]
-    pub async fn flush_table(&self, table: &TableId) -> Result<Vec<FileMeta>> {
+    pub async fn flush_table(&self, table: &TableId, urgent: bool) -> Result<Vec<FileMeta>> {
         let _guard = self.lock.lock().await;
         let Some(frozen) = self.catalog.freeze(table) else {
             return Ok(vec![]);
         };
         let started = Instant::now();
-        let files = match self.write_files(&frozen).await {
+        let files = match self.write_files(&frozen, urgent).await {
             Ok(files) => files,
             Err(e) => {
                 // The frozen rows stay visible and unflushed; the next flush
@@ -175,22 +187,23 @@ impl Flusher {
         Ok(files)
     }
 
-    async fn write_files(&self, frozen: &Arc<Frozen>) -> Result<Vec<FileMeta>> {
+    async fn write_files(&self, frozen: &Arc<Frozen>, urgent: bool) -> Result<Vec<FileMeta>> {
         let table = frozen.table.clone();
         let opts = parquet::EncodeOptions {
             row_group_rows: self.cfg.row_group_rows,
             zstd_level: self.cfg.zstd_level,
         };
-        let f = frozen.clone();
-        let encoded = tokio::task::spawn_blocking(move || {
-            parquet::encode(&f.table.endpoint, &f.batches, &opts)
-        })
-        .await
-        .map_err(|e| Error::Join(e.to_string()))?
-        .map_err(|source| Error::Encode {
+        let encode_err = |source| Error::Encode {
             table: table.clone(),
             source,
-        })?;
+        };
+        let f = frozen.clone();
+        let start = move || parquet::Encoder::new(&f.table.endpoint, &f.batches, opts);
+        let encoded = self
+            .encode
+            .encode(start, urgent)
+            .await
+            .map_err(encode_err)?;
         let mut files: Vec<FileMeta> = Vec::with_capacity(encoded.len());
         for enc in encoded {
             let id = Ulid::new().to_string();
@@ -230,8 +243,9 @@ impl Flusher {
     fn truncate_wal(&self, through: Ulid) -> Result<()> {
         let retention_ms = self.wal_cfg.retention.as_millis() as u64;
         let horizon = Ulid::from_parts(now_ms().saturating_sub(retention_ms), 0);
-        let bound = Ulid(through.0.saturating_add(1)).min(horizon);
-        self.wal.truncate_before(bound)?;
+        let flushed = Ulid(through.0.saturating_add(1));
+        self.wal.truncate_before(flushed.min(horizon))?;
+        self.wal.drop_transient_before(flushed)?;
         Ok(())
     }
 

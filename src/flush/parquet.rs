@@ -9,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{new_null_array, Array, ArrayRef, TimestampNanosecondArray, UInt32Array};
-use arrow::compute::{concat_batches, lexsort_to_indices, take_record_batch, SortColumn};
+use arrow::array::{new_null_array, Array, ArrayRef, TimestampNanosecondArray};
+use arrow::compute::{interleave_record_batch, SortOptions};
 use arrow::datatypes::{Schema, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
+use arrow::row::{RowConverter, SortField};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -29,6 +30,8 @@ pub enum Error {
     Parquet(#[from] parquet::errors::ParquetError),
     #[error("table has no partition-time column {0:?} of type Timestamp(ns)")]
     NoTimeColumn(&'static str),
+    #[error("the flush encode threads stopped")]
+    Stopped,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -68,6 +71,7 @@ pub struct Encoded {
     pub bytes: Bytes,
 }
 
+#[derive(Debug, Clone)]
 pub struct EncodeOptions {
     pub row_group_rows: usize,
     pub zstd_level: i32,
@@ -112,66 +116,278 @@ pub fn encode(
     batches: &[RecordBatch],
     opts: &EncodeOptions,
 ) -> Result<Vec<Encoded>> {
-    let (schema, batches) = unify(batches)?;
-    let all = concat_batches(&schema, &batches)?;
-    let tcol = time_column(endpoint);
-    let times = all
-        .column_by_name(tcol)
-        .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>())
-        .ok_or(Error::NoTimeColumn(tcol))?
-        .clone();
-    let mut groups: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
-    for (i, t) in times.iter().enumerate() {
-        groups
-            .entry(t.unwrap_or(0).div_euclid(HOUR_NS))
-            .or_default()
-            .push(i as u32);
-    }
-    let mut out = Vec::with_capacity(groups.len());
-    for (hour_bucket, rows) in groups {
-        let part = if rows.len() == all.num_rows() {
-            all.clone()
-        } else {
-            take_record_batch(&all, &UInt32Array::from(rows))?
-        };
-        out.push(encode_partition(endpoint, hour_bucket, &part, opts)?);
-    }
-    Ok(out)
+    let mut encoder = Encoder::new(endpoint, batches, opts.clone())?;
+    while !encoder.step()? {}
+    Ok(encoder.finish())
 }
 
-fn encode_partition(
-    endpoint: &str,
+/// [`encode`] in bounded steps: each [`Encoder::step`] sorts one hour's rows or
+/// encodes one row group, so the caller decides between steps where the rest
+/// runs (the flusher moves a background encode to a normal-priority thread
+/// when memtables fill up).
+///
+/// Memory stays near one row group: rows are never concatenated or sorted as a
+/// whole table. Each hour's rows are ordered by index (one byte comparison on
+/// the arrow row format of the sort columns), then gathered from the memtable
+/// batches a row group at a time. Rows that arrive already in order
+/// (DataRecords and logs usually do) are written straight from the batches.
+pub struct Encoder {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    times: Vec<TimestampNanosecondArray>,
+    total: usize,
+    sort_names: Vec<&'static str>,
+    keys: Option<SortKeys>,
+    opts: EncodeOptions,
+    hours: std::collections::btree_map::IntoIter<i64, Vec<(usize, usize)>>,
+    current: Option<Part>,
+    done: Vec<Encoded>,
+}
+
+impl Encoder {
+    pub fn new(endpoint: &str, batches: &[RecordBatch], opts: EncodeOptions) -> Result<Self> {
+        let (schema, batches) = unify(batches)?;
+        let tcol = time_column(endpoint);
+        let times: Vec<TimestampNanosecondArray> = batches
+            .iter()
+            .map(|b| {
+                b.column_by_name(tcol)
+                    .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>())
+                    .cloned()
+                    .ok_or(Error::NoTimeColumn(tcol))
+            })
+            .collect::<Result<_>>()?;
+        let mut hours: BTreeMap<i64, Vec<(usize, usize)>> = BTreeMap::new();
+        for (b, t) in times.iter().enumerate() {
+            for (r, v) in t.iter().enumerate() {
+                let hour = v.unwrap_or(0).div_euclid(HOUR_NS);
+                hours.entry(hour).or_default().push((b, r));
+            }
+        }
+        let sort_names: Vec<&'static str> = sort_columns(endpoint)
+            .iter()
+            .copied()
+            .filter(|c| schema.index_of(c).is_ok())
+            .collect();
+        let keys = SortKeys::new(&batches, &sort_names)?;
+        Ok(Self {
+            total: batches.iter().map(|b| b.num_rows()).sum(),
+            schema,
+            batches,
+            times,
+            sort_names,
+            keys,
+            opts,
+            hours: hours.into_iter(),
+            current: None,
+            done: Vec::new(),
+        })
+    }
+
+    /// Does one bounded piece of work; true once every file is encoded.
+    pub fn step(&mut self) -> Result<bool> {
+        if let Some(part) = &mut self.current {
+            if part.advance(&self.batches, self.opts.row_group_rows)? {
+                let part = self.current.take().expect("current part");
+                self.done.push(part.finish()?);
+            }
+            return Ok(false);
+        }
+        let Some((hour_bucket, mut rows)) = self.hours.next() else {
+            return Ok(true);
+        };
+        let in_order = self.keys.as_ref().is_none_or(|k| k.order(&mut rows));
+        // Every row in memtable order: write the batches as they are.
+        let order = if in_order && rows.len() == self.total {
+            Order::Batches { next: 0 }
+        } else {
+            Order::Rows { rows, next: 0 }
+        };
+        let (min_time_ns, max_time_ns) = order.time_range(&self.times);
+        let props = writer_properties(
+            &self.schema,
+            &self.sort_names,
+            order.len(&self.batches),
+            &self.opts,
+        )?;
+        self.current = Some(Part {
+            hour_bucket,
+            rows: order.len(&self.batches),
+            order,
+            min_time_ns,
+            max_time_ns,
+            writer: ArrowWriter::try_new(Vec::new(), self.schema.clone(), Some(props))?,
+            services: Default::default(),
+        });
+        Ok(false)
+    }
+
+    /// The encoded files (call once [`Encoder::step`] returned true).
+    pub fn finish(self) -> Vec<Encoded> {
+        self.done
+    }
+}
+
+/// The sort columns of every batch in the arrow row format, so one byte
+/// comparison orders two rows by all sort columns at once.
+struct SortKeys {
+    rows: arrow::row::Rows,
+    /// Index of each batch's first row in `rows`.
+    starts: Vec<usize>,
+}
+
+impl SortKeys {
+    fn new(batches: &[RecordBatch], names: &[&str]) -> Result<Option<Self>> {
+        let Some(first) = batches.first() else {
+            return Ok(None);
+        };
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let options = SortOptions {
+            descending: false,
+            nulls_first: false,
+        };
+        let fields = names
+            .iter()
+            .map(|n| {
+                let dt = first.schema().field_with_name(n)?.data_type().clone();
+                Ok(SortField::new_with_options(dt, options))
+            })
+            .collect::<Result<Vec<_>, ArrowError>>()?;
+        let converter = RowConverter::new(fields)?;
+        let mut rows = converter.empty_rows(0, 0);
+        let mut starts = Vec::with_capacity(batches.len());
+        for b in batches {
+            starts.push(rows.num_rows());
+            let cols = names
+                .iter()
+                .map(|n| {
+                    b.column_by_name(n).cloned().ok_or_else(|| {
+                        ArrowError::SchemaError(format!("sort column {n} missing"))
+                    })
+                })
+                .collect::<Result<Vec<ArrayRef>, ArrowError>>()?;
+            converter.append(&mut rows, &cols)?;
+        }
+        Ok(Some(Self { rows, starts }))
+    }
+
+    fn key(&self, (b, r): (usize, usize)) -> arrow::row::Row<'_> {
+        self.rows.row(self.starts[b] + r)
+    }
+
+    /// Sorts `rows` by key (stably: equal keys keep arrival order); returns
+    /// whether they were in order already.
+    fn order(&self, rows: &mut [(usize, usize)]) -> bool {
+        if rows.windows(2).all(|w| self.key(w[0]) <= self.key(w[1])) {
+            return true;
+        }
+        rows.sort_by(|a, b| self.key(*a).cmp(&self.key(*b)));
+        false
+    }
+}
+
+/// The order one file's rows are written in.
+enum Order {
+    /// Every batch, as it is.
+    Batches { next: usize },
+    /// These (batch, row) pairs, gathered a row group at a time.
+    Rows {
+        rows: Vec<(usize, usize)>,
+        next: usize,
+    },
+}
+
+impl Order {
+    fn len(&self, batches: &[RecordBatch]) -> usize {
+        match self {
+            Self::Batches { .. } => batches.iter().map(|b| b.num_rows()).sum(),
+            Self::Rows { rows, .. } => rows.len(),
+        }
+    }
+
+    fn time_range(&self, times: &[TimestampNanosecondArray]) -> (i64, i64) {
+        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        let mut note = |v: i64| {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        };
+        match self {
+            Self::Batches { .. } => times.iter().flatten().flatten().for_each(&mut note),
+            Self::Rows { rows, .. } => rows
+                .iter()
+                .filter(|&&(b, r)| times[b].is_valid(r))
+                .for_each(|&(b, r)| note(times[b].value(r))),
+        }
+        if lo > hi {
+            (0, 0)
+        } else {
+            (lo, hi)
+        }
+    }
+}
+
+/// One output file in progress: the rows of one UTC hour.
+struct Part {
     hour_bucket: i64,
-    batch: &RecordBatch,
-    opts: &EncodeOptions,
-) -> Result<Encoded> {
-    let sort_names: Vec<&str> = sort_columns(endpoint)
-        .iter()
-        .copied()
-        .filter(|c| batch.schema().index_of(c).is_ok())
-        .collect();
-    let sorted = sort(batch, &sort_names)?;
-    let times = sorted
-        .column_by_name(time_column(endpoint))
-        .and_then(|c| c.as_any().downcast_ref::<TimestampNanosecondArray>())
-        .ok_or(Error::NoTimeColumn(time_column(endpoint)))?;
-    let min_time_ns = times.iter().flatten().min().unwrap_or(0);
-    let max_time_ns = times.iter().flatten().max().unwrap_or(0);
-    let props = writer_properties(&sorted.schema(), &sort_names, sorted.num_rows(), opts)?;
-    let mut buf = Vec::with_capacity(sorted.get_array_memory_size() / 4);
-    let mut writer = ArrowWriter::try_new(&mut buf, sorted.schema(), Some(props))?;
-    writer.write(&sorted)?;
-    writer.close()?;
-    let dt = chrono::DateTime::from_timestamp(hour_bucket * 3600, 0).unwrap_or_default();
-    Ok(Encoded {
-        date: dt.format("%Y-%m-%d").to_string(),
-        hour: dt.format("%H").to_string().parse().unwrap_or(0),
-        rows: sorted.num_rows(),
-        min_time_ns,
-        max_time_ns,
-        service_names: distinct_strings(&sorted, "service_name"),
-        bytes: Bytes::from(buf),
-    })
+    order: Order,
+    rows: usize,
+    min_time_ns: i64,
+    max_time_ns: i64,
+    writer: ArrowWriter<Vec<u8>>,
+    services: std::collections::BTreeSet<String>,
+}
+
+impl Part {
+    /// Writes about one row group; true when every row is written.
+    fn advance(&mut self, batches: &[RecordBatch], row_group_rows: usize) -> Result<bool> {
+        let mut written = 0;
+        while written < row_group_rows {
+            let chunk = match &mut self.order {
+                Order::Batches { next } => {
+                    let Some(b) = batches.get(*next) else {
+                        return Ok(true);
+                    };
+                    *next += 1;
+                    b.clone()
+                }
+                Order::Rows { rows, next } => {
+                    if *next == rows.len() {
+                        return Ok(true);
+                    }
+                    let end = (*next + row_group_rows - written).min(rows.len());
+                    let refs: Vec<&RecordBatch> = batches.iter().collect();
+                    let chunk = interleave_record_batch(&refs, &rows[*next..end])?;
+                    *next = end;
+                    chunk
+                }
+            };
+            written += chunk.num_rows();
+            self.services
+                .extend(distinct_strings(&chunk, "service_name"));
+            self.writer.write(&chunk)?;
+        }
+        let done = match &self.order {
+            Order::Batches { next } => *next == batches.len(),
+            Order::Rows { rows, next } => *next == rows.len(),
+        };
+        Ok(done)
+    }
+
+    fn finish(self) -> Result<Encoded> {
+        let bytes = self.writer.into_inner()?;
+        let dt = chrono::DateTime::from_timestamp(self.hour_bucket * 3600, 0).unwrap_or_default();
+        Ok(Encoded {
+            date: dt.format("%Y-%m-%d").to_string(),
+            hour: dt.format("%H").to_string().parse().unwrap_or(0),
+            rows: self.rows,
+            min_time_ns: self.min_time_ns,
+            max_time_ns: self.max_time_ns,
+            service_names: self.services.into_iter().collect(),
+            bytes: Bytes::from(bytes),
+        })
+    }
 }
 
 /// Sorted distinct values of a string column (empty when there is none).
@@ -192,22 +408,6 @@ pub fn distinct_strings(batch: &RecordBatch, name: &str) -> Vec<String> {
         }
     }
     out.into_iter().map(String::from).collect()
-}
-
-fn sort(batch: &RecordBatch, names: &[&str]) -> Result<RecordBatch> {
-    if names.is_empty() || batch.num_rows() < 2 {
-        return Ok(batch.clone());
-    }
-    let cols: Vec<SortColumn> = names
-        .iter()
-        .filter_map(|n| batch.column_by_name(n))
-        .map(|c| SortColumn {
-            values: c.clone(),
-            options: None,
-        })
-        .collect();
-    let idx = lexsort_to_indices(&cols, None)?;
-    Ok(take_record_batch(batch, &idx)?)
 }
 
 fn writer_properties(
@@ -313,5 +513,101 @@ mod tests {
         assert_eq!(ts.values().to_vec(), vec![HOUR_NS + 1, HOUR_NS + 5]); // sorted
         let a = back.column_by_name("a").unwrap();
         assert!(a.is_null(0)); // row from b2 had no `a`
+    }
+
+    /// Reads a file's rows back as (service, trace, time, row group count).
+    fn read_back(bytes: Bytes) -> (Vec<(String, String, i64)>, usize) {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+        let groups = builder.metadata().num_row_groups();
+        let mut out = Vec::new();
+        for b in builder.build().unwrap() {
+            let b = b.unwrap();
+            let s = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let (svc, tid) = (s("service_name"), s("trace_id"));
+            let t = b
+                .column_by_name("start_time")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<TimestampNanosecondArray>()
+                .unwrap()
+                .clone();
+            for i in 0..b.num_rows() {
+                out.push((svc.value(i).into(), tid.value(i).into(), t.value(i)));
+            }
+        }
+        (out, groups)
+    }
+
+    #[test]
+    fn sorts_across_batches_in_row_groups_and_keeps_ordered_input_as_is() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("service_name", DataType::Utf8, false),
+            Field::new("trace_id", DataType::Utf8, false),
+            Field::new(
+                "start_time",
+                DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into())),
+                false,
+            ),
+        ]));
+        // 3 batches × 700 rows, services and traces interleaved across them.
+        let mut input = Vec::new();
+        let batches: Vec<RecordBatch> = (0..3)
+            .map(|b| {
+                let rows: Vec<(String, String, i64)> = (0..700)
+                    .map(|i| {
+                        let n = (b * 700 + i) as i64;
+                        let svc = format!("svc-{}", (n * 7) % 3);
+                        (svc, format!("{:032x}", (n * 31) % 50), n)
+                    })
+                    .collect();
+                input.extend(rows.clone());
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.0))),
+                        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.1))),
+                        Arc::new(
+                            TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.2))
+                                .with_timezone("UTC"),
+                        ),
+                    ],
+                )
+                .unwrap()
+            })
+            .collect();
+        let opts = EncodeOptions {
+            row_group_rows: 1024,
+            zstd_level: 1,
+        };
+        let files = encode("spans", &batches, &opts).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].service_names, vec!["svc-0", "svc-1", "svc-2"]);
+        assert_eq!((files[0].min_time_ns, files[0].max_time_ns), (0, 2099));
+        let (rows, groups) = read_back(files[0].bytes.clone());
+        assert_eq!(groups, 3); // 1024 + 1024 + 52
+        // A stable sort: equal (service, trace) keep ascending start times.
+        let mut expected = input.clone();
+        expected.sort();
+        assert_eq!(rows, expected);
+
+        // Rows already in order are written as they came, batch by batch.
+        let sorted = encode("spans", &[read_back_batch(&files[0].bytes)], &opts).unwrap();
+        assert_eq!(read_back(sorted[0].bytes.clone()).0, expected);
+    }
+
+    fn read_back_batch(bytes: &Bytes) -> RecordBatch {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+        arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
     }
 }

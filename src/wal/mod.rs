@@ -14,6 +14,15 @@
 //! [`SPAN_INDEX_BITS`] zero so cursor readers can give each span of an entry
 //! its own key. Entry layout: [`entry`].
 //!
+//! Two column families hold entries. [`CF_WAL`] keeps trace entries for
+//! `--wal-retention` after their flush, because `ReadSpans` cursor readers
+//! read spans from it. [`CF_WAL_TRANSIENT`] holds every other kind (logs,
+//! metrics, DataRecords): nothing reads those after their flush, so they are
+//! deleted as soon as they are in published files, whatever the retention,
+//! and are stored uncompressed (at DataRecord rates they are most of the
+//! bytes, and they mostly die before RocksDB compacts them). Replay reads both
+//! in key order ([`Wal::replay_after`]).
+//!
 //! The same RocksDB instance holds the manifest and metadata column families
 //! ([`CF_META`], [`CF_MANIFEST`], …) so that flush can record a file and move
 //! the watermark in one atomic write batch. When you add a column family, add
@@ -38,6 +47,8 @@ use crate::error::{Classify, ErrorKind};
 use crate::metrics::METRICS;
 
 pub const CF_WAL: &str = "wal";
+/// Entries nothing reads after their flush (see the module docs).
+pub const CF_WAL_TRANSIENT: &str = "wal_transient";
 /// `meta` key: the newest WAL key deleted by retention.
 const DELETED_THROUGH: &[u8] = b"wal_deleted_through";
 pub const CF_META: &str = "meta";
@@ -47,6 +58,7 @@ pub const CF_SCHEMAS: &str = "schemas";
 pub const CF_BATCHES: &str = "batches";
 pub const COLUMN_FAMILIES: &[&str] = &[
     CF_WAL,
+    CF_WAL_TRANSIENT,
     CF_META,
     CF_MANIFEST,
     CF_KEYS,
@@ -83,6 +95,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 type OnDurable = Box<dyn FnOnce(Ulid) + Send>;
 
 struct Append {
+    cf: &'static str,
     bytes: Vec<u8>,
     mark: Option<Mark>,
     on_durable: OnDurable,
@@ -114,11 +127,17 @@ impl Wal {
         let mut wal_opts = Options::default();
         wal_opts.set_write_buffer_size(64 << 20);
         wal_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // A flush's range delete that lands in the same RocksDB memtable as
+        // the entries it covers drops them before they are ever written to an
+        // SST; a larger buffer makes that the common case at high rates.
+        let mut transient_opts = Options::default();
+        transient_opts.set_write_buffer_size(256 << 20);
+        transient_opts.set_compression_type(rocksdb::DBCompressionType::None);
         let cfs = COLUMN_FAMILIES.iter().map(|name| {
-            let o = if *name == CF_WAL {
-                wal_opts.clone()
-            } else {
-                Options::default()
+            let o = match *name {
+                CF_WAL => wal_opts.clone(),
+                CF_WAL_TRANSIENT => transient_opts.clone(),
+                _ => Options::default(),
             };
             ColumnFamilyDescriptor::new(*name, o)
         });
@@ -162,6 +181,7 @@ impl Wal {
         let tx = self.tx.lock().clone().ok_or(Error::Closed)?;
         let (reply, rx) = oneshot::channel();
         let req = Append {
+            cf: entry_cf(entry.kind),
             bytes: entry.encode(),
             mark,
             on_durable: Box::new(on_durable),
@@ -171,12 +191,46 @@ impl Wal {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    /// Entries with keys strictly greater than `after` (all when `None`), in order.
+    /// Entries of the retained log ([`CF_WAL`]: traces, and any kind written
+    /// before the transient family existed) with keys strictly greater than
+    /// `after` (all when `None`), in order. What `ReadSpans` reads.
     pub fn iter_after(
         &self,
         after: Option<Ulid>,
     ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
-        let cf = self.db.cf_handle(CF_WAL).expect("wal column family exists");
+        self.iter_cf(CF_WAL, after)
+    }
+
+    /// Every entry of both families with a key strictly greater than `after`,
+    /// in key order: what startup replays.
+    pub fn replay_after(
+        &self,
+        after: Option<Ulid>,
+    ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
+        let mut kept = self.iter_cf(CF_WAL, after).peekable();
+        let mut transient = self.iter_cf(CF_WAL_TRANSIENT, after).peekable();
+        std::iter::from_fn(move || {
+            let from_kept = match (kept.peek(), transient.peek()) {
+                (None, None) => return None,
+                (Some(Ok((a, _))), Some(Ok((b, _)))) => a < b,
+                // Errors surface as soon as they are seen.
+                (Some(_), None) | (Some(Err(_)), _) => true,
+                (None, Some(_)) | (_, Some(Err(_))) => false,
+            };
+            if from_kept {
+                kept.next()
+            } else {
+                transient.next()
+            }
+        })
+    }
+
+    fn iter_cf(
+        &self,
+        cf: &str,
+        after: Option<Ulid>,
+    ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
+        let cf = self.db.cf_handle(cf).expect("WAL column family exists");
         let start = after.map(|u| u.to_bytes()).unwrap_or([0; 16]);
         self.db
             .iterator_cf(&cf, IteratorMode::From(&start, Direction::Forward))
@@ -233,6 +287,19 @@ impl Wal {
         Ok(())
     }
 
+    /// Deletes every transient entry with a key strictly below `bound` (all of
+    /// them are in published files), and the SST files wholly below it.
+    pub fn drop_transient_before(&self, bound: Ulid) -> Result<()> {
+        let cf = self
+            .db
+            .cf_handle(CF_WAL_TRANSIENT)
+            .expect("transient WAL column family exists");
+        self.db.delete_range_cf(&cf, [0u8; 16], bound.to_bytes())?;
+        self.db
+            .delete_file_in_range_cf(&cf, [0u8; 16], bound.to_bytes())?;
+        Ok(())
+    }
+
     /// The newest entry key ever deleted by retention, if any.
     pub fn deleted_through(&self) -> Result<Option<Ulid>> {
         let meta = self
@@ -266,12 +333,26 @@ fn key_from_bytes(k: &[u8]) -> Option<Ulid> {
     Some(Ulid::from_bytes(arr))
 }
 
+/// The column family an entry of `kind` is written to.
+fn entry_cf(kind: PayloadKind) -> &'static str {
+    match kind {
+        PayloadKind::OtlpTraces => CF_WAL,
+        PayloadKind::OtlpLogs | PayloadKind::OtlpMetrics | PayloadKind::DataRecordBatch => {
+            CF_WAL_TRANSIENT
+        }
+    }
+}
+
 fn last_key(db: &DB) -> Result<Ulid> {
-    let cf = db.cf_handle(CF_WAL).expect("wal column family exists");
-    let last = db.iterator_cf(&cf, IteratorMode::End).next().transpose()?;
-    Ok(last
-        .and_then(|(k, _)| key_from_bytes(&k))
-        .unwrap_or(Ulid::nil()))
+    let mut newest = Ulid::nil();
+    for name in [CF_WAL, CF_WAL_TRANSIENT] {
+        let cf = db.cf_handle(name).expect("WAL column family exists");
+        let last = db.iterator_cf(&cf, IteratorMode::End).next().transpose()?;
+        if let Some(k) = last.and_then(|(k, _)| key_from_bytes(&k)) {
+            newest = newest.max(k);
+        }
+    }
+    Ok(newest)
 }
 
 /// Low bits of every entry key are zero; ReadSpans numbers the spans of an
@@ -293,7 +374,6 @@ fn next_key(last: &mut Ulid) -> Ulid {
 }
 
 fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_group: usize) {
-    let cf = db.cf_handle(CF_WAL).expect("wal column family exists");
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     while let Some(first) = rx.blocking_recv() {
@@ -309,6 +389,7 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
         let mut bytes = 0;
         for req in &group {
             let key = next_key(&mut last);
+            let cf = db.cf_handle(req.cf).expect("WAL column family exists");
             batch.put_cf(&cf, key.to_bytes(), &req.bytes);
             if let Some(m) = &req.mark {
                 let mcf = db.cf_handle(m.cf).expect("mark column family exists");
@@ -402,6 +483,44 @@ mod tests {
         wal.truncate_before(keys[150]).unwrap();
         assert_eq!(wal.deleted_through().unwrap(), Some(keys[149]));
         assert_eq!(wal.first_key().unwrap(), Some(keys[150]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn non_trace_entries_are_transient_and_replay_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let kinds = [
+            PayloadKind::OtlpTraces,
+            PayloadKind::DataRecordBatch,
+            PayloadKind::OtlpLogs,
+            PayloadKind::OtlpTraces,
+            PayloadKind::OtlpMetrics,
+        ];
+        let mut keys = Vec::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            let e = WalEntry {
+                kind: *kind,
+                ..entry(i as u32)
+            };
+            keys.push(wal.append(&e, |_| {}).await.unwrap());
+        }
+        let all: Vec<_> = wal.replay_after(None).map(|r| r.unwrap()).collect();
+        assert_eq!(all.iter().map(|(k, _)| *k).collect::<Vec<_>>(), keys);
+        assert_eq!(all.iter().map(|(_, e)| e.kind).collect::<Vec<_>>(), kinds);
+        // The retained log holds the traces only.
+        let kept: Vec<_> = wal.iter_after(None).map(|r| r.unwrap().0).collect();
+        assert_eq!(kept, vec![keys[0], keys[3]]);
+        // Dropping flushed transient entries leaves the traces alone.
+        wal.drop_transient_before(keys[4]).unwrap();
+        let left: Vec<_> = wal.replay_after(None).map(|r| r.unwrap().0).collect();
+        assert_eq!(left, vec![keys[0], keys[3], keys[4]]);
+        let after: Vec<_> = wal.replay_after(Some(keys[3])).map(|r| r.unwrap().0).collect();
+        assert_eq!(after, vec![keys[4]]);
+        // The newest key of either family bounds the next one after a restart.
+        wal.close();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        assert!(wal.append(&entry(9), |_| {}).await.unwrap() > keys[4]);
     }
 
     #[test]
