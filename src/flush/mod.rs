@@ -23,6 +23,7 @@ pub mod parquet;
 pub mod threads;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,6 +75,8 @@ pub struct Flusher {
     wal_cfg: WalConfig,
     node_id: String,
     encode: threads::EncodeThreads,
+    /// Explicit flushes waiting for the lock (they hurry background encodes).
+    urgent_waiting: Arc<AtomicUsize>,
     lock: tokio::sync::Mutex<()>,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
@@ -88,12 +91,14 @@ impl Flusher {
         wal_cfg: WalConfig,
         node_id: String,
     ) -> Result<Self> {
-        // A background encode finishes at normal priority once memtables hold
-        // two flushes' worth of rows (or half the budget, if that is less).
-        let hurry_at = (cfg.bytes.saturating_mul(2)).min(cfg.memtable_budget / 2);
-        let usage = catalog.clone();
-        let encode = threads::EncodeThreads::start(move || usage.usage().1 >= hurry_at)
-            .map_err(Error::Thread)?;
+        // A background encode finishes at normal priority once flushing falls
+        // behind, or while an explicit flush waits for it.
+        let urgent_waiting = Arc::new(AtomicUsize::new(0));
+        let (cat, waiting) = (catalog.clone(), urgent_waiting.clone());
+        let hurry = move || {
+            waiting.load(Ordering::Relaxed) > 0 || cat.flush_behind(Instant::now())
+        };
+        let encode = threads::EncodeThreads::start(hurry).map_err(Error::Thread)?;
         Ok(Self {
             catalog,
             wal,
@@ -102,6 +107,7 @@ impl Flusher {
             wal_cfg,
             node_id,
             encode,
+            urgent_waiting,
             lock: tokio::sync::Mutex::new(()),
             wake: Arc::new(Notify::new()),
         })
@@ -122,7 +128,7 @@ impl Flusher {
                 _ = self.wake.notified() => {}
             }
             for table in self.catalog.due_tables(Instant::now()) {
-                if let Err(e) = self.flush_table(&table, false).await {
+                if let Err(e) = self.flush_table(&table).await {
                     METRICS.flush_errors.inc();
                     tracing::error!(%table, error = %e, "flush failed; rows stay in the memtable and WAL");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -131,21 +137,34 @@ impl Flusher {
         }
     }
 
-    /// Flushes every table that holds rows; returns the files published.
+    /// Flushes every table that holds rows, after any flush in progress
+    /// (which it hurries along); returns the files published.
     pub async fn flush_all(&self) -> Result<Vec<FileMeta>> {
+        self.urgent_waiting.fetch_add(1, Ordering::Relaxed);
+        let guard = self.lock.lock().await;
+        self.urgent_waiting.fetch_sub(1, Ordering::Relaxed);
         let mut files = Vec::new();
         for table in self.catalog.tables_with_rows() {
-            files.extend(self.flush_table(&table, true).await?);
+            files.extend(self.flush_locked(&guard, &table, true).await?);
         }
         Ok(files)
     }
 
-    /// Flushes one table (see the module contract). A flush that is not
-    /// `urgent` encodes at idle priority until memtables fill up
-    /// ([`threads`]).
+    /// Flushes one table in the background (see the module contract).
+    pub async fn flush_table(&self, table: &TableId) -> Result<Vec<FileMeta>> {
+        let guard = self.lock.lock().await;
+        self.flush_locked(&guard, table, false).await
+    }
+
+    /// A flush that is not `urgent` encodes at idle priority until flushing
+    /// falls behind ([`threads`]).
     #[tracing::instrument(skip_all, fields(table = %table))]
-    pub async fn flush_table(&self, table: &TableId, urgent: bool) -> Result<Vec<FileMeta>> {
-        let _guard = self.lock.lock().await;
+    async fn flush_locked(
+        &self,
+        _lock: &tokio::sync::MutexGuard<'_, ()>,
+        table: &TableId,
+        urgent: bool,
+    ) -> Result<Vec<FileMeta>> {
         let Some(frozen) = self.catalog.freeze(table) else {
             return Ok(vec![]);
         };

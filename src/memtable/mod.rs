@@ -77,6 +77,8 @@ pub struct Frozen {
     pub bytes: u64,
     pub min_seq: Ulid,
     pub max_seq: Ulid,
+    /// When its oldest row arrived.
+    pub since: Instant,
 }
 
 #[derive(Default)]
@@ -195,6 +197,7 @@ impl Catalog {
             bytes: active.bytes,
             min_seq,
             max_seq: active.max_seq,
+            since: active.since.unwrap_or_else(Instant::now),
         });
         state.frozen.push(frozen.clone());
         Some(frozen)
@@ -228,7 +231,7 @@ impl Catalog {
         a.bytes += frozen.bytes;
         a.min_seq = Some(frozen.min_seq);
         a.max_seq = a.max_seq.max(frozen.max_seq);
-        a.since.get_or_insert_with(Instant::now);
+        a.since = Some(a.since.map_or(frozen.since, |s| s.min(frozen.since)));
     }
 
     /// The newest key such that every WAL entry at or below it is fully in
@@ -294,6 +297,25 @@ impl Catalog {
             due.push(id.clone());
         }
         due
+    }
+
+    /// Whether flushing is falling behind: memtables (active and frozen) hold
+    /// twice a flush's rows or bytes, half the budget, or rows older than
+    /// twice the flush age.
+    pub fn flush_behind(&self, now: Instant) -> bool {
+        let inner = self.inner.read();
+        let cfg = &self.cfg;
+        if inner.rows >= 2 * cfg.rows as u64
+            || inner.bytes >= (2 * cfg.bytes).min(cfg.memtable_budget / 2)
+        {
+            return true;
+        }
+        let oldest = inner
+            .tables
+            .values()
+            .flat_map(|s| s.frozen.iter().map(|f| f.since).chain(s.active.since))
+            .min();
+        oldest.is_some_and(|t| now.duration_since(t) >= 2 * cfg.age)
     }
 
     /// Tables whose active memtable holds rows.
