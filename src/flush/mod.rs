@@ -95,9 +95,7 @@ impl Flusher {
         // behind, or while an explicit flush waits for it.
         let urgent_waiting = Arc::new(AtomicUsize::new(0));
         let (cat, waiting) = (catalog.clone(), urgent_waiting.clone());
-        let hurry = move || {
-            waiting.load(Ordering::Relaxed) > 0 || cat.flush_behind(Instant::now())
-        };
+        let hurry = move || waiting.load(Ordering::Relaxed) > 0 || cat.flush_behind(Instant::now());
         let encode = threads::EncodeThreads::start(hurry).map_err(Error::Thread)?;
         Ok(Self {
             catalog,

@@ -263,9 +263,9 @@ impl SortKeys {
             let cols = names
                 .iter()
                 .map(|n| {
-                    b.column_by_name(n).cloned().ok_or_else(|| {
-                        ArrowError::SchemaError(format!("sort column {n} missing"))
-                    })
+                    b.column_by_name(n)
+                        .cloned()
+                        .ok_or_else(|| ArrowError::SchemaError(format!("sort column {n} missing")))
                 })
                 .collect::<Result<Vec<ArrayRef>, ArrowError>>()?;
             converter.append(&mut rows, &cols)?;
@@ -592,7 +592,7 @@ mod tests {
         assert_eq!((files[0].min_time_ns, files[0].max_time_ns), (0, 2099));
         let (rows, groups) = read_back(files[0].bytes.clone());
         assert_eq!(groups, 3); // 1024 + 1024 + 52
-        // A stable sort: equal (service, trace) keep ascending start times.
+                               // A stable sort: equal (service, trace) keep ascending start times.
         let mut expected = input.clone();
         expected.sort();
         assert_eq!(rows, expected);

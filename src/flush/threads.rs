@@ -25,7 +25,7 @@ type Start = Box<dyn FnOnce() -> Result<Encoder> + Send>;
 
 enum Work {
     Start(Start),
-    Steps(Encoder),
+    Steps(Box<Encoder>),
 }
 
 struct Job {
@@ -101,7 +101,7 @@ fn run(job: Job, background: Option<Handoff<'_>>) {
                 return;
             }
         },
-        Work::Steps(encoder) => encoder,
+        Work::Steps(encoder) => *encoder,
     };
     loop {
         match encoder.step() {
@@ -118,7 +118,7 @@ fn run(job: Job, background: Option<Handoff<'_>>) {
         if let Some((hurry, foreground)) = background {
             if hurry() {
                 // The foreground thread outlives this one (we hold a sender).
-                let work = Work::Steps(encoder);
+                let work = Work::Steps(Box::new(encoder));
                 let _ = foreground.send(Job { work, reply });
                 return;
             }

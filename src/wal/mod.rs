@@ -514,7 +514,10 @@ mod tests {
         wal.drop_transient_before(keys[4]).unwrap();
         let left: Vec<_> = wal.replay_after(None).map(|r| r.unwrap().0).collect();
         assert_eq!(left, vec![keys[0], keys[3], keys[4]]);
-        let after: Vec<_> = wal.replay_after(Some(keys[3])).map(|r| r.unwrap().0).collect();
+        let after: Vec<_> = wal
+            .replay_after(Some(keys[3]))
+            .map(|r| r.unwrap().0)
+            .collect();
         assert_eq!(after, vec![keys[4]]);
         // The newest key of either family bounds the next one after a restart.
         wal.close();
