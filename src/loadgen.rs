@@ -13,6 +13,10 @@
 //! client spends its CPU on sending, not on encoding. Closed loop by default (each
 //! worker sends as fast as acks come back); `--rate` makes it open loop, with
 //! latency measured from the scheduled send time (no coordinated omission).
+//! In closed loop a worker whose request was refused as retryable (overload:
+//! `RESOURCE_EXHAUSTED`/`UNAVAILABLE`, HTTP 429/503) backs off before its next
+//! request, 20 ms doubling to 1 s, as an OTLP exporter does (with shorter
+//! waits); the refusal is counted as an error, never as items.
 //!
 //! Prints a progress line per second (stderr) and a final report (stdout,
 //! `--json` for machine-readable), including the server's group-commit ratio
@@ -653,6 +657,7 @@ async fn worker(
             .map(|i| i.mul_f64(id as f64 / args.concurrency as f64))
             .unwrap_or_default();
     let mut local = Vec::with_capacity(4096);
+    let mut backoff = MIN_BACKOFF;
     let mut k = id;
     let mut sent = 0u32;
     loop {
@@ -698,11 +703,27 @@ async fn worker(
                 *stats.errors.lock().entry(e).or_default() += 1;
                 break;
             }
-            Err(e) => *stats.errors.lock().entry(e).or_default() += 1,
+            Err(e) => {
+                let retryable = matches!(
+                    e.as_str(),
+                    "ResourceExhausted" | "Unavailable" | "HTTP 429" | "HTTP 503"
+                );
+                *stats.errors.lock().entry(e).or_default() += 1;
+                if retryable && interval.is_none() {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
         }
+        backoff = MIN_BACKOFF;
     }
     stats.latencies_us.lock().extend(local);
 }
+
+/// Closed-loop wait after a retryable refusal, doubling per refusal in a row.
+const MIN_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Runs the load and returns the report (also printed).
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {

@@ -12,6 +12,28 @@ use lakewriter::config::{Config, ServeArgs};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    /// mimalloc's option setter (in the static library libmimalloc-sys links;
+    /// its Rust bindings only declare it behind a feature we do not need).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// `mi_option_purge_delay` in `mimalloc.h` of the v3 sources libmimalloc-sys
+/// 0.1.49 builds (the version Cargo.lock pins).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+
+/// Keeps freed memory for 10 s before returning it to the OS (mimalloc's
+/// default is 10 ms). Each request and memtable allocates and frees large
+/// buffers; returning them at once made the kernel fault in and zero the same
+/// pages again moments later (~15 % of server CPU under load, see
+/// BENCHMARKS.md). `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option; mimalloc reads it atomically.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "lakewriter",
@@ -79,6 +101,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

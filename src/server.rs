@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use ulid::Ulid;
 
@@ -199,10 +200,29 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 .max_decoding_message_size(cfg.max_request_size)
         };
     }
+    // OTLP exports are refused before their body is decoded while memtables
+    // are over budget: under overload a retrying exporter then costs a header
+    // check instead of a protobuf decode. (DataRecord writes are checked after
+    // the idempotency lookup, so a retried durable batch still gets its ack.)
+    let admit = |ingestor: Arc<Ingestor>| {
+        move |req: tonic::Request<()>| {
+            ingestor.admit()?;
+            Ok(req)
+        }
+    };
     let otlp = OtlpService::new(ingestor.clone(), auth.clone());
-    let trace = ingest_service!(TraceServiceServer::new(otlp.clone()));
-    let logs = ingest_service!(LogsServiceServer::new(otlp.clone()));
-    let metrics = ingest_service!(MetricsServiceServer::new(otlp));
+    let trace = InterceptedService::new(
+        ingest_service!(TraceServiceServer::new(otlp.clone())),
+        admit(ingestor.clone()),
+    );
+    let logs = InterceptedService::new(
+        ingest_service!(LogsServiceServer::new(otlp.clone())),
+        admit(ingestor.clone()),
+    );
+    let metrics = InterceptedService::new(
+        ingest_service!(MetricsServiceServer::new(otlp)),
+        admit(ingestor.clone()),
+    );
     let records = ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(
         ingestor.clone(),
         auth.clone()

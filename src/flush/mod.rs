@@ -215,7 +215,8 @@ impl Flusher {
             source,
         };
         let f = frozen.clone();
-        let start = move || parquet::Encoder::new(&f.table.endpoint, &f.batches, opts);
+        let start: threads::Start =
+            Arc::new(move || parquet::Encoder::new(&f.table.endpoint, &f.batches, opts.clone()));
         let encoded = self
             .encode
             .encode(start, urgent)

@@ -1,127 +1,129 @@
 //! The two threads Parquet encoding runs on, both off the request path.
 //!
-//! A scheduled flush starts on the *background* thread, which runs at idle CPU
-//! priority (Linux `SCHED_IDLE`; nice 19 where that is refused): it only gets
-//! the CPU that request handling leaves unused, so at moderate load a flush
-//! costs acknowledgements nothing. Between [`Encoder::step`]s (one row group
-//! each) it asks `hurry`; once memtables hold too much, the rest of that encode
-//! moves to the *foreground* thread, which runs at normal priority, so under
-//! full load flushes keep pace as they would without the background thread.
-//! Explicit flushes (admin API, shutdown, replay) start on the foreground
+//! A scheduled flush encodes on the *background* thread, which runs at idle
+//! CPU priority (Linux `SCHED_IDLE`; nice 19 where that is refused): it only
+//! gets the CPU that request handling leaves unused, so at moderate load a
+//! flush costs acknowledgements nothing. An encode that starts, or comes to be,
+//! while `hurry` holds (flushing has fallen behind, or an explicit flush is
+//! waiting) runs on the *foreground* thread at normal priority instead, so
+//! under full load flushes keep pace as they would without the background
 //! thread.
 //!
-//! A thread's priority can be lowered without privileges but not raised again,
-//! hence two threads rather than one that changes its priority.
+//! A background encode that has to hurry is not moved: a starved idle-priority
+//! thread may sit in the middle of a step for as long as the CPU stays busy.
+//! It is cancelled (it stops at its next step) and the foreground thread
+//! encodes the same frozen rows from the start. A thread's priority can be
+//! lowered without privileges but not raised again, hence two threads.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::parquet::{Encoded, Encoder, Error, Result};
 
-/// Building the encoder (schema unification, hour split, sort keys) is itself
-/// O(rows), so it runs on the encode thread too.
-type Start = Box<dyn FnOnce() -> Result<Encoder> + Send>;
-
-enum Work {
-    Start(Start),
-    Steps(Box<Encoder>),
-}
+/// Builds the encoder (schema unification, hour split and sort keys are
+/// O(rows), so this runs on the encode thread too). Called again when a
+/// background encode is redone in the foreground.
+pub type Start = Arc<dyn Fn() -> Result<Encoder> + Send + Sync>;
 
 struct Job {
-    work: Work,
+    start: Start,
+    cancelled: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Vec<Encoded>>>,
 }
 
 pub struct EncodeThreads {
     background: mpsc::Sender<Job>,
     foreground: mpsc::Sender<Job>,
+    hurry: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
+type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Encoded>>> + Send>>;
+
+/// How often a waiting flush asks whether its background encode must hurry.
+const HURRY_CHECK: Duration = Duration::from_millis(50);
+
 impl EncodeThreads {
-    /// Starts both threads; `hurry` says whether memtables are full enough
-    /// that a background encode should finish at normal priority.
-    pub fn start(hurry: impl Fn() -> bool + Send + 'static) -> std::io::Result<Self> {
+    /// Starts both threads; `hurry` says whether a flush should encode at
+    /// normal priority.
+    pub fn start(hurry: impl Fn() -> bool + Send + Sync + 'static) -> std::io::Result<Self> {
         let (foreground, fg_rx) = mpsc::channel::<Job>();
         let (background, bg_rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("flush-encode".into())
-            .spawn(move || {
-                for job in fg_rx {
-                    run(job, None);
-                }
-            })?;
-        let handoff = foreground.clone();
+            .spawn(move || fg_rx.into_iter().for_each(run))?;
         std::thread::Builder::new()
             .name("flush-encode-bg".into())
             .spawn(move || {
                 lower_priority();
-                for job in bg_rx {
-                    run(job, Some((&hurry, &handoff)));
-                }
+                bg_rx.into_iter().for_each(run)
             })?;
         Ok(Self {
             background,
             foreground,
+            hurry: Box::new(hurry),
         })
     }
 
-    /// Builds the encoder with `start` and runs it to the end, starting in
-    /// the background unless `urgent`.
-    pub async fn encode(
-        &self,
-        start: impl FnOnce() -> Result<Encoder> + Send + 'static,
-        urgent: bool,
-    ) -> Result<Vec<Encoded>> {
+    /// Encodes to the end: in the foreground when `urgent` or hurried,
+    /// otherwise in the background unless it has to hurry before it is done.
+    pub async fn encode(&self, start: Start, urgent: bool) -> Result<Vec<Encoded>> {
+        if urgent || (self.hurry)() {
+            return self.submit(&self.foreground, start).1.await;
+        }
+        let (cancelled, mut done) = self.submit(&self.background, start.clone());
+        loop {
+            tokio::select! {
+                result = &mut done => return result,
+                _ = tokio::time::sleep(HURRY_CHECK) => {
+                    if (self.hurry)() {
+                        cancelled.store(true, Ordering::Relaxed);
+                        return self.submit(&self.foreground, start).1.await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Arc<AtomicBool>, Reply) {
         let (reply, rx) = oneshot::channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
         let job = Job {
-            work: Work::Start(Box::new(start)),
+            start,
+            cancelled: cancelled.clone(),
             reply,
         };
-        let queue = if urgent {
-            &self.foreground
-        } else {
-            &self.background
+        let sent = queue.send(job).is_ok();
+        let done = async move {
+            if !sent {
+                return Err(Error::Stopped);
+            }
+            rx.await.map_err(|_| Error::Stopped)?
         };
-        queue.send(job).map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)?
+        (cancelled, Box::pin(done))
     }
 }
 
-/// Steps `job` to the end, or (background) until `hurry` says to hand it over.
-type Handoff<'a> = (&'a dyn Fn() -> bool, &'a mpsc::Sender<Job>);
-
-fn run(job: Job, background: Option<Handoff<'_>>) {
-    let Job { work, reply } = job;
-    let mut encoder = match work {
-        Work::Start(start) => match start() {
-            Ok(encoder) => encoder,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
+/// Steps a job to the end, or until it is cancelled (then nobody waits for it).
+fn run(job: Job) {
+    let result = (|| {
+        let mut encoder = (job.start)()?;
+        while !encoder.step()? {
+            if job.cancelled.load(Ordering::Relaxed) {
+                return Ok(None);
             }
-        },
-        Work::Steps(encoder) => *encoder,
-    };
-    loop {
-        match encoder.step() {
-            Ok(true) => {
-                let _ = reply.send(Ok(encoder.finish()));
-                return;
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-            Ok(false) => {}
         }
-        if let Some((hurry, foreground)) = background {
-            if hurry() {
-                // The foreground thread outlives this one (we hold a sender).
-                let work = Work::Steps(Box::new(encoder));
-                let _ = foreground.send(Job { work, reply });
-                return;
-            }
+        Ok(Some(encoder.finish()))
+    })();
+    match result {
+        Ok(Some(files)) => {
+            let _ = job.reply.send(Ok(files));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = job.reply.send(Err(e));
         }
     }
 }

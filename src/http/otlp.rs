@@ -294,6 +294,8 @@ where
         let p = super::principal(&s.auth, &headers)
             .await
             .map_err(|e| Failure::api(e, enc))?;
+        // Over budget: refuse before reading and decoding the body.
+        s.ingestor.admit().map_err(|e| Failure::api(e, enc))?;
         let bytes = read_body(&headers, body, s.max_request_size, enc).await?;
         let req = decode::<R>(&bytes, enc).inspect_err(|_| METRICS.ingest_rejected.inc())?;
         let resp = write(s.ingestor.clone(), p, req)

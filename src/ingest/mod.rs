@@ -105,7 +105,7 @@ impl Ingestor {
 
     /// Refuses a write before any conversion work while memtables are over
     /// budget (checked again at commit).
-    fn admit(&self) -> Result<(), ApiError> {
+    pub fn admit(&self) -> Result<(), ApiError> {
         self.catalog.admit().map_err(|e| {
             METRICS.ingest_rejected.inc();
             ApiError::from_err(e)

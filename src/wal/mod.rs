@@ -124,6 +124,12 @@ impl Wal {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
+        // RocksDB keeps a log file until every column family with data in it
+        // has flushed; the small metadata families would otherwise pin
+        // gigabytes of logs at DataRecord rates. Past this size the families
+        // holding the oldest log are flushed (more than one transient
+        // memtable, so flushed-and-deleted entries still die in memory).
+        opts.set_max_total_wal_size(512 << 20);
         let mut wal_opts = Options::default();
         wal_opts.set_write_buffer_size(64 << 20);
         wal_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
