@@ -22,15 +22,16 @@ extern "C" {
 /// 0.1.49 builds (the version Cargo.lock pins).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
-/// Keeps freed memory for 10 s before returning it to the OS (mimalloc's
-/// default is 10 ms). Each request and memtable allocates and frees large
-/// buffers; returning them at once made the kernel fault in and zero the same
-/// pages again moments later (~15 % of server CPU under load, see
-/// BENCHMARKS.md). `MIMALLOC_PURGE_DELAY` in the environment still wins.
+/// Keeps freed memory instead of returning it to the OS (mimalloc v3 returns
+/// it after 1 s). Requests and memtables allocate and free large buffers all
+/// the time; returned pages were faulted in and zeroed by the kernel again
+/// moments later (~15 % of server CPU at full load; 174 k vs 206 k spans/s,
+/// see BENCHMARKS.md). Resident memory therefore stays at its peak, which the
+/// memtable budget bounds. `MIMALLOC_PURGE_DELAY` in the environment wins.
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option; mimalloc reads it atomically.
-        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) };
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
 }
 
