@@ -4,7 +4,8 @@
 //! elsewhere); rows are split by UTC hour, sorted for pruning (spans by
 //! `service_name, trace_id, start_time`), and written with ZSTD, page-level
 //! statistics and page index, a bloom filter on `trace_id`, and the sort order
-//! declared in the footer. CPU-heavy: call from `spawn_blocking`.
+//! declared in the footer. CPU-heavy: the flusher runs it on its own threads
+//! ([`super::threads`]), never on the async runtime.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -122,9 +123,9 @@ pub fn encode(
 }
 
 /// [`encode`] in bounded steps: each [`Encoder::step`] sorts one hour's rows or
-/// encodes one row group, so the caller decides between steps where the rest
-/// runs (the flusher moves a background encode to a normal-priority thread
-/// when memtables fill up).
+/// encodes one row group, so the caller can stop between steps (the flusher
+/// cancels a background encode that has to hurry and redoes it at normal
+/// priority).
 ///
 /// Memory stays near one row group: rows are never concatenated or sorted as a
 /// whole table. Each hour's rows are ordered by index (one byte comparison on

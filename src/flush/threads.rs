@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::parquet::{Encoded, Encoder, Error, Result};
@@ -29,9 +30,24 @@ use super::parquet::{Encoded, Encoder, Error, Result};
 pub type Start = Arc<dyn Fn() -> Result<Encoder> + Send + Sync>;
 
 struct Job {
-    start: Start,
+    /// Taken when the job starts, or emptied when it is cancelled while still
+    /// queued (so a queue of cancelled jobs holds no memtable rows).
+    start: Arc<Mutex<Option<Start>>>,
     cancelled: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Vec<Encoded>>>,
+}
+
+/// Stops a background job: at once if it is queued, at its next step if it runs.
+struct Cancel {
+    start: Arc<Mutex<Option<Start>>>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Cancel {
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+        self.start.lock().take();
+    }
 }
 
 pub struct EncodeThreads {
@@ -73,13 +89,13 @@ impl EncodeThreads {
         if urgent || (self.hurry)() {
             return self.submit(&self.foreground, start).1.await;
         }
-        let (cancelled, mut done) = self.submit(&self.background, start.clone());
+        let (cancel, mut done) = self.submit(&self.background, start.clone());
         loop {
             tokio::select! {
                 result = &mut done => return result,
                 _ = tokio::time::sleep(HURRY_CHECK) => {
                     if (self.hurry)() {
-                        cancelled.store(true, Ordering::Relaxed);
+                        cancel.cancel();
                         return self.submit(&self.foreground, start).1.await;
                     }
                 }
@@ -87,12 +103,15 @@ impl EncodeThreads {
         }
     }
 
-    fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Arc<AtomicBool>, Reply) {
+    fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Cancel, Reply) {
         let (reply, rx) = oneshot::channel();
-        let cancelled = Arc::new(AtomicBool::new(false));
+        let cancel = Cancel {
+            start: Arc::new(Mutex::new(Some(start))),
+            cancelled: Arc::new(AtomicBool::new(false)),
+        };
         let job = Job {
-            start,
-            cancelled: cancelled.clone(),
+            start: cancel.start.clone(),
+            cancelled: cancel.cancelled.clone(),
             reply,
         };
         let sent = queue.send(job).is_ok();
@@ -102,14 +121,17 @@ impl EncodeThreads {
             }
             rx.await.map_err(|_| Error::Stopped)?
         };
-        (cancelled, Box::pin(done))
+        (cancel, Box::pin(done))
     }
 }
 
 /// Steps a job to the end, or until it is cancelled (then nobody waits for it).
 fn run(job: Job) {
+    let Some(start) = job.start.lock().take() else {
+        return; // cancelled while queued
+    };
     let result = (|| {
-        let mut encoder = (job.start)()?;
+        let mut encoder = start()?;
         while !encoder.step()? {
             if job.cancelled.load(Ordering::Relaxed) {
                 return Ok(None);
@@ -145,5 +167,56 @@ fn lower_priority() {
                 tracing::warn!("could not lower the background encode thread's priority");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flush::parquet::EncodeOptions;
+    use arrow::array::TimestampNanosecondArray;
+    use arrow::record_batch::RecordBatch;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_encode_that_must_hurry_is_redone_in_the_foreground() {
+        let hurry = Arc::new(AtomicBool::new(false));
+        let h = hurry.clone();
+        let threads = EncodeThreads::start(move || h.load(Ordering::Relaxed)).unwrap();
+        let ts = TimestampNanosecondArray::from(vec![3, 1, 2]).with_timezone("UTC");
+        let batch = RecordBatch::try_from_iter([("timestamp", Arc::new(ts) as _)]).unwrap();
+        let opts = EncodeOptions {
+            row_group_rows: 1024,
+            zstd_level: 1,
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let calls_in = calls.clone();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate_rx);
+        let start: Start = Arc::new(move || {
+            // The background run blocks here, as a starved thread would.
+            if calls_in.fetch_add(1, Ordering::SeqCst) == 0 {
+                let _ = gate.lock().recv();
+            }
+            Encoder::new("things", std::slice::from_ref(&batch), opts.clone())
+        });
+        let task = tokio::spawn(async move { threads.encode(start, false).await });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            !task.is_finished(),
+            "nothing may finish while the background run is stuck"
+        );
+        hurry.store(true, Ordering::Relaxed);
+        let files = task.await.unwrap().unwrap();
+        assert_eq!((files.len(), files[0].rows), (1, 3));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "redone from the start in the foreground"
+        );
+        // The cancelled background run stops at its first step.
+        gate_tx.send(()).unwrap();
     }
 }
