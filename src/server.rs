@@ -210,19 +210,15 @@ pub async fn start(cfg: Config) -> Result<Running> {
             Ok(req)
         }
     };
+    macro_rules! otlp_service {
+        ($server:expr) => {
+            InterceptedService::new(ingest_service!($server), admit(ingestor.clone()))
+        };
+    }
     let otlp = OtlpService::new(ingestor.clone(), auth.clone());
-    let trace = InterceptedService::new(
-        ingest_service!(TraceServiceServer::new(otlp.clone())),
-        admit(ingestor.clone()),
-    );
-    let logs = InterceptedService::new(
-        ingest_service!(LogsServiceServer::new(otlp.clone())),
-        admit(ingestor.clone()),
-    );
-    let metrics = InterceptedService::new(
-        ingest_service!(MetricsServiceServer::new(otlp)),
-        admit(ingestor.clone()),
-    );
+    let trace = otlp_service!(TraceServiceServer::new(otlp.clone()));
+    let logs = otlp_service!(LogsServiceServer::new(otlp.clone()));
+    let metrics = otlp_service!(MetricsServiceServer::new(otlp));
     let records = ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(
         ingestor.clone(),
         auth.clone()

@@ -30,20 +30,20 @@ use super::parquet::{Encoded, Encoder, Error, Result};
 pub type Start = Arc<dyn Fn() -> Result<Encoder> + Send + Sync>;
 
 struct Job {
-    /// Taken when the job starts, or emptied when it is cancelled while still
-    /// queued (so a queue of cancelled jobs holds no memtable rows).
-    start: Arc<Mutex<Option<Start>>>,
-    cancelled: Arc<AtomicBool>,
+    ticket: Arc<Ticket>,
     reply: oneshot::Sender<Result<Vec<Encoded>>>,
 }
 
-/// Stops a background job: at once if it is queued, at its next step if it runs.
-struct Cancel {
-    start: Arc<Mutex<Option<Start>>>,
-    cancelled: Arc<AtomicBool>,
+/// What a job and the flush waiting for it share.
+struct Ticket {
+    /// Taken when the job starts, or emptied when it is cancelled while still
+    /// queued (so a queue of cancelled jobs holds no memtable rows).
+    start: Mutex<Option<Start>>,
+    cancelled: AtomicBool,
 }
 
-impl Cancel {
+impl Ticket {
+    /// Stops the job: at once if it is queued, at its next step if it runs.
     fn cancel(&self) {
         self.cancelled.store(true, Ordering::Relaxed);
         self.start.lock().take();
@@ -89,13 +89,13 @@ impl EncodeThreads {
         if urgent || (self.hurry)() {
             return self.submit(&self.foreground, start).1.await;
         }
-        let (cancel, mut done) = self.submit(&self.background, start.clone());
+        let (ticket, mut done) = self.submit(&self.background, start.clone());
         loop {
             tokio::select! {
                 result = &mut done => return result,
                 _ = tokio::time::sleep(HURRY_CHECK) => {
                     if (self.hurry)() {
-                        cancel.cancel();
+                        ticket.cancel();
                         return self.submit(&self.foreground, start).1.await;
                     }
                 }
@@ -103,15 +103,14 @@ impl EncodeThreads {
         }
     }
 
-    fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Cancel, Reply) {
+    fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Arc<Ticket>, Reply) {
         let (reply, rx) = oneshot::channel();
-        let cancel = Cancel {
-            start: Arc::new(Mutex::new(Some(start))),
-            cancelled: Arc::new(AtomicBool::new(false)),
-        };
+        let ticket = Arc::new(Ticket {
+            start: Mutex::new(Some(start)),
+            cancelled: AtomicBool::new(false),
+        });
         let job = Job {
-            start: cancel.start.clone(),
-            cancelled: cancel.cancelled.clone(),
+            ticket: ticket.clone(),
             reply,
         };
         let sent = queue.send(job).is_ok();
@@ -121,19 +120,19 @@ impl EncodeThreads {
             }
             rx.await.map_err(|_| Error::Stopped)?
         };
-        (cancel, Box::pin(done))
+        (ticket, Box::pin(done))
     }
 }
 
 /// Steps a job to the end, or until it is cancelled (then nobody waits for it).
 fn run(job: Job) {
-    let Some(start) = job.start.lock().take() else {
+    let Some(start) = job.ticket.start.lock().take() else {
         return; // cancelled while queued
     };
     let result = (|| {
         let mut encoder = start()?;
         while !encoder.step()? {
-            if job.cancelled.load(Ordering::Relaxed) {
+            if job.ticket.cancelled.load(Ordering::Relaxed) {
                 return Ok(None);
             }
         }
