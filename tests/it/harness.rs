@@ -1,7 +1,6 @@
 //! Starts the real `lakewriter` binary on free loopback ports with a temp data
 //! dir, and gives tests real clients (tonic, reqwest) and a Parquet reader.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,14 +35,6 @@ impl tonic::service::Interceptor for Cred {
         }
         Ok(r)
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub struct Server {
@@ -84,10 +75,12 @@ impl Server {
         s
     }
 
+    /// Starts the binary with every listener on port 0 (no port can be taken
+    /// by a concurrent test between choosing and binding it) and reads the
+    /// bound ports from its "lakewriter ready" log line.
     async fn spawn(&mut self) {
-        self.grpc_port = free_port();
-        self.http_port = free_port();
-        self.internal_port = free_port();
+        let log_path = self.dir.join("server.log");
+        let offset = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,27 +96,28 @@ impl Server {
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
-            .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
-            .args([
-                "--internal-grpc-addr",
-                &format!("127.0.0.1:{}", self.internal_port),
-            ])
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(["--internal-grpc-addr", "127.0.0.1:0"])
             .args(&self.args)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn lakewriter");
         self.child = Some(child);
-        self.wait_healthy().await;
+        self.wait_ready(offset).await;
     }
 
-    async fn wait_healthy(&mut self) {
+    async fn wait_ready(&mut self, log_offset: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let url = format!("{}/health", self.http());
         loop {
-            if let Ok(r) = reqwest::get(&url).await {
-                if r.status().is_success() {
+            let log = strip_ansi(self.log().get(log_offset..).unwrap_or_default());
+            if let Some(line) = log.lines().find(|l| l.contains("lakewriter ready")) {
+                self.grpc_port = logged_port(line, "grpc_addr");
+                self.internal_port = logged_port(line, "internal_grpc_addr");
+                self.http_port = logged_port(line, "http_addr");
+                let health = reqwest::get(format!("{}/health", self.http())).await;
+                if health.is_ok_and(|r| r.status().is_success()) {
                     return;
                 }
             }
@@ -480,4 +474,35 @@ impl Server {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
+}
+
+/// `text` without ANSI escape sequences (the server colours its log).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The port of ` field=host:port` in a log line.
+fn logged_port(line: &str, field: &str) -> u16 {
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(field)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {field} in {line:?}"));
+    value
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad {field} in {line:?}"))
 }

@@ -1,6 +1,7 @@
 """Fixtures that start the real lakewriter binary on free ports with a temp data dir."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import pytest
 
 
 ADMIN_KEY = "lw_test_admin_key_0123456789abcdefghij"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def free_port() -> int:
@@ -31,28 +33,38 @@ def binary() -> str:
 
 
 class Server:
+    """The binary with every listener on port 0 (no port can be taken between
+    choosing and binding it); the bound ports come from its "lakewriter ready"
+    log line."""
+
     def __init__(self, data_dir: Path, *args: str, env: dict | None = None):
         self.data_dir = data_dir
-        self.grpc_port, self.http_port, self.internal_port = free_port(), free_port(), free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir / "server.log"
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         cmd = [
             binary(), "serve", "--data-dir", str(data_dir),
-            "--grpc-addr", f"127.0.0.1:{self.grpc_port}",
-            "--http-addr", f"127.0.0.1:{self.http_port}",
-            "--internal-grpc-addr", f"127.0.0.1:{self.internal_port}",
+            "--grpc-addr", "127.0.0.1:0",
+            "--http-addr", "127.0.0.1:0",
+            "--internal-grpc-addr", "127.0.0.1:0",
             *args,
         ]
         env = {**os.environ, "LAKEWRITER_BOOTSTRAP_API_KEY": ADMIN_KEY, **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 60
         while True:
-            try:
-                with urllib.request.urlopen(f"{self.http}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            log = ANSI.sub("", self.log_path.read_bytes()[offset:].decode(errors="replace"))
+            ready = next((line for line in log.splitlines() if "lakewriter ready" in line), None)
+            if ready:
+                ports = {k: int(v) for k, v in re.findall(r"\b(grpc_addr|internal_grpc_addr|http_addr)=\S+:(\d+)", ready)}
+                self.grpc_port, self.http_port = ports["grpc_addr"], ports["http_addr"]
+                self.internal_port = ports["internal_grpc_addr"]
+                try:
+                    with urllib.request.urlopen(f"{self.http}/health", timeout=1) as r:
+                        if r.status == 200:
+                            return
+                except OSError:
+                    pass
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
