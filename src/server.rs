@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +28,7 @@ use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
 use crate::ingest::grpc::{fix_status, AuthGrpc, IngestionGrpc, OtlpService};
+use crate::ingest::otlp_grpc::TraceGrpc;
 use crate::ingest::read_spans::ReadSpansService;
 use crate::ingest::{rows_for_entry, Ingestor};
 use crate::memtable::schema::Registry;
@@ -216,7 +216,10 @@ pub async fn start(cfg: Config) -> Result<Running> {
         };
     }
     let otlp = OtlpService::new(ingestor.clone(), auth.clone());
-    let trace = otlp_service!(TraceServiceServer::new(otlp.clone()));
+    let trace = InterceptedService::new(
+        TraceGrpc::new(otlp.clone(), cfg.max_request_size),
+        admit(ingestor.clone()),
+    );
     let logs = otlp_service!(LogsServiceServer::new(otlp.clone()));
     let metrics = otlp_service!(MetricsServiceServer::new(otlp));
     let records = ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(

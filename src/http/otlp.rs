@@ -286,7 +286,7 @@ async fn export<R, T, F, Fut>(s: AppState, headers: HeaderMap, body: Body, write
 where
     R: prost::Message + Default + DeserializeOwned,
     T: prost::Message + Serialize,
-    F: FnOnce(Arc<Ingestor>, Principal, R) -> Fut,
+    F: FnOnce(Arc<Ingestor>, Principal, R, Option<Bytes>) -> Fut,
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
     let result = async {
@@ -298,7 +298,8 @@ where
         s.ingestor.admit().map_err(|e| Failure::api(e, enc))?;
         let bytes = read_body(&headers, body, s.max_request_size, enc).await?;
         let req = decode::<R>(&bytes, enc).inspect_err(|_| METRICS.ingest_rejected.inc())?;
-        let resp = write(s.ingestor.clone(), p, req)
+        let protobuf = matches!(enc, Encoding::Protobuf).then_some(bytes);
+        let resp = write(s.ingestor.clone(), p, req, protobuf)
             .await
             .map_err(|e| Failure::api(e, enc))?;
         Ok::<_, Failure>(encode(&resp, enc))
@@ -311,9 +312,9 @@ async fn traces(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
         s,
         headers,
         body,
-        |ing, p, req: ExportTraceServiceRequest| async move {
+        |ing, p, req: ExportTraceServiceRequest, protobuf| async move {
             p.require_endpoint("write", otlp_trace::SPANS)?;
-            ing.write_traces(&p.tenant, req).await
+            ing.write_traces(&p.tenant, req, protobuf).await
         },
     )
     .await
@@ -324,7 +325,7 @@ async fn logs(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Resp
         s,
         headers,
         body,
-        |ing, p, req: ExportLogsServiceRequest| async move {
+        |ing, p, req: ExportLogsServiceRequest, _| async move {
             p.require_endpoint("write", otlp_logs::LOGS)?;
             ing.write_logs(&p.tenant, req).await
         },
@@ -337,7 +338,7 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap, body: Body) -> R
         s,
         headers,
         body,
-        |ing, p, req: ExportMetricsServiceRequest| async move {
+        |ing, p, req: ExportMetricsServiceRequest, _| async move {
             p.require("write")?;
             ing.write_metrics(&p.tenant, req, |t| p.require_endpoint("write", t))
                 .await

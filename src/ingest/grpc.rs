@@ -18,12 +18,12 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use super::otlp_grpc::Received;
 use super::{names, otlp_logs, otlp_trace, Ingestor};
 use crate::auth::{Auth, Credential, Principal};
 use crate::error::{ApiError, ErrorKind};
@@ -91,17 +91,19 @@ impl MetricsService for OtlpService {
     }
 }
 
-#[tonic::async_trait]
-impl TraceService for OtlpService {
-    async fn export(
+impl OtlpService {
+    /// `TraceService/Export`, served by [`super::otlp_grpc::TraceGrpc`] (the
+    /// WAL keeps the received protobuf bytes).
+    pub async fn export_traces(
         &self,
-        request: Request<ExportTraceServiceRequest>,
+        request: Request<Received<ExportTraceServiceRequest>>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let p = principal(&self.auth, request.metadata()).await?;
         p.require_endpoint("write", otlp_trace::SPANS)?;
+        let Received { message, protobuf } = request.into_inner();
         let resp = self
             .ingestor
-            .write_traces(&p.tenant, request.into_inner())
+            .write_traces(&p.tenant, message, Some(protobuf))
             .await?;
         Ok(Response::new(resp))
     }

@@ -16,6 +16,7 @@ pub mod batches;
 pub mod grpc;
 pub mod json;
 pub mod names;
+pub mod otlp_grpc;
 pub mod otlp_logs;
 pub mod otlp_metrics;
 pub mod otlp_trace;
@@ -149,12 +150,15 @@ impl Ingestor {
         Ok(seq)
     }
 
-    /// Validates, converts and commits an OTLP trace export for `tenant`.
+    /// Validates, converts and commits an OTLP trace export for `tenant`;
+    /// `protobuf` is the bytes `req` was decoded from, if it came as protobuf
+    /// (the WAL stores them; else `req` is encoded).
     #[tracing::instrument(skip_all, fields(tenant))]
     pub async fn write_traces(
         &self,
         tenant: &str,
         req: ExportTraceServiceRequest,
+        protobuf: Option<Bytes>,
     ) -> Result<ExportTraceServiceResponse, ApiError> {
         self.admit()?;
         let span_count: usize = req
@@ -187,7 +191,7 @@ impl Ingestor {
                 kind: PayloadKind::OtlpTraces,
                 tenant: tenant.to_string(),
                 endpoint: otlp_trace::SPANS.to_string(),
-                payload: Bytes::from(req.encode_to_vec()),
+                payload: protobuf.unwrap_or_else(|| Bytes::from(req.encode_to_vec())),
             };
             self.commit(entry, trace_tables(tenant, rows)).await?;
         }

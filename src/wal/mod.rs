@@ -133,6 +133,15 @@ impl Wal {
         let mut wal_opts = Options::default();
         wal_opts.set_write_buffer_size(64 << 20);
         wal_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Retained trace payloads go to blob files when RocksDB flushes its
+        // memtable: compactions then move only keys and blob references, never
+        // the payloads again. Retention drops whole files, so blob garbage
+        // collection stays off.
+        wal_opts.set_enable_blob_files(true);
+        wal_opts.set_min_blob_size(4096);
+        wal_opts.set_blob_file_size(256 << 20);
+        wal_opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
+        wal_opts.set_enable_blob_gc(false);
         // A flush's range delete that lands in the same RocksDB memtable as
         // the entries it covers drops them before they are ever written to an
         // SST; a larger buffer makes that the common case at high rates.
