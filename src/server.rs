@@ -191,7 +191,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let mut servers = Vec::new();
 
     let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
-    // Every ingest service takes gzip/zstd and the same request size limit.
+    // Every ingest service takes gzip/zstd and the same request size limit
+    // (`TraceGrpc` sets the same itself).
     macro_rules! ingest_service {
         ($server:expr) => {
             $server
