@@ -8,10 +8,14 @@
 //! endpoint come from the usual `AWS_*` variables, e.g. `AWS_ENDPOINT_URL` and
 //! `AWS_ALLOW_HTTP=true` for MinIO).
 //!
-//! `put` is atomic for readers (object_store's local store writes a staging
-//! file and renames it; an S3 PUT is atomic) and, on local disk, fsyncs the
+//! `put` is atomic for readers (an S3 PUT is atomic; on local disk the file is
+//! written under a staging name and renamed) and, on local disk, fsyncs the
 //! file and its directory before returning, so a recorded file is a durable
-//! file. The node id in the
+//! file. Local writes are paced: every [`SYNC_CHUNK`] bytes are on disk before
+//! the next are written. A file written whole and fsync'd once leaves tens of
+//! megabytes of dirty pages that ext4's ordered journal writes out inside
+//! the next commit, so a WAL `fdatasync` issued meanwhile waits 50–100 ms for
+//! them (BENCHMARKS.md, fifth round). The node id in the
 //! name keeps names unique across nodes sharing a bucket, and lets startup
 //! reconcile only its own unrecorded files.
 
@@ -131,14 +135,18 @@ impl Lake {
 
     /// Writes the whole object atomically and durably.
     pub async fn put(&self, path: &str, bytes: Bytes) -> Result<()> {
-        self.store
-            .put(&ObjPath::from(path), PutPayload::from(bytes))
-            .await?;
-        if let Some(root) = &self.local_root {
-            let full = root.join(path);
-            tokio::task::spawn_blocking(move || sync_file_and_dir(&full))
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
+        match &self.local_root {
+            Some(root) => {
+                let full = root.join(path);
+                tokio::task::spawn_blocking(move || write_paced(&full, &bytes))
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))??;
+            }
+            None => {
+                self.store
+                    .put(&ObjPath::from(path), PutPayload::from(bytes))
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -155,17 +163,93 @@ impl Lake {
     }
 }
 
-fn sync_file_and_dir(full: &std::path::Path) -> std::io::Result<()> {
-    std::fs::File::open(full)?.sync_all()?;
-    if let Some(dir) = full.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
+/// How much of a local file may be written before it is synced.
+pub const SYNC_CHUNK: usize = 1 << 20;
+
+/// Suffix of a local file being written; [`super::Flusher::reconcile`]
+/// removes leftovers. DuckDB's and our `*.parquet` globs never match it.
+pub const STAGING_SUFFIX: &str = ".staging";
+
+/// Writes `bytes` to `full` atomically and durably, in [`SYNC_CHUNK`] pieces
+/// that each reach the disk before the next is written: staging file, paced
+/// writes, fsync, rename, fsync of the directory.
+fn write_paced(full: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = full
+        .parent()
+        .ok_or_else(|| std::io::Error::other("lake path without a directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let mut staging = full.as_os_str().to_owned();
+    staging.push(STAGING_SUFFIX);
+    let staging = std::path::PathBuf::from(staging);
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&staging)?;
+        let mut offset = 0;
+        for chunk in bytes.chunks(SYNC_CHUNK) {
+            file.write_all(chunk)?;
+            sync_range(&file, offset, chunk.len())?;
+            offset += chunk.len();
+        }
+        file.sync_all()?;
+        std::fs::rename(&staging, full)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&staging);
+    })
+}
+
+/// Writes a just-written range to disk and waits for it, without a journal
+/// commit (Linux `sync_file_range`); elsewhere a plain `fdatasync`.
+#[cfg(target_os = "linux")]
+fn sync_range(file: &std::fs::File, offset: usize, len: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a valid open descriptor and plain integers; no memory is shared.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_range(file: &std::fs::File, _offset: usize, _len: usize) -> std::io::Result<()> {
+    file.sync_data()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn local_put_writes_in_synced_chunks_and_leaves_no_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(&format!("file://{}", dir.path().display())).unwrap();
+        let bytes: Vec<u8> = (0..SYNC_CHUNK * 2 + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        lake.put("tenant=a/x/part-1.parquet", Bytes::from(bytes.clone()))
+            .await
+            .unwrap();
+        let dir_entries: Vec<_> = std::fs::read_dir(dir.path().join("tenant=a/x"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(dir_entries, ["part-1.parquet"]);
+        let back = std::fs::read(dir.path().join("tenant=a/x/part-1.parquet")).unwrap();
+        assert_eq!(back, bytes);
+        assert_eq!(lake.list().await.unwrap(), ["tenant=a/x/part-1.parquet"]);
+        // Overwrites replace the whole object.
+        lake.put("tenant=a/x/part-1.parquet", Bytes::from_static(b"short"))
+            .await
+            .unwrap();
+        let back = std::fs::read(dir.path().join("tenant=a/x/part-1.parquet")).unwrap();
+        assert_eq!(back, b"short");
+    }
 
     #[test]
     fn lake_urls() {

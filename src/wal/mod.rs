@@ -111,6 +111,9 @@ pub struct Mark {
     pub suffix: Vec<u8>,
 }
 
+/// A group commit at least this slow is logged.
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub struct Wal {
     db: Arc<DB>,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
@@ -130,6 +133,12 @@ impl Wal {
         // holding the oldest log are flushed (more than one transient
         // memtable, so flushed-and-deleted entries still die in memory).
         opts.set_max_total_wal_size(512 << 20);
+        // RocksDB's own memtable flushes and compactions write SST and blob
+        // files of tens of megabytes; written whole and synced at the end,
+        // their dirty pages would hold up the next WAL fsync for as long as
+        // the disk takes to write them (see `flush::lake`). Start writeback
+        // every megabyte instead.
+        opts.set_bytes_per_sync(1 << 20);
         let mut wal_opts = Options::default();
         wal_opts.set_write_buffer_size(64 << 20);
         wal_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -417,9 +426,18 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
         }
         let started = Instant::now();
         let result = db.write_opt(batch, &sync);
-        METRICS
-            .wal_fsync_seconds
-            .observe_duration(started.elapsed());
+        let took = started.elapsed();
+        METRICS.wal_fsync_seconds.observe_duration(took);
+        if took >= SLOW_SYNC {
+            // Every acknowledgement in the group waited this long; worth a
+            // line an operator can match against disk and flush activity.
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                requests = group.len(),
+                bytes,
+                "slow WAL write"
+            );
+        }
         METRICS.wal_fsyncs.inc();
         METRICS.wal_group_size.observe(group.len() as f64);
         match result {

@@ -272,8 +272,8 @@ impl Drop for Server {
     }
 }
 
-/// Every Parquet file under `root` (recursively), sorted.
-pub fn parquet_files(root: &Path) -> Vec<PathBuf> {
+/// Every file under `root` (recursively), sorted.
+pub fn all_files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -284,12 +284,19 @@ pub fn parquet_files(root: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
+            } else {
                 out.push(p);
             }
         }
     }
     out.sort();
+    out
+}
+
+/// Every Parquet file under `root` (recursively), sorted.
+pub fn parquet_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = all_files(root);
+    out.retain(|p| p.extension().is_some_and(|x| x == "parquet"));
     out
 }
 

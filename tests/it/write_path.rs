@@ -373,3 +373,52 @@ async fn compressed_exports_are_accepted_and_replayed_from_the_wal() {
     assert_eq!(ids.len(), 100, "each span exactly once");
     assert_eq!(ids.into_iter().collect::<HashSet<_>>(), expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_removes_own_unrecorded_and_staging_files_and_keeps_the_rest() {
+    // A crash between publishing a file and recording it leaves a file the
+    // manifest does not list (its rows are still in the WAL), and a crash
+    // mid-write leaves a staging file. Both are ours to delete at start; a
+    // recorded file and another node's file are not.
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &["--flush-age", "1h"]).await;
+    let mut client = server.trace_client().await;
+    client
+        .export(request("rec", (0..10).map(|i| span(1, i, None)).collect()))
+        .await
+        .unwrap();
+    server.flush().await;
+    server.stop();
+    let files = parquet_files(&server.lake());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let recorded = files[0].clone();
+    let name = recorded.file_name().unwrap().to_str().unwrap().to_string();
+    // part-{26-char ulid}-{node}.parquet
+    let node = name["part-".len() + 26 + 1..].trim_end_matches(".parquet");
+    let sibling = |n: &str| recorded.with_file_name(n);
+    let unrecorded = sibling(&format!("part-01ARZ3NDEKTSV4RRFFQ69G5FAV-{node}.parquet"));
+    let staging = sibling(&format!(
+        "part-01ARZ3NDEKTSV4RRFFQ69G5FAW-{node}.parquet.staging"
+    ));
+    let foreign = sibling("part-01ARZ3NDEKTSV4RRFFQ69G5FAX-othernode.parquet");
+    std::fs::copy(&recorded, &unrecorded).unwrap();
+    std::fs::write(&staging, b"half a file").unwrap();
+    std::fs::copy(&recorded, &foreign).unwrap();
+
+    let server = Server::start(dir.path(), &["--flush-age", "1h"]).await;
+    assert!(recorded.exists(), "{}", server.log());
+    assert!(foreign.exists(), "another node's file was removed");
+    assert!(
+        !unrecorded.exists(),
+        "unrecorded file kept: {}",
+        server.log()
+    );
+    assert!(!staging.exists(), "staging file kept: {}", server.log());
+    // Nothing written by the lake is left under a staging name.
+    server.flush().await;
+    let leftovers: Vec<_> = all_files(&server.lake())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".staging"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
