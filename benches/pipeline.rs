@@ -9,7 +9,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use lakewriter::config::FlushConfig;
 use lakewriter::flush::parquet::{encode, EncodeOptions};
-use lakewriter::ingest::otlp_trace::convert;
+use lakewriter::ingest::otlp_trace::{convert, convert_message};
 use lakewriter::ingest::records::{from_arrow_ipc, from_records};
 use lakewriter::loadgen::{junjo_request, records_arrow, records_proto};
 use lakewriter::memtable::schema::Registry;
@@ -31,13 +31,14 @@ fn decode_convert(c: &mut Criterion) {
     g.bench_function("decode_500_spans", |b| {
         b.iter(|| ExportTraceServiceRequest::decode(bytes.clone()).unwrap())
     });
-    g.bench_function("convert_500_spans", |b| b.iter(|| convert(&req).unwrap()));
+    // The ingest path: validate and convert straight from the bytes.
+    g.bench_function("convert_500_spans", |b| b.iter(|| convert(&bytes).unwrap()));
     g.bench_function("encode_500_spans", |b| b.iter(|| req.encode_to_vec()));
     g.finish();
 }
 
 fn memtable_insert(c: &mut Criterion) {
-    let rows = convert(&junjo_request(1, SPANS, 64)).unwrap();
+    let rows = convert_message(&junjo_request(1, SPANS, 64)).unwrap();
     let mut g = c.benchmark_group("memtable");
     g.throughput(Throughput::Elements(SPANS as u64));
     g.bench_function("insert_500_spans", |b| {
@@ -57,7 +58,7 @@ fn memtable_insert(c: &mut Criterion) {
 
 fn parquet_encode(c: &mut Criterion) {
     let batches: Vec<_> = (0..40)
-        .map(|s| convert(&junjo_request(s + 1, SPANS, 64)).unwrap().spans)
+        .map(|s| convert_message(&junjo_request(s + 1, SPANS, 64)).unwrap().spans)
         .collect();
     let opts = EncodeOptions {
         row_group_rows: 65_536,

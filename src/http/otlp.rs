@@ -282,11 +282,44 @@ fn encode<T: prost::Message + Serialize>(resp: &T, enc: Encoding) -> Response {
 }
 
 /// Authenticates, decodes and hands the request to `write`.
+/// A request body as the ingest path takes it.
+trait Payload: Sized {
+    fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure>;
+}
+
+impl Payload for ExportLogsServiceRequest {
+    fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
+        decode(&bytes, enc)
+    }
+}
+
+impl Payload for ExportMetricsServiceRequest {
+    fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
+        decode(&bytes, enc)
+    }
+}
+
+/// Trace exports reach the ingest path as protobuf bytes, converted without
+/// decoding them into messages; an OTLP/JSON body is decoded and encoded.
+struct TraceBytes(Bytes);
+
+impl Payload for TraceBytes {
+    fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
+        match enc {
+            Encoding::Protobuf => Ok(TraceBytes(bytes)),
+            Encoding::Json => {
+                let req: ExportTraceServiceRequest = decode(&bytes, enc)?;
+                Ok(TraceBytes(Bytes::from(prost::Message::encode_to_vec(&req))))
+            }
+        }
+    }
+}
+
 async fn export<R, T, F, Fut>(s: AppState, headers: HeaderMap, body: Body, write: F) -> Response
 where
-    R: prost::Message + Default + DeserializeOwned,
+    R: Payload,
     T: prost::Message + Serialize,
-    F: FnOnce(Arc<Ingestor>, Principal, R, Option<Bytes>) -> Fut,
+    F: FnOnce(Arc<Ingestor>, Principal, R) -> Fut,
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
     let result = async {
@@ -297,9 +330,8 @@ where
         // Over budget: refuse before reading and decoding the body.
         s.ingestor.admit().map_err(|e| Failure::api(e, enc))?;
         let bytes = read_body(&headers, body, s.max_request_size, enc).await?;
-        let req = decode::<R>(&bytes, enc).inspect_err(|_| METRICS.ingest_rejected.inc())?;
-        let protobuf = matches!(enc, Encoding::Protobuf).then_some(bytes);
-        let resp = write(s.ingestor.clone(), p, req, protobuf)
+        let req = R::decode(bytes, enc).inspect_err(|_| METRICS.ingest_rejected.inc())?;
+        let resp = write(s.ingestor.clone(), p, req)
             .await
             .map_err(|e| Failure::api(e, enc))?;
         Ok::<_, Failure>(encode(&resp, enc))
@@ -312,9 +344,9 @@ async fn traces(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Re
         s,
         headers,
         body,
-        |ing, p, req: ExportTraceServiceRequest, protobuf| async move {
+        |ing, p, TraceBytes(protobuf)| async move {
             p.require_endpoint("write", otlp_trace::SPANS)?;
-            ing.write_traces(&p.tenant, req, protobuf).await
+            ing.write_traces(&p.tenant, protobuf).await
         },
     )
     .await
@@ -325,7 +357,7 @@ async fn logs(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Resp
         s,
         headers,
         body,
-        |ing, p, req: ExportLogsServiceRequest, _| async move {
+        |ing, p, req: ExportLogsServiceRequest| async move {
             p.require_endpoint("write", otlp_logs::LOGS)?;
             ing.write_logs(&p.tenant, req).await
         },
@@ -338,7 +370,7 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap, body: Body) -> R
         s,
         headers,
         body,
-        |ing, p, req: ExportMetricsServiceRequest, _| async move {
+        |ing, p, req: ExportMetricsServiceRequest| async move {
             p.require("write")?;
             ing.write_metrics(&p.tenant, req, |t| p.require_endpoint("write", t))
                 .await

@@ -8,6 +8,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService;
@@ -18,12 +19,9 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::otlp_grpc::Received;
 use super::{names, otlp_logs, otlp_trace, Ingestor};
 use crate::auth::{Auth, Credential, Principal};
 use crate::error::{ApiError, ErrorKind};
@@ -96,14 +94,13 @@ impl OtlpService {
     /// WAL keeps the received protobuf bytes).
     pub async fn export_traces(
         &self,
-        request: Request<Received<ExportTraceServiceRequest>>,
+        request: Request<Bytes>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let p = principal(&self.auth, request.metadata()).await?;
         p.require_endpoint("write", otlp_trace::SPANS)?;
-        let Received { message, protobuf } = request.into_inner();
         let resp = self
             .ingestor
-            .write_traces(&p.tenant, message, Some(protobuf))
+            .write_traces(&p.tenant, request.into_inner())
             .await?;
         Ok(Response::new(resp))
     }

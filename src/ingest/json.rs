@@ -9,11 +9,119 @@ use std::fmt::Write;
 
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 
+use super::wire;
+
 pub const MAX_DEPTH: usize = 32;
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("attribute value nested deeper than {MAX_DEPTH} levels")]
-pub struct TooDeep;
+/// Why a value could not be written.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ValueError {
+    #[error("attribute value nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// Only values read straight from protobuf bytes can be malformed.
+    #[error("{0}")]
+    Malformed(#[from] wire::Error),
+}
+
+/// One `AnyValue`, from a decoded message or straight from protobuf bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Any<'a> {
+    Null,
+    Str(&'a str),
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Bytes(&'a [u8]),
+    /// An index into a profiles string table; traces have no such table.
+    StrIndex(i32),
+    Array(List<'a>),
+    Kvlist(List<'a>),
+}
+
+/// The items of an array or key/value list.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum List<'a> {
+    Values(&'a [AnyValue]),
+    Pairs(&'a [KeyValue]),
+    /// An `ArrayValue` / `KeyValueList` message: items are field 1.
+    Wire(&'a [u8]),
+}
+
+impl<'a> From<Option<&'a AnyValue>> for Any<'a> {
+    fn from(v: Option<&'a AnyValue>) -> Self {
+        match v.and_then(|v| v.value.as_ref()) {
+            None => Any::Null,
+            Some(Value::StringValue(s)) => Any::Str(s),
+            Some(Value::BoolValue(b)) => Any::Bool(*b),
+            Some(Value::IntValue(i)) => Any::Int(*i),
+            Some(Value::DoubleValue(d)) => Any::Double(*d),
+            Some(Value::BytesValue(b)) => Any::Bytes(b),
+            Some(Value::ArrayValue(a)) => Any::Array(List::Values(&a.values)),
+            Some(Value::KvlistValue(kv)) => Any::Kvlist(List::Pairs(&kv.values)),
+            Some(Value::StringValueStrindex(i)) => Any::StrIndex(*i),
+        }
+    }
+}
+
+/// An `AnyValue` message's bytes. More than one value set is refused (prost
+/// would keep the last, or merge two lists; no encoder sends either).
+pub fn wire_any(buf: &[u8]) -> Result<Any<'_>, wire::Error> {
+    const W: &str = "AnyValue";
+    let mut out = Any::Null;
+    for f in wire::fields(buf) {
+        let (n, v) = f?;
+        let value = match n {
+            1 => Any::Str(v.str("AnyValue.string_value")?),
+            2 => Any::Bool(v.varint("AnyValue.bool_value")? != 0),
+            3 => Any::Int(v.varint("AnyValue.int_value")? as i64),
+            4 => Any::Double(f64::from_bits(v.fixed64("AnyValue.double_value")?)),
+            5 => Any::Array(List::Wire(v.bytes("AnyValue.array_value")?)),
+            6 => Any::Kvlist(List::Wire(v.bytes("AnyValue.kvlist_value")?)),
+            7 => Any::Bytes(v.bytes("AnyValue.bytes_value")?),
+            8 => Any::StrIndex(v.i32("AnyValue.string_value_strindex")?),
+            _ => continue,
+        };
+        if out != Any::Null {
+            return Err(wire::Error(format!("{W}: more than one value set").into()));
+        }
+        out = value;
+    }
+    Ok(out)
+}
+
+/// A `KeyValue` message's bytes: key and value (a repeated value is refused).
+pub fn wire_pair(buf: &[u8]) -> Result<(&str, Any<'_>), wire::Error> {
+    let (mut key, mut value) = ("", None);
+    for f in wire::fields(buf) {
+        match f? {
+            (1, v) => key = v.str("KeyValue.key")?,
+            (2, v) => {
+                if value.is_some() {
+                    return Err(wire::Error("KeyValue: value set twice".into()));
+                }
+                value = Some(wire_any(v.bytes("KeyValue.value")?)?);
+            }
+            (3, v) => {
+                v.i32("KeyValue.key_strindex")?;
+            }
+            _ => {}
+        }
+    }
+    Ok((key, value.unwrap_or(Any::Null)))
+}
+
+/// The `KeyValue`s at field `field` of a message's bytes, in order.
+pub fn wire_pairs<'a>(
+    buf: &'a [u8],
+    field: u32,
+    what: &'static str,
+) -> impl Iterator<Item = Result<(&'a str, Any<'a>), wire::Error>> {
+    wire::fields(buf).filter_map(move |f| match f {
+        Ok((n, v)) if n == field => Some(v.bytes(what).and_then(wire_pair)),
+        Ok(_) => None,
+        Err(e) => Some(Err(e)),
+    })
+}
 
 /// Appends `s` as a JSON string literal.
 pub fn write_str(out: &mut String, s: &str) {
@@ -52,79 +160,124 @@ pub fn write_f64(out: &mut String, v: f64) {
     }
 }
 
-pub fn write_any(out: &mut String, v: Option<&AnyValue>, depth: usize) -> Result<(), TooDeep> {
+pub fn write_any(out: &mut String, v: Option<&AnyValue>, depth: usize) -> Result<(), ValueError> {
+    write_value(out, v.into(), depth)
+}
+
+/// Writes one value as JSON.
+pub fn write_value(out: &mut String, v: Any, depth: usize) -> Result<(), ValueError> {
     if depth > MAX_DEPTH {
-        return Err(TooDeep);
+        return Err(ValueError::TooDeep);
     }
-    match v.and_then(|v| v.value.as_ref()) {
-        None => out.push_str("null"),
-        Some(Value::StringValue(s)) => write_str(out, s),
-        Some(Value::BoolValue(b)) => out.push_str(if *b { "true" } else { "false" }),
-        Some(Value::IntValue(i)) => {
+    match v {
+        Any::Null => out.push_str("null"),
+        Any::Str(s) => write_str(out, s),
+        Any::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+        Any::Int(i) => {
             let _ = write!(out, "{i}");
         }
-        Some(Value::DoubleValue(d)) => write_f64(out, *d),
-        Some(Value::BytesValue(b)) => {
+        Any::Double(d) => write_f64(out, d),
+        Any::Bytes(b) => {
             out.push('"');
             out.push_str(&hex::encode(b));
             out.push('"');
         }
-        Some(Value::ArrayValue(a)) => {
+        Any::StrIndex(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Any::Array(items) => {
             out.push('[');
-            for (i, item) in a.values.iter().enumerate() {
+            let mut write_item = |i: usize, item: Any| {
                 if i > 0 {
                     out.push(',');
                 }
-                write_any(out, Some(item), depth + 1)?;
+                write_value(out, item, depth + 1)
+            };
+            match items {
+                List::Values(vs) => {
+                    for (i, item) in vs.iter().enumerate() {
+                        write_item(i, Some(item).into())?;
+                    }
+                }
+                List::Wire(buf) => {
+                    let values = wire::fields(buf).filter_map(|f| match f {
+                        Ok((1, v)) => Some(v.bytes("ArrayValue.values").and_then(wire_any)),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    });
+                    for (i, item) in values.enumerate() {
+                        write_item(i, item?)?;
+                    }
+                }
+                List::Pairs(_) => unreachable!("an array never holds pairs"),
             }
             out.push(']');
         }
-        Some(Value::KvlistValue(kv)) => write_attrs(out, kv.values.iter(), depth + 1)?,
-        // An index into a profiles string table; traces have no such table.
-        Some(Value::StringValueStrindex(i)) => {
-            let _ = write!(out, "{i}");
+        Any::Kvlist(List::Pairs(kvs)) => write_attrs(out, kvs.iter(), depth + 1)?,
+        Any::Kvlist(List::Wire(buf)) => {
+            write_pairs(out, wire_pairs(buf, 1, "KeyValueList.values"), depth + 1)?
         }
+        Any::Kvlist(List::Values(_)) => unreachable!("a key/value list never holds bare values"),
     }
     Ok(())
 }
 
 /// Writes key/values as one JSON object.
-pub fn write_attrs<'a>(
+pub fn write_pairs<'a>(
     out: &mut String,
-    attrs: impl Iterator<Item = &'a KeyValue>,
+    pairs: impl Iterator<Item = Result<(&'a str, Any<'a>), wire::Error>>,
     depth: usize,
-) -> Result<(), TooDeep> {
+) -> Result<(), ValueError> {
     if depth > MAX_DEPTH {
-        return Err(TooDeep);
+        return Err(ValueError::TooDeep);
     }
     out.push('{');
-    for (i, kv) in attrs.enumerate() {
+    for (i, pair) in pairs.enumerate() {
+        let (key, value) = pair?;
         if i > 0 {
             out.push(',');
         }
-        write_str(out, &kv.key);
+        write_str(out, key);
         out.push(':');
-        write_any(out, kv.value.as_ref(), depth + 1)?;
+        write_value(out, value, depth + 1)?;
     }
     out.push('}');
     Ok(())
 }
 
+/// Writes decoded key/values as one JSON object.
+pub fn write_attrs<'a>(
+    out: &mut String,
+    attrs: impl Iterator<Item = &'a KeyValue>,
+    depth: usize,
+) -> Result<(), ValueError> {
+    write_pairs(
+        out,
+        attrs.map(|kv| Ok((kv.key.as_str(), Any::from(kv.value.as_ref())))),
+        depth,
+    )
+}
+
 /// JSON text of attributes, as a fresh string.
-pub fn attrs_to_string(attrs: &[KeyValue]) -> Result<String, TooDeep> {
+pub fn attrs_to_string(attrs: &[KeyValue]) -> Result<String, ValueError> {
     let mut s = String::with_capacity(64 * attrs.len() + 2);
     write_attrs(&mut s, attrs.iter(), 0)?;
     Ok(s)
 }
 
 /// A value as a column string: strings as-is, anything else as JSON.
-pub fn value_as_text(v: Option<&AnyValue>) -> Result<Option<String>, TooDeep> {
-    Ok(match v.and_then(|v| v.value.as_ref()) {
-        None => None,
-        Some(Value::StringValue(s)) => Some(s.clone()),
-        Some(_) => {
+pub fn value_as_text(v: Option<&AnyValue>) -> Result<Option<String>, ValueError> {
+    text_of(v.into())
+}
+
+/// [`value_as_text`] for any value.
+pub fn text_of(v: Any) -> Result<Option<String>, ValueError> {
+    Ok(match v {
+        Any::Null => None,
+        Any::Str(s) => Some(s.to_string()),
+        _ => {
             let mut s = String::new();
-            write_any(&mut s, v, 0)?;
+            write_value(&mut s, v, 0)?;
             Some(s)
         }
     })
@@ -231,6 +384,6 @@ mod tests {
                 value: Some(Value::ArrayValue(ArrayValue { values: vec![v] })),
             };
         }
-        assert_eq!(attrs_to_string(&[kv("deep", v)]), Err(TooDeep));
+        assert_eq!(attrs_to_string(&[kv("deep", v)]), Err(ValueError::TooDeep));
     }
 }

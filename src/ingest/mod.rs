@@ -22,6 +22,7 @@ pub mod otlp_metrics;
 pub mod otlp_trace;
 pub mod read_spans;
 pub mod records;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceResponse,
 };
 use prost::Message;
 use tokio::sync::Notify;
@@ -50,18 +51,22 @@ use crate::proto::ingestion::write_batch_request::Payload;
 use crate::proto::ingestion::{WriteBatchRequest, WriteBatchResponse};
 use crate::wal::{Mark, PayloadKind, Wal, WalEntry};
 
-/// Requests with more items (spans, log records, points) than this are
-/// converted on the blocking pool.
+/// Requests with more items (log records, points) than this are converted on
+/// the blocking pool.
 const INLINE_CONVERT_ITEMS: usize = 2_000;
+
+/// Trace exports larger than this (about 2,000 spans) are converted on the
+/// blocking pool.
+const INLINE_CONVERT_BYTES: usize = 768 << 10;
 
 /// Converts `req` inline when it is small, else on the blocking pool; gives
 /// the request back with the result.
-async fn convert_sized<R, T>(req: R, items: usize, convert: fn(&R) -> T) -> Result<(R, T), ApiError>
+async fn convert_sized<R, T>(req: R, inline: bool, convert: fn(&R) -> T) -> Result<(R, T), ApiError>
 where
     R: Send + 'static,
     T: Send + 'static,
 {
-    if items <= INLINE_CONVERT_ITEMS {
+    if inline {
         let out = convert(&req);
         return Ok((req, out));
     }
@@ -150,35 +155,31 @@ impl Ingestor {
         Ok(seq)
     }
 
-    /// Validates, converts and commits an OTLP trace export for `tenant`;
-    /// `protobuf` is the bytes `req` was decoded from, if it came as protobuf
-    /// (the WAL stores them; else `req` is encoded).
+    /// Validates, converts and commits an OTLP trace export for `tenant`:
+    /// the protobuf bytes of an `ExportTraceServiceRequest`, converted
+    /// without decoding them into owned messages, and kept as the WAL entry.
     #[tracing::instrument(skip_all, fields(tenant))]
     pub async fn write_traces(
         &self,
         tenant: &str,
-        req: ExportTraceServiceRequest,
-        protobuf: Option<Bytes>,
+        protobuf: Bytes,
     ) -> Result<ExportTraceServiceResponse, ApiError> {
         self.admit()?;
-        let span_count: usize = req
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        if span_count as u128 > crate::wal::SPAN_INDEX_MASK {
-            METRICS.ingest_rejected.inc();
-            return Err(ApiError::invalid(format!(
-                "{span_count} spans in one request; at most {} are accepted, split the export",
-                crate::wal::SPAN_INDEX_MASK
-            )));
-        }
-        let (req, converted) = convert_sized(req, span_count, otlp_trace::convert).await?;
+        let inline = protobuf.len() <= INLINE_CONVERT_BYTES;
+        let (protobuf, converted) =
+            convert_sized(protobuf, inline, |b: &Bytes| otlp_trace::convert(b)).await?;
         let rows = converted.map_err(|e| {
             METRICS.ingest_rejected.inc();
             ApiError::invalid(e.to_string())
         })?;
+        if rows.seen as u128 > crate::wal::SPAN_INDEX_MASK {
+            METRICS.ingest_rejected.inc();
+            return Err(ApiError::invalid(format!(
+                "{} spans in one request; at most {} are accepted, split the export",
+                rows.seen,
+                crate::wal::SPAN_INDEX_MASK
+            )));
+        }
         let partial_success = rows
             .reject_reason
             .clone()
@@ -191,7 +192,7 @@ impl Ingestor {
                 kind: PayloadKind::OtlpTraces,
                 tenant: tenant.to_string(),
                 endpoint: otlp_trace::SPANS.to_string(),
-                payload: protobuf.unwrap_or_else(|| Bytes::from(req.encode_to_vec())),
+                payload: protobuf,
             };
             self.commit(entry, trace_tables(tenant, rows)).await?;
         }
@@ -210,7 +211,8 @@ impl Ingestor {
             return Ok(ExportLogsServiceResponse::default());
         }
         otlp_logs::stamp_observed(&mut req, now_ns());
-        let (req, converted) = convert_sized(req, n, otlp_logs::convert).await?;
+        let (req, converted) =
+            convert_sized(req, n <= INLINE_CONVERT_ITEMS, otlp_logs::convert).await?;
         let rows = converted.map_err(|e| {
             METRICS.ingest_rejected.inc();
             ApiError::invalid(e.to_string())
@@ -238,7 +240,8 @@ impl Ingestor {
     ) -> Result<ExportMetricsServiceResponse, ApiError> {
         self.admit()?;
         let n = otlp_metrics::count(&req);
-        let (req, converted) = convert_sized(req, n, otlp_metrics::convert).await?;
+        let (req, converted) =
+            convert_sized(req, n <= INLINE_CONVERT_ITEMS, otlp_metrics::convert).await?;
         let rows = converted.map_err(|e| {
             METRICS.ingest_rejected.inc();
             ApiError::invalid(e.to_string())
@@ -397,10 +400,10 @@ pub fn rows_for_entry(
     schemas: &Registry,
 ) -> Result<Vec<(TableId, RecordBatch)>, ReplayError> {
     match entry.kind {
-        PayloadKind::OtlpTraces => {
-            let req = ExportTraceServiceRequest::decode(entry.payload.clone())?;
-            Ok(trace_tables(&entry.tenant, otlp_trace::convert(&req)?))
-        }
+        PayloadKind::OtlpTraces => Ok(trace_tables(
+            &entry.tenant,
+            otlp_trace::convert(&entry.payload)?,
+        )),
         PayloadKind::OtlpLogs => {
             let req = ExportLogsServiceRequest::decode(entry.payload.clone())?;
             let table = TableId::new(&entry.tenant, otlp_logs::LOGS);

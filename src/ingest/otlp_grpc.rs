@@ -1,20 +1,17 @@
-//! The OTLP `TraceService` of the public port, served with a codec that keeps
-//! the request's protobuf bytes next to the decoded message.
+//! The OTLP `TraceService` of the public port, served with a codec that hands
+//! over the request's protobuf bytes instead of a decoded message.
 //!
-//! The WAL entry of an export is its protobuf payload. tonic's generated
-//! server hands over only the decoded message, which would have to be encoded
-//! again (sizing and writing every span, ~7 % of a worker's CPU at 100 k
-//! spans/s); this service decodes from the received bytes and keeps them.
-//! Replay decodes the same bytes, so it sees exactly what was validated.
+//! Traces are converted straight from those bytes ([`super::wire`]) and the
+//! WAL entry is the same bytes: tonic's generated server would decode every
+//! span into owned strings (and the WAL would need them encoded again).
+//! Replay converts the same bytes, so it sees exactly what was validated.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::body::Body;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder};
@@ -27,46 +24,32 @@ use super::grpc::OtlpService;
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-/// A decoded request and the protobuf bytes it was decoded from.
-pub struct Received<M> {
-    pub message: M,
-    pub protobuf: Bytes,
-}
+/// Receives raw (decompressed) message bytes; encodes responses `R` with prost.
+struct BytesCodec<R>(PhantomData<fn() -> R>);
 
-/// Decodes `M` and keeps its bytes; encodes responses `R` with prost.
-struct ReceivedCodec<M, R>(PhantomData<fn() -> (M, R)>);
-
-impl<M, R> Codec for ReceivedCodec<M, R>
-where
-    M: Message + Default + Send + 'static,
-    R: Message + Send + 'static,
-{
+impl<R: Message + Send + 'static> Codec for BytesCodec<R> {
     type Encode = R;
-    type Decode = Received<M>;
+    type Decode = Bytes;
     type Encoder = ProstEncoder<R>;
-    type Decoder = ReceivedDecoder<M>;
+    type Decoder = BytesDecoder;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::default()
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ReceivedDecoder(PhantomData)
+        BytesDecoder
     }
 }
 
-struct ReceivedDecoder<M>(PhantomData<fn() -> M>);
+struct BytesDecoder;
 
-impl<M: Message + Default> Decoder for ReceivedDecoder<M> {
-    type Item = Received<M>;
+impl Decoder for BytesDecoder {
+    type Item = Bytes;
     type Error = Status;
 
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Received<M>>, Status> {
-        let protobuf = buf.copy_to_bytes(buf.remaining());
-        // The same status tonic's prost decoder gives, so `fix_status` turns
-        // it into INVALID_ARGUMENT with the decoder's detail.
-        let message = M::decode(protobuf.clone()).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Some(Received { message, protobuf }))
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
     }
 }
 
@@ -93,14 +76,11 @@ impl NamedService for TraceGrpc {
 
 struct Export(OtlpService);
 
-impl UnaryService<Received<ExportTraceServiceRequest>> for Export {
+impl UnaryService<Bytes> for Export {
     type Response = ExportTraceServiceResponse;
     type Future = BoxFuture<tonic::Response<ExportTraceServiceResponse>, Status>;
 
-    fn call(
-        &mut self,
-        request: tonic::Request<Received<ExportTraceServiceRequest>>,
-    ) -> Self::Future {
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let otlp = self.0.clone();
         Box::pin(async move { otlp.export_traces(request).await })
     }
@@ -128,7 +108,7 @@ where
         }
         let (otlp, max) = (self.otlp.clone(), self.max_request_size);
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(ReceivedCodec(PhantomData))
+            let mut grpc = tonic::server::Grpc::new(BytesCodec(PhantomData))
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Zstd)
                 .max_decoding_message_size(max);

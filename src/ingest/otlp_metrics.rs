@@ -33,7 +33,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
     NumberDataPoint, SummaryDataPoint,
 };
 
-use super::json::{self, TooDeep};
+use super::json::{self, ValueError};
 use super::otlp_trace::{non_empty, ns, resource_ctx, ts_type, Error};
 
 pub const GAUGE: &str = "metrics_gauge";
@@ -239,7 +239,7 @@ struct Common {
 }
 
 impl Common {
-    fn append(&mut self, m: &MetricCtx, p: &PointCommon) -> Result<(), TooDeep> {
+    fn append(&mut self, m: &MetricCtx, p: &PointCommon) -> Result<(), ValueError> {
         let attrs = json::attrs_to_string(p.attrs)?;
         let exemplars = exemplars_json(p.exemplars)?;
         self.timestamp.append_value(ns(p.time));
@@ -280,7 +280,7 @@ impl Common {
     }
 }
 
-fn exemplars_json(exemplars: &[Exemplar]) -> Result<String, TooDeep> {
+fn exemplars_json(exemplars: &[Exemplar]) -> Result<String, ValueError> {
     let mut s = String::from("[");
     for (i, e) in exemplars.iter().enumerate() {
         if i > 0 {
@@ -340,7 +340,7 @@ impl Numbers {
         m: &MetricCtx,
         p: &NumberDataPoint,
         sum: Option<(i32, bool)>,
-    ) -> Result<bool, TooDeep> {
+    ) -> Result<bool, ValueError> {
         let (value, int) = match p.value {
             Some(number_data_point::Value::AsDouble(v)) => (v, None),
             Some(number_data_point::Value::AsInt(v)) => (v as f64, Some(v)),
@@ -405,7 +405,12 @@ struct Histograms {
 }
 
 impl Histograms {
-    fn append(&mut self, m: &MetricCtx, p: &HistogramDataPoint, t: i32) -> Result<bool, TooDeep> {
+    fn append(
+        &mut self,
+        m: &MetricCtx,
+        p: &HistogramDataPoint,
+        t: i32,
+    ) -> Result<bool, ValueError> {
         let buckets_fit = p.bucket_counts.len() == p.explicit_bounds.len() + 1
             || (p.bucket_counts.is_empty() && p.explicit_bounds.is_empty());
         if !buckets_fit {
@@ -450,7 +455,7 @@ impl ExpHistograms {
         m: &MetricCtx,
         p: &ExponentialHistogramDataPoint,
         t: i32,
-    ) -> Result<(), TooDeep> {
+    ) -> Result<(), ValueError> {
         self.c.append(m, &point_common!(p, &p.exemplars))?;
         self.stats.append(p.count, p.sum, p.min, p.max);
         self.scale.append_value(p.scale);
@@ -495,7 +500,7 @@ struct Summaries {
 }
 
 impl Summaries {
-    fn append(&mut self, m: &MetricCtx, p: &SummaryDataPoint) -> Result<(), TooDeep> {
+    fn append(&mut self, m: &MetricCtx, p: &SummaryDataPoint) -> Result<(), ValueError> {
         self.c.append(m, &point_common!(p, &[]))?;
         self.count.append_value(p.count);
         self.sum.append_value(p.sum);
@@ -551,7 +556,7 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
                     at: format!("resource_metrics[{ri}].scope_metrics[{si}].metrics[{mi}]"),
                     source,
                 };
-                let mut keep = |time: u64, ok: Result<bool, TooDeep>| -> Result<(), Error> {
+                let mut keep = |time: u64, ok: Result<bool, ValueError>| -> Result<(), Error> {
                     if time == 0 {
                         no_time += 1;
                     }
@@ -654,7 +659,10 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
 }
 
 /// Runs `append` only for a point that passed the common checks.
-fn ok_then(ok: bool, append: impl FnOnce() -> Result<bool, TooDeep>) -> Result<bool, TooDeep> {
+fn ok_then(
+    ok: bool,
+    append: impl FnOnce() -> Result<bool, ValueError>,
+) -> Result<bool, ValueError> {
     if ok {
         append()
     } else {

@@ -27,13 +27,16 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
+use std::fmt::Write;
+
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value::Value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span::Event, Span};
+use prost::Message;
 use sha2::{Digest, Sha256};
 
-use super::json::{self, TooDeep};
+use super::json::{self, Any, ValueError};
+use super::wire;
 
 pub const SPANS: &str = "spans";
 pub const STATE_PATCHES: &str = "state_patches";
@@ -49,7 +52,9 @@ pub enum Error {
         expected: usize,
     },
     #[error("{at}: {source}")]
-    Nesting { at: String, source: TooDeep },
+    Nesting { at: String, source: ValueError },
+    #[error("malformed protobuf request: {}{detail}", if at.is_empty() { String::new() } else { format!("{at}: ") })]
+    Malformed { at: String, detail: wire::Error },
 }
 
 pub(super) fn ts_type() -> DataType {
@@ -149,6 +154,8 @@ pub fn status_name(code: i32) -> &'static str {
 /// The rows of one request.
 pub struct TraceRows {
     pub spans: RecordBatch,
+    /// Spans in the request, refused ones included.
+    pub seen: usize,
     pub state_patches: RecordBatch,
     /// Spans refused individually (reported via partial_success).
     pub rejected: u64,
@@ -195,46 +202,309 @@ pub(super) fn resource_ctx(
     Ok((service, json))
 }
 
-/// Validates and converts a whole request.
-pub fn convert(req: &ExportTraceServiceRequest) -> Result<TraceRows, Error> {
-    let mut b = SpanBuilders::default();
-    let mut p = PatchBuilders::default();
-    let mut rejected = 0u64;
-    for (ri, rs) in req.resource_spans.iter().enumerate() {
-        let (service, res_json) = resource_ctx(rs.resource.as_ref(), || {
-            format!("resource_spans[{ri}].resource")
-        })?;
-        for (si, ss) in rs.scope_spans.iter().enumerate() {
-            let scope = ss.scope.as_ref();
-            for (pi, span) in ss.spans.iter().enumerate() {
-                let at = || format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]");
-                check_id(&at, "trace_id", &span.trace_id, 16, false)?;
-                check_id(&at, "span_id", &span.span_id, 8, false)?;
-                check_id(&at, "parent_span_id", &span.parent_span_id, 8, true)?;
-                if span.trace_id.iter().all(|b| *b == 0) || span.span_id.iter().all(|b| *b == 0) {
-                    rejected += 1;
-                    continue;
-                }
-                let ctx = SpanCtx {
-                    service,
-                    res_json: &res_json,
-                    scope_name: scope.map(|s| s.name.as_str()),
-                    scope_version: scope.map(|s| s.version.as_str()),
-                };
-                b.append(span, &ctx, &mut p)
-                    .map_err(|source| Error::Nesting { at: at(), source })?;
-            }
+/// Validates and converts a whole `ExportTraceServiceRequest`, read straight
+/// from its protobuf bytes ([`wire`]).
+pub fn convert(protobuf: &[u8]) -> Result<TraceRows, Error> {
+    let mut c = Converter::default();
+    let mut ri = 0;
+    for f in wire::fields(protobuf) {
+        let (n, v) = f.map_err(|e| malformed(String::new(), e))?;
+        if n == 1 {
+            let at = || format!("resource_spans[{ri}]");
+            let rs = v
+                .bytes("ExportTraceServiceRequest.resource_spans")
+                .map_err(|e| malformed(at(), e))?;
+            c.resource_spans(ri, rs)?;
+            ri += 1;
         }
     }
+    let rejected = c.rejected;
     let reject_reason = (rejected > 0).then(|| {
         format!("{rejected} span(s) rejected: all-zero trace_id or span_id is invalid (OTel spec)")
     });
     Ok(TraceRows {
-        spans: b.finish(),
-        state_patches: p.finish(),
+        spans: c.spans.finish(),
+        state_patches: c.patches.finish(),
+        seen: c.seen,
         rejected,
         reject_reason,
     })
+}
+
+/// Validates and converts a decoded request (OTLP/JSON, tests): the same
+/// conversion, from the request's protobuf encoding.
+pub fn convert_message(req: &ExportTraceServiceRequest) -> Result<TraceRows, Error> {
+    convert(&req.encode_to_vec())
+}
+
+fn malformed(at: String, detail: wire::Error) -> Error {
+    Error::Malformed { at, detail }
+}
+
+fn value_error(at: String, e: ValueError) -> Error {
+    match e {
+        ValueError::TooDeep => Error::Nesting {
+            at,
+            source: ValueError::TooDeep,
+        },
+        ValueError::Malformed(detail) => malformed(at, detail),
+    }
+}
+
+/// A singular message field seen twice is refused, not merged.
+fn once<'a>(
+    slot: &mut Option<&'a [u8]>,
+    v: wire::Value<'a>,
+    what: &'static str,
+) -> Result<(), wire::Error> {
+    if slot.is_some() {
+        return Err(wire::Error(format!("{what} set twice").into()));
+    }
+    *slot = Some(v.bytes(what)?);
+    Ok(())
+}
+
+#[derive(Default)]
+struct Converter<'a> {
+    /// Reused for every span.
+    view: SpanView<'a>,
+    spans: SpanBuilders,
+    patches: PatchBuilders,
+    seen: usize,
+    rejected: u64,
+    /// Scratch for values that are validated but not stored.
+    scratch: String,
+}
+
+impl<'a> Converter<'a> {
+    fn resource_spans(&mut self, ri: usize, buf: &'a [u8]) -> Result<(), Error> {
+        let at = || format!("resource_spans[{ri}]");
+        let mut resource = None;
+        for f in wire::fields(buf) {
+            match f.map_err(|e| malformed(at(), e))? {
+                (1, v) => once(&mut resource, v, "ResourceSpans.resource"),
+                (3, v) => v.str("ResourceSpans.schema_url").map(drop),
+                _ => Ok(()),
+            }
+            .map_err(|e| malformed(at(), e))?;
+        }
+        let res_at = || format!("resource_spans[{ri}].resource");
+        let (service, res_json) = self
+            .resource(resource.unwrap_or_default())
+            .map_err(|e| value_error(res_at(), e))?;
+        let mut si = 0;
+        for f in wire::fields(buf) {
+            if let (2, v) = f.map_err(|e| malformed(at(), e))? {
+                let ss = v
+                    .bytes("ResourceSpans.scope_spans")
+                    .map_err(|e| malformed(at(), e))?;
+                self.scope_spans(ri, si, ss, service, &res_json)?;
+                si += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `service.name` (first string value, else `NO_SERVICE_NAME`) and the
+    /// attributes JSON of a `Resource`.
+    fn resource(&mut self, buf: &'a [u8]) -> Result<(&'a str, String), ValueError> {
+        let mut service = None;
+        for f in wire::fields(buf) {
+            match f? {
+                (1, v) => {
+                    let (key, value) = json::wire_pair(v.bytes("Resource.attributes")?)?;
+                    if let (None, "service.name", Any::Str(s)) = (service, key, value) {
+                        service = Some(s);
+                    }
+                }
+                (2, v) => drop(v.u32("Resource.dropped_attributes_count")?),
+                (3, v) => entity_ref(v.bytes("Resource.entity_refs")?)?,
+                _ => {}
+            }
+        }
+        let mut res_json = String::with_capacity(buf.len() + 2);
+        json::write_pairs(
+            &mut res_json,
+            json::wire_pairs(buf, 1, "Resource.attributes"),
+            0,
+        )?;
+        Ok((service.unwrap_or(NO_SERVICE_NAME), res_json))
+    }
+
+    fn scope_spans(
+        &mut self,
+        ri: usize,
+        si: usize,
+        buf: &'a [u8],
+        service: &str,
+        res_json: &str,
+    ) -> Result<(), Error> {
+        let at = || format!("resource_spans[{ri}].scope_spans[{si}]");
+        let mut scope = None;
+        for f in wire::fields(buf) {
+            match f.map_err(|e| malformed(at(), e))? {
+                (1, v) => once(&mut scope, v, "ScopeSpans.scope"),
+                (3, v) => v.str("ScopeSpans.schema_url").map(drop),
+                _ => Ok(()),
+            }
+            .map_err(|e| malformed(at(), e))?;
+        }
+        let (mut scope_name, mut scope_version) = (None, None);
+        if let Some(scope) = scope {
+            let scope_at = || format!("{}.scope", at());
+            for f in wire::fields(scope) {
+                match f.map_err(|e| malformed(scope_at(), e))? {
+                    (1, v) => v
+                        .str("InstrumentationScope.name")
+                        .map(|s| scope_name = Some(s)),
+                    (2, v) => v
+                        .str("InstrumentationScope.version")
+                        .map(|s| scope_version = Some(s)),
+                    (4, v) => v
+                        .u32("InstrumentationScope.dropped_attributes_count")
+                        .map(drop),
+                    _ => Ok(()),
+                }
+                .map_err(|e| malformed(scope_at(), e))?;
+            }
+            // Scope attributes are not stored, but must be valid.
+            self.scratch.clear();
+            json::write_pairs(
+                &mut self.scratch,
+                json::wire_pairs(scope, 3, "InstrumentationScope.attributes"),
+                0,
+            )
+            .map_err(|e| value_error(scope_at(), e))?;
+        }
+        let ctx = SpanCtx {
+            service,
+            res_json,
+            // An absent scope and an empty name are both NULL.
+            scope_name: scope_name.and_then(non_empty),
+            scope_version: scope_version.and_then(non_empty),
+        };
+        let mut pi = 0;
+        for f in wire::fields(buf) {
+            if let (2, v) = f.map_err(|e| malformed(at(), e))? {
+                let span_at = || format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]");
+                let span = v
+                    .bytes("ScopeSpans.spans")
+                    .map_err(|e| malformed(at(), e))?;
+                self.span(span, &ctx, &span_at)?;
+                pi += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn span(&mut self, buf: &'a [u8], ctx: &SpanCtx, at: &dyn Fn() -> String) -> Result<(), Error> {
+        self.seen += 1;
+        let mut s = std::mem::take(&mut self.view);
+        let result = self.span_view(&mut s, buf, ctx, at);
+        self.view = s;
+        result
+    }
+
+    fn span_view(
+        &mut self,
+        s: &mut SpanView<'a>,
+        buf: &'a [u8],
+        ctx: &SpanCtx,
+        at: &dyn Fn() -> String,
+    ) -> Result<(), Error> {
+        s.parse(buf).map_err(|e| malformed(at(), e))?;
+        check_id(at, "trace_id", s.trace_id, 16, false)?;
+        check_id(at, "span_id", s.span_id, 8, false)?;
+        check_id(at, "parent_span_id", s.parent_span_id, 8, true)?;
+        let zero = s.trace_id.iter().all(|b| *b == 0) || s.span_id.iter().all(|b| *b == 0);
+        // A refused span is still validated: the WAL keeps the whole request.
+        let rows = self.spans.append(s, ctx, &mut self.patches, zero);
+        rows.map_err(|e| value_error(at(), e))?;
+        if zero {
+            self.rejected += 1;
+        }
+        Ok(())
+    }
+}
+
+/// `Resource.entity_refs`: nothing is stored, but prost would check it.
+fn entity_ref(buf: &[u8]) -> Result<(), wire::Error> {
+    for f in wire::fields(buf) {
+        match f? {
+            (1, v) => drop(v.str("EntityRef.schema_url")?),
+            (2, v) => drop(v.str("EntityRef.type")?),
+            (3, v) => drop(v.str("EntityRef.id_keys")?),
+            (4, v) => drop(v.str("EntityRef.description_keys")?),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The fields of a `Span` message, read in one pass; the repeated ones as
+/// the bytes of each item.
+#[derive(Default)]
+struct SpanView<'a> {
+    attributes: Vec<&'a [u8]>,
+    events: Vec<&'a [u8]>,
+    links: Vec<&'a [u8]>,
+    trace_id: &'a [u8],
+    span_id: &'a [u8],
+    trace_state: &'a str,
+    parent_span_id: &'a [u8],
+    flags: u32,
+    name: &'a str,
+    kind: i32,
+    start: u64,
+    end: u64,
+    dropped_attributes: u32,
+    dropped_events: u32,
+    dropped_links: u32,
+    status: Option<&'a [u8]>,
+}
+
+impl<'a> SpanView<'a> {
+    /// Reads `buf` into `self`, reusing its lists.
+    fn parse(&mut self, buf: &'a [u8]) -> Result<(), wire::Error> {
+        let (attributes, events, links) = (
+            std::mem::take(&mut self.attributes),
+            std::mem::take(&mut self.events),
+            std::mem::take(&mut self.links),
+        );
+        *self = SpanView {
+            attributes,
+            events,
+            links,
+            ..Default::default()
+        };
+        self.attributes.clear();
+        self.events.clear();
+        self.links.clear();
+        let s = self;
+        for f in wire::fields(buf) {
+            let (n, v) = f?;
+            match n {
+                1 => s.trace_id = v.bytes("Span.trace_id")?,
+                2 => s.span_id = v.bytes("Span.span_id")?,
+                3 => s.trace_state = v.str("Span.trace_state")?,
+                4 => s.parent_span_id = v.bytes("Span.parent_span_id")?,
+                5 => s.name = v.str("Span.name")?,
+                6 => s.kind = v.i32("Span.kind")?,
+                7 => s.start = v.fixed64("Span.start_time_unix_nano")?,
+                8 => s.end = v.fixed64("Span.end_time_unix_nano")?,
+                9 => s.attributes.push(v.bytes("Span.attributes")?),
+                10 => s.dropped_attributes = v.u32("Span.dropped_attributes_count")?,
+                11 => s.events.push(v.bytes("Span.events")?),
+                12 => s.dropped_events = v.u32("Span.dropped_events_count")?,
+                13 => s.links.push(v.bytes("Span.links")?),
+                14 => s.dropped_links = v.u32("Span.dropped_links_count")?,
+                15 => once(&mut s.status, v, "Span.status")?,
+                16 => s.flags = v.fixed32("Span.flags")?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 struct SpanCtx<'a> {
@@ -269,7 +539,12 @@ struct SpanBuilders {
     dropped_events: UInt32Builder,
     dropped_links: UInt32Builder,
     junjo: [StringBuilder; JUNJO_COLUMNS],
-    buf: String,
+    /// Reused per span: the three JSON columns and the hex ids.
+    attrs: String,
+    events: String,
+    links: String,
+    trace_hex: String,
+    span_hex: String,
 }
 
 /// An OTLP `fixed64` time as an Arrow timestamp (ns), saturating.
@@ -291,91 +566,104 @@ pub(super) fn hex_into(buf: &mut String, bytes: &[u8]) {
 }
 
 impl SpanBuilders {
+    /// Validates a span and, unless `refused`, appends its row and its
+    /// `set_state` patches.
     fn append(
         &mut self,
-        span: &Span,
+        span: &SpanView,
         ctx: &SpanCtx,
         patches: &mut PatchBuilders,
-    ) -> Result<(), TooDeep> {
+        refused: bool,
+    ) -> Result<(), ValueError> {
         // Attributes: Junjo ones go to their columns, the rest to JSON.
-        let mut junjo: [Option<String>; JUNJO_COLUMNS] = Default::default();
-        let mut attrs = String::with_capacity(256);
-        attrs.push('{');
-        let mut first = true;
-        for kv in &span.attributes {
-            if let Some(slot) = junjo_slot(&kv.key) {
-                junjo[slot] = json::value_as_text(kv.value.as_ref())?;
-                continue;
+        let mut junjo: [Option<Any>; JUNJO_COLUMNS] = Default::default();
+        self.attrs.clear();
+        let rest = span
+            .attributes
+            .iter()
+            .map(|kv| json::wire_pair(kv))
+            .filter(|kv| match kv {
+                Ok((key, value)) => match junjo_slot(key) {
+                    Some(slot) => {
+                        junjo[slot] = Some(*value);
+                        false
+                    }
+                    None => true,
+                },
+                Err(_) => true,
+            });
+        json::write_pairs(&mut self.attrs, rest, 0)?;
+        let junjo = junjo.map(|v| v.map(json::text_of).transpose().map(Option::flatten));
+        self.events.clear();
+        events_json(&mut self.events, span)?;
+        self.links.clear();
+        links_json(&mut self.links, span)?;
+        let mut status = (0, "");
+        if let Some(buf) = span.status {
+            for f in wire::fields(buf) {
+                match f? {
+                    (2, v) => status.1 = v.str("Status.message")?,
+                    (3, v) => status.0 = v.i32("Status.code")?,
+                    _ => {}
+                }
             }
-            if !first {
-                attrs.push(',');
-            }
-            first = false;
-            json::write_str(&mut attrs, &kv.key);
-            attrs.push(':');
-            json::write_any(&mut attrs, kv.value.as_ref(), 1)?;
         }
-        attrs.push('}');
-        let events = events_json(&span.events)?;
-        let links = links_json(span)?;
+        let mut text = Vec::with_capacity(JUNJO_COLUMNS);
+        for v in junjo {
+            text.push(v?);
+        }
+        if refused {
+            return Ok(());
+        }
 
-        hex_into(&mut self.buf, &span.trace_id);
-        let trace_hex = self.buf.clone();
-        self.trace_id.append_value(&trace_hex);
-        hex_into(&mut self.buf, &span.span_id);
-        let span_hex = self.buf.clone();
-        self.span_id.append_value(&span_hex);
+        hex_into(&mut self.trace_hex, span.trace_id);
+        self.trace_id.append_value(&self.trace_hex);
+        hex_into(&mut self.span_hex, span.span_id);
+        self.span_id.append_value(&self.span_hex);
         if span.parent_span_id.is_empty() {
             self.parent_span_id.append_null();
         } else {
-            hex_into(&mut self.buf, &span.parent_span_id);
-            self.parent_span_id.append_value(&self.buf);
+            let mut parent = String::with_capacity(16);
+            hex_into(&mut parent, span.parent_span_id);
+            self.parent_span_id.append_value(&parent);
         }
         self.service_name.append_value(ctx.service);
-        self.name.append_value(&span.name);
+        self.name.append_value(span.name);
         self.kind.append_value(kind_name(span.kind));
-        let start = ns(span.start_time_unix_nano);
-        let end = ns(span.end_time_unix_nano);
+        let start = ns(span.start);
+        let end = ns(span.end);
         self.start_time.append_value(start);
         self.end_time.append_value(end);
         self.duration_ns.append_value(end.saturating_sub(start));
-        let status = span.status.as_ref();
-        self.status_code
-            .append_value(status_name(status.map(|s| s.code).unwrap_or(0)));
-        self.status_message
-            .append_option(status.and_then(|s| non_empty(&s.message)));
-        self.attributes_json.append_value(&attrs);
-        self.events_json.append_value(&events);
-        self.links_json.append_value(&links);
+        self.status_code.append_value(status_name(status.0));
+        self.status_message.append_option(non_empty(status.1));
+        self.attributes_json.append_value(&self.attrs);
+        self.events_json.append_value(&self.events);
+        self.links_json.append_value(&self.links);
         self.resource_attributes_json.append_value(ctx.res_json);
-        self.scope_name
-            .append_option(ctx.scope_name.and_then(non_empty));
-        self.scope_version
-            .append_option(ctx.scope_version.and_then(non_empty));
+        self.scope_name.append_option(ctx.scope_name);
+        self.scope_version.append_option(ctx.scope_version);
         self.trace_flags.append_value(span.flags);
-        self.trace_state.append_option(non_empty(&span.trace_state));
+        self.trace_state.append_option(non_empty(span.trace_state));
         self.dropped_attributes
-            .append_value(span.dropped_attributes_count);
-        self.dropped_events.append_value(span.dropped_events_count);
-        self.dropped_links.append_value(span.dropped_links_count);
-        let junjo_id = junjo[0].clone();
-        for (b, v) in self.junjo.iter_mut().zip(junjo) {
-            b.append_option(v);
+            .append_value(span.dropped_attributes);
+        self.dropped_events.append_value(span.dropped_events);
+        self.dropped_links.append_value(span.dropped_links);
+        for (b, v) in self.junjo.iter_mut().zip(&text) {
+            b.append_option(v.as_deref());
         }
-        for (i, ev) in span
-            .events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.name == "set_state")
-        {
-            patches.append(
-                &trace_hex,
-                &span_hex,
-                ctx.service,
-                junjo_id.as_deref(),
-                i,
-                ev,
-            )?;
+        for (i, ev) in span.events.iter().enumerate() {
+            let ev = EventView::parse(ev)?;
+            if ev.name == "set_state" {
+                patches.append(
+                    &self.trace_hex,
+                    &self.span_hex,
+                    ctx.service,
+                    text[0].as_deref(),
+                    i,
+                    &ev,
+                )?;
+            }
         }
         Ok(())
     }
@@ -414,47 +702,95 @@ impl SpanBuilders {
     }
 }
 
-fn events_json(events: &[Event]) -> Result<String, TooDeep> {
-    let mut s = String::with_capacity(2 + 96 * events.len());
-    s.push('[');
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str("{\"name\":");
-        json::write_str(&mut s, &e.name);
-        s.push_str(&format!(
-            ",\"timeUnixNano\":{},\"droppedAttributesCount\":{},\"attributes\":",
-            e.time_unix_nano, e.dropped_attributes_count
-        ));
-        json::write_attrs(&mut s, e.attributes.iter(), 1)?;
-        s.push('}');
-    }
-    s.push(']');
-    Ok(s)
+/// The fields of an `Event` that are not its attributes.
+struct EventView<'a> {
+    buf: &'a [u8],
+    time: u64,
+    name: &'a str,
+    dropped_attributes: u32,
 }
 
-fn links_json(span: &Span) -> Result<String, TooDeep> {
-    let mut s = String::from("[");
-    for (i, l) in span.links.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
+impl<'a> EventView<'a> {
+    fn parse(buf: &'a [u8]) -> Result<Self, wire::Error> {
+        let mut e = EventView {
+            buf,
+            time: 0,
+            name: "",
+            dropped_attributes: 0,
+        };
+        for f in wire::fields(buf) {
+            match f? {
+                (1, v) => e.time = v.fixed64("Event.time_unix_nano")?,
+                (2, v) => e.name = v.str("Event.name")?,
+                (3, v) => drop(v.bytes("Event.attributes")?),
+                (4, v) => e.dropped_attributes = v.u32("Event.dropped_attributes_count")?,
+                _ => {}
+            }
         }
-        s.push_str(&format!(
-            "{{\"traceId\":\"{}\",\"spanId\":\"{}\",\"traceState\":",
-            hex::encode(&l.trace_id),
-            hex::encode(&l.span_id)
-        ));
-        json::write_str(&mut s, &l.trace_state);
-        s.push_str(&format!(
-            ",\"flags\":{},\"droppedAttributesCount\":{},\"attributes\":",
-            l.flags, l.dropped_attributes_count
-        ));
-        json::write_attrs(&mut s, l.attributes.iter(), 1)?;
-        s.push('}');
+        Ok(e)
     }
-    s.push(']');
-    Ok(s)
+
+    fn attributes(&self) -> impl Iterator<Item = Result<(&'a str, Any<'a>), wire::Error>> {
+        json::wire_pairs(self.buf, 3, "Event.attributes")
+    }
+}
+
+fn events_json(out: &mut String, span: &SpanView) -> Result<(), ValueError> {
+    out.push('[');
+    for (i, ev) in span.events.iter().enumerate() {
+        let e = EventView::parse(ev)?;
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"name\":");
+        json::write_str(out, e.name);
+        let _ = write!(
+            out,
+            ",\"timeUnixNano\":{},\"droppedAttributesCount\":{},\"attributes\":",
+            e.time, e.dropped_attributes
+        );
+        json::write_pairs(out, e.attributes(), 1)?;
+        out.push('}');
+    }
+    out.push(']');
+    Ok(())
+}
+
+fn links_json(out: &mut String, span: &SpanView) -> Result<(), ValueError> {
+    out.push('[');
+    for (i, &buf) in span.links.iter().enumerate() {
+        let (mut trace_id, mut span_id, mut trace_state) = (&[][..], &[][..], "");
+        let (mut flags, mut dropped) = (0u32, 0u32);
+        for f in wire::fields(buf) {
+            match f? {
+                (1, v) => trace_id = v.bytes("Link.trace_id")?,
+                (2, v) => span_id = v.bytes("Link.span_id")?,
+                (3, v) => trace_state = v.str("Link.trace_state")?,
+                (4, v) => drop(v.bytes("Link.attributes")?),
+                (5, v) => dropped = v.u32("Link.dropped_attributes_count")?,
+                (6, v) => flags = v.fixed32("Link.flags")?,
+                _ => {}
+            }
+        }
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"traceId\":\"{}\",\"spanId\":\"{}\",\"traceState\":",
+            hex::encode(trace_id),
+            hex::encode(span_id)
+        );
+        json::write_str(out, trace_state);
+        let _ = write!(
+            out,
+            ",\"flags\":{flags},\"droppedAttributesCount\":{dropped},\"attributes\":"
+        );
+        json::write_pairs(out, json::wire_pairs(buf, 4, "Link.attributes"), 1)?;
+        out.push('}');
+    }
+    out.push(']');
+    Ok(())
 }
 
 #[derive(Default)]
@@ -480,44 +816,43 @@ impl PatchBuilders {
         service: &str,
         junjo_id: Option<&str>,
         index: usize,
-        ev: &Event,
-    ) -> Result<(), TooDeep> {
+        ev: &EventView,
+    ) -> Result<(), ValueError> {
         let mut h = Sha256::new();
         h.update(trace.as_bytes());
         h.update(span.as_bytes());
         h.update((index as u64).to_be_bytes());
-        h.update(ev.time_unix_nano.to_be_bytes());
+        h.update(ev.time.to_be_bytes());
         self.patch_id.append_value(hex::encode(&h.finalize()[..16]));
         self.trace_id.append_value(trace);
         self.span_id.append_value(span);
         self.service_name.append_value(service);
-        self.timestamp.append_value(ns(ev.time_unix_nano));
+        self.timestamp.append_value(ns(ev.time));
         self.junjo_id.append_option(junjo_id);
-        let text = |key: &str| -> Result<Option<String>, TooDeep> {
-            json::value_as_text(
-                ev.attributes
-                    .iter()
-                    .find(|kv| kv.key == key)
-                    .and_then(|kv| kv.value.as_ref()),
-            )
-        };
-        self.store_id.append_option(text("junjo.store.id")?);
-        self.store_name.append_option(text("junjo.store.name")?);
-        self.action.append_option(text("junjo.store.action")?);
-        self.patch_json
-            .append_option(text("junjo.state_json_patch")?);
         const TAKEN: [&str; 4] = [
             "junjo.store.id",
             "junjo.store.name",
             "junjo.store.action",
             "junjo.state_json_patch",
         ];
+        // The first value of each taken key, as the column text.
+        let mut taken: [Option<Any>; 4] = [None; 4];
+        for pair in ev.attributes() {
+            let (key, value) = pair?;
+            if let Some(i) = TAKEN.iter().position(|k| *k == key) {
+                taken[i].get_or_insert(value);
+            }
+        }
+        let text = |i: usize| taken[i].map(json::text_of).transpose().map(Option::flatten);
+        self.store_id.append_option(text(0)?);
+        self.store_name.append_option(text(1)?);
+        self.action.append_option(text(2)?);
+        self.patch_json.append_option(text(3)?);
         let rest = ev
-            .attributes
-            .iter()
-            .filter(|kv| !TAKEN.contains(&kv.key.as_str()));
+            .attributes()
+            .filter(|kv| !matches!(kv, Ok((key, _)) if TAKEN.contains(key)));
         let mut attrs = String::new();
-        json::write_attrs(&mut attrs, rest, 1)?;
+        json::write_pairs(&mut attrs, rest, 1)?;
         self.attributes_json.append_value(attrs);
         Ok(())
     }
@@ -559,7 +894,10 @@ mod tests {
     use arrow::datatypes::{TimestampNanosecondType, UInt32Type};
     use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
     use opentelemetry_proto::tonic::resource::v1::Resource;
-    use opentelemetry_proto::tonic::trace::v1::{span::Link, ResourceSpans, ScopeSpans, Status};
+    use opentelemetry_proto::tonic::trace::v1::{
+        span::{Event, Link},
+        ResourceSpans, ScopeSpans, Span, Status,
+    };
 
     fn col<'a>(b: &'a RecordBatch, name: &str) -> &'a arrow::array::StringArray {
         b.column_by_name(name).unwrap().as_string::<i32>()
@@ -645,7 +983,7 @@ mod tests {
             span_id: vec![2; 8],
             ..Default::default()
         }];
-        let rows = convert(&request(vec![root, child], Some("svc"))).unwrap();
+        let rows = convert_message(&request(vec![root, child], Some("svc"))).unwrap();
         let s = &rows.spans;
         assert_eq!(s.num_rows(), 2);
         assert_eq!(col(s, "trace_id").value(0), "ab".repeat(16));
@@ -706,7 +1044,7 @@ mod tests {
         assert_eq!(col(p, "store_id").value(0), "store1");
         assert_eq!(col(p, "junjo_id").value(0), "v1id");
         assert_eq!(col(p, "span_id").value(0), "02".repeat(8));
-        let again = convert(&request(vec![span(0xab, 1, None)], None)).unwrap();
+        let again = convert_message(&request(vec![span(0xab, 1, None)], None)).unwrap();
         assert_eq!(col(&again.spans, "service_name").value(0), NO_SERVICE_NAME);
     }
 
@@ -721,8 +1059,8 @@ mod tests {
             };
             2
         ];
-        let a = convert(&request(vec![s.clone()], None)).unwrap();
-        let b = convert(&request(vec![s], None)).unwrap();
+        let a = convert_message(&request(vec![s.clone()], None)).unwrap();
+        let b = convert_message(&request(vec![s], None)).unwrap();
         let (pa, pb) = (
             col(&a.state_patches, "patch_id"),
             col(&b.state_patches, "patch_id"),
@@ -735,7 +1073,7 @@ mod tests {
     fn rejects_bad_ids_and_zero_ids() {
         let mut bad = span(1, 1, None);
         bad.trace_id = vec![1; 5];
-        let err = convert(&request(vec![span(1, 2, None), bad], None))
+        let err = convert_message(&request(vec![span(1, 2, None), bad], None))
             .err()
             .unwrap();
         assert_eq!(
@@ -745,18 +1083,227 @@ mod tests {
         let mut bad_parent = span(1, 1, None);
         bad_parent.parent_span_id = vec![1; 3];
         assert!(matches!(
-            convert(&request(vec![bad_parent], None)),
+            convert_message(&request(vec![bad_parent], None)),
             Err(Error::IdLength {
                 field: "parent_span_id",
                 ..
             })
         ));
-        let rows = convert(&request(
+        let rows = convert_message(&request(
             vec![span(0, 1, None), span(1, 0, None), span(1, 1, None)],
             None,
         ))
         .unwrap();
         assert_eq!(rows.spans.num_rows(), 1);
         assert_eq!(rows.rejected, 2);
+    }
+
+    /// A request using every field the converter reads.
+    fn rich_request() -> ExportTraceServiceRequest {
+        let mut root = span(0xab, 1, None);
+        root.status = Some(Status {
+            code: 1,
+            message: "fine".into(),
+        });
+        root.trace_state = "k=v".into();
+        root.flags = 1;
+        root.attributes = vec![
+            kv_str("junjo.id", "j1"),
+            KeyValue {
+                key: "nested".into(),
+                value: Some(AnyValue {
+                    value: Some(Value::KvlistValue(
+                        opentelemetry_proto::tonic::common::v1::KeyValueList {
+                            values: vec![kv_str("a", "b")],
+                        },
+                    )),
+                }),
+                key_strindex: 0,
+            },
+            KeyValue {
+                key: "list".into(),
+                value: Some(AnyValue {
+                    value: Some(Value::ArrayValue(
+                        opentelemetry_proto::tonic::common::v1::ArrayValue {
+                            values: vec![
+                                AnyValue {
+                                    value: Some(Value::IntValue(-3)),
+                                },
+                                AnyValue {
+                                    value: Some(Value::BytesValue(vec![1, 2])),
+                                },
+                            ],
+                        },
+                    )),
+                }),
+                key_strindex: 0,
+            },
+        ];
+        root.events = vec![Event {
+            name: "set_state".into(),
+            time_unix_nano: 9,
+            attributes: vec![kv_str("junjo.state_json_patch", "[]"), kv_str("x", "y")],
+            dropped_attributes_count: 2,
+        }];
+        root.links = vec![Link {
+            trace_id: vec![3; 16],
+            span_id: vec![4; 8],
+            trace_state: "t".into(),
+            attributes: vec![kv_str("l", "m")],
+            dropped_attributes_count: 1,
+            flags: 5,
+        }];
+        let mut req = request(vec![root, span(0xab, 2, Some(1))], Some("svc"));
+        req.resource_spans[0].schema_url = "https://schema".into();
+        let scope = req.resource_spans[0].scope_spans[0].scope.as_mut().unwrap();
+        scope.version = "1.0".into();
+        scope.attributes = vec![kv_str("scope.attr", "v")];
+        req
+    }
+
+    fn all_columns(rows: &TraceRows) -> Vec<Vec<Option<String>>> {
+        [&rows.spans, &rows.state_patches]
+            .iter()
+            .flat_map(|b| b.columns())
+            .map(|c| {
+                let c = arrow::compute::cast(c, &DataType::Utf8).unwrap();
+                let c = c.as_string::<i32>();
+                (0..c.len())
+                    .map(|i| c.is_valid(i).then(|| c.value(i).to_string()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unknown_fields_and_groups_anywhere_are_skipped() {
+        let req = rich_request();
+        let plain = convert_message(&req).unwrap();
+        assert_eq!(plain.spans.num_rows(), 2);
+        assert_eq!(plain.state_patches.num_rows(), 1);
+        let links: serde_json::Value =
+            serde_json::from_str(col(&plain.spans, "links_json").value(0)).unwrap();
+        assert_eq!(
+            links,
+            serde_json::json!([{"traceId": "03".repeat(16), "spanId": "04".repeat(8),
+                "traceState": "t", "flags": 5, "droppedAttributesCount": 1,
+                "attributes": {"l": "m"}}])
+        );
+        let attrs: serde_json::Value =
+            serde_json::from_str(col(&plain.spans, "attributes_json").value(0)).unwrap();
+        assert_eq!(
+            attrs,
+            serde_json::json!({"nested": {"a": "b"}, "list": [-3, "0102"]})
+        );
+        assert_eq!(col(&plain.spans, "scope_version").value(0), "1.0");
+        assert_eq!(col(&plain.spans, "trace_state").value(0), "k=v");
+        assert_eq!(col(&plain.spans, "status_message").value(0), "fine");
+        assert_eq!(col(&plain.state_patches, "patch_json").value(0), "[]");
+
+        // Every message gets unknown fields (varint, fixed, bytes, a group)
+        // appended; prost keeps them as unknown too, so this is still the
+        // same request.
+        let unknown: &[u8] = &[
+            0xf8, 0x07, 0x2a, // field 127 varint
+            0xfa, 0x07, 0x01, 0x00, // field 127 bytes
+            0xfd, 0x07, 1, 2, 3, 4, // field 127 fixed32
+            0xfb, 0x07, 0x08, 0x01, 0xfc, 0x07, // field 127 group
+        ];
+        let mut bytes = Vec::new();
+        for rs in &req.resource_spans {
+            let mut rs_bytes = Vec::new();
+            let mut resource = rs.resource.clone().unwrap().encode_to_vec();
+            resource.extend_from_slice(unknown);
+            prost::encoding::bytes::encode(1, &resource, &mut rs_bytes);
+            for ss in &rs.scope_spans {
+                let mut ss_bytes = ss.encode_to_vec();
+                ss_bytes.extend_from_slice(unknown);
+                for sp in &ss.spans {
+                    let mut sp_bytes = sp.encode_to_vec();
+                    sp_bytes.extend_from_slice(unknown);
+                    prost::encoding::bytes::encode(2, &sp_bytes, &mut ss_bytes);
+                }
+                prost::encoding::bytes::encode(2, &ss_bytes, &mut rs_bytes);
+            }
+            rs_bytes.extend_from_slice(unknown);
+            prost::encoding::bytes::encode(1, &rs_bytes, &mut bytes);
+        }
+        bytes.extend_from_slice(unknown);
+        assert!(ExportTraceServiceRequest::decode(&bytes[..]).is_ok());
+        let noisy = convert(&bytes).unwrap();
+        // The spans were appended twice to their scope: rows repeat.
+        assert_eq!(noisy.spans.num_rows(), 4);
+        let (a, b) = (all_columns(&plain), all_columns(&noisy));
+        for (ca, cb) in a.iter().zip(&b) {
+            assert_eq!(ca[..], cb[..ca.len()]);
+        }
+    }
+
+    #[test]
+    fn malformed_bytes_are_refused_with_their_place() {
+        let good = rich_request().encode_to_vec();
+        // Invalid UTF-8 in a field that is never stored (the scope
+        // attribute's value) is refused, as prost refuses it.
+        let mut bad = good.clone();
+        let pos = bad.windows(1).position(|w| w == b"v").unwrap();
+        let pos = bad[pos..]
+            .windows(10)
+            .position(|w| w == b"scope.attr")
+            .unwrap()
+            + pos;
+        bad[pos] = 0xff;
+        assert!(ExportTraceServiceRequest::decode(&bad[..]).is_err());
+        let err = convert(&bad).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            "malformed protobuf request: resource_spans[0].scope_spans[0].scope: KeyValue.key: invalid UTF-8"
+        );
+        // Truncated: refused, never a panic.
+        for cut in 0..good.len() {
+            let _ = convert(&good[..cut]);
+        }
+        assert!(convert(&good[..good.len() - 3]).is_err());
+        // A singular message twice is refused rather than merged.
+        let mut twice = Vec::new();
+        let mut rs = Vec::new();
+        let resource = Resource::default().encode_to_vec();
+        prost::encoding::bytes::encode(1, &resource, &mut rs);
+        prost::encoding::bytes::encode(1, &resource, &mut rs);
+        prost::encoding::bytes::encode(1, &rs, &mut twice);
+        assert_eq!(
+            convert(&twice).err().unwrap().to_string(),
+            "malformed protobuf request: resource_spans[0]: ResourceSpans.resource set twice"
+        );
+        // A known field with the wrong wire type.
+        assert_eq!(
+            convert(&[0x08, 0x01]).err().unwrap().to_string(),
+            "malformed protobuf request: resource_spans[0]: ExportTraceServiceRequest.resource_spans: wire type is not length-delimited"
+        );
+    }
+
+    #[test]
+    fn whatever_the_converter_accepts_prost_decodes_too() {
+        // ReadSpans and older tools decode WAL entries with prost: the
+        // converter must never accept bytes prost refuses. Random damage to a
+        // valid request, checked both ways.
+        use rand::{Rng, SeedableRng};
+        let good = rich_request().encode_to_vec();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let mut b = good.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..b.len());
+                b[i] = rng.random();
+            }
+            if convert(&b).is_ok() {
+                accepted += 1;
+                assert!(
+                    ExportTraceServiceRequest::decode(&b[..]).is_ok(),
+                    "accepted what prost refuses: {b:?}"
+                );
+            }
+        }
+        assert!(accepted > 100, "{accepted}");
     }
 }
