@@ -58,7 +58,11 @@ fn memtable_insert(c: &mut Criterion) {
 
 fn parquet_encode(c: &mut Criterion) {
     let batches: Vec<_> = (0..40)
-        .map(|s| convert_message(&junjo_request(s + 1, SPANS, 64)).unwrap().spans)
+        .map(|s| {
+            convert_message(&junjo_request(s + 1, SPANS, 64))
+                .unwrap()
+                .spans
+        })
         .collect();
     let opts = EncodeOptions {
         row_group_rows: 65_536,

@@ -264,6 +264,25 @@ fn once<'a>(
     Ok(())
 }
 
+/// `ResourceSpans` and `ScopeSpans` share a shape: field 1 is the context
+/// (resource, scope), 2 the repeated children, 3 a schema URL. Returns the
+/// context after checking both.
+fn header<'a>(
+    buf: &'a [u8],
+    context: &'static str,
+    schema_url: &'static str,
+) -> Result<Option<&'a [u8]>, wire::Error> {
+    let mut out = None;
+    for f in wire::fields(buf) {
+        match f? {
+            (1, v) => once(&mut out, v, context)?,
+            (3, v) => drop(v.str(schema_url)?),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Default)]
 struct Converter<'a> {
     /// Reused for every span.
@@ -279,15 +298,8 @@ struct Converter<'a> {
 impl<'a> Converter<'a> {
     fn resource_spans(&mut self, ri: usize, buf: &'a [u8]) -> Result<(), Error> {
         let at = || format!("resource_spans[{ri}]");
-        let mut resource = None;
-        for f in wire::fields(buf) {
-            match f.map_err(|e| malformed(at(), e))? {
-                (1, v) => once(&mut resource, v, "ResourceSpans.resource"),
-                (3, v) => v.str("ResourceSpans.schema_url").map(drop),
-                _ => Ok(()),
-            }
+        let resource = header(buf, "ResourceSpans.resource", "ResourceSpans.schema_url")
             .map_err(|e| malformed(at(), e))?;
-        }
         let res_at = || format!("resource_spans[{ri}].resource");
         let (service, res_json) = self
             .resource(resource.unwrap_or_default())
@@ -340,15 +352,8 @@ impl<'a> Converter<'a> {
         res_json: &str,
     ) -> Result<(), Error> {
         let at = || format!("resource_spans[{ri}].scope_spans[{si}]");
-        let mut scope = None;
-        for f in wire::fields(buf) {
-            match f.map_err(|e| malformed(at(), e))? {
-                (1, v) => once(&mut scope, v, "ScopeSpans.scope"),
-                (3, v) => v.str("ScopeSpans.schema_url").map(drop),
-                _ => Ok(()),
-            }
+        let scope = header(buf, "ScopeSpans.scope", "ScopeSpans.schema_url")
             .map_err(|e| malformed(at(), e))?;
-        }
         let (mut scope_name, mut scope_version) = (None, None);
         if let Some(scope) = scope {
             let scope_at = || format!("{}.scope", at());
