@@ -65,6 +65,7 @@ impl<'a> From<Option<&'a AnyValue>> for Any<'a> {
 
 /// An `AnyValue` message's bytes. More than one value set is refused (prost
 /// would keep the last, or merge two lists; no encoder sends either).
+#[inline]
 pub fn wire_any(buf: &[u8]) -> Result<Any<'_>, wire::Error> {
     const W: &str = "AnyValue";
     let mut out = Any::Null;
@@ -90,6 +91,7 @@ pub fn wire_any(buf: &[u8]) -> Result<Any<'_>, wire::Error> {
 }
 
 /// A `KeyValue` message's bytes: key and value (a repeated value is refused).
+#[inline]
 pub fn wire_pair(buf: &[u8]) -> Result<(&str, Any<'_>), wire::Error> {
     let (mut key, mut value) = ("", None);
     for f in wire::fields(buf) {

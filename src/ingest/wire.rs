@@ -44,6 +44,7 @@ impl<'a> Value<'a> {
     }
 
     /// A length-delimited field (`bytes`, or an embedded message).
+    #[inline]
     pub fn bytes(self, what: &'static str) -> Result<&'a [u8], Error> {
         match self {
             Value::Len(b) => Ok(b),
@@ -51,10 +52,12 @@ impl<'a> Value<'a> {
         }
     }
 
+    #[inline]
     pub fn str(self, what: &'static str) -> Result<&'a str, Error> {
         std::str::from_utf8(self.bytes(what)?).map_err(|_| Error::at(what, "invalid UTF-8"))
     }
 
+    #[inline]
     pub fn varint(self, what: &'static str) -> Result<u64, Error> {
         match self {
             Value::Varint(v) => Ok(v),
@@ -63,14 +66,17 @@ impl<'a> Value<'a> {
     }
 
     /// `uint32`, `int32` and enums: the low 32 bits, as prost reads them.
+    #[inline]
     pub fn u32(self, what: &'static str) -> Result<u32, Error> {
         Ok(self.varint(what)? as u32)
     }
 
+    #[inline]
     pub fn i32(self, what: &'static str) -> Result<i32, Error> {
         Ok(self.varint(what)? as i32)
     }
 
+    #[inline]
     pub fn fixed64(self, what: &'static str) -> Result<u64, Error> {
         match self {
             Value::Fixed64(v) => Ok(v),
@@ -78,6 +84,7 @@ impl<'a> Value<'a> {
         }
     }
 
+    #[inline]
     pub fn fixed32(self, what: &'static str) -> Result<u32, Error> {
         match self {
             Value::Fixed32(v) => Ok(v),
@@ -98,6 +105,7 @@ pub struct Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Value<'a>), Error>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.buf.is_empty() {
             return None;
