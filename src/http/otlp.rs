@@ -281,7 +281,6 @@ fn encode<T: prost::Message + Serialize>(resp: &T, enc: Encoding) -> Response {
         .into_response()
 }
 
-/// Authenticates, decodes and hands the request to `write`.
 /// A request body as the ingest path takes it.
 trait Payload: Sized {
     fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure>;
@@ -315,6 +314,7 @@ impl Payload for TraceBytes {
     }
 }
 
+/// Authenticates, decodes and hands the request to `write`.
 async fn export<R, T, F, Fut>(s: AppState, headers: HeaderMap, body: Body, write: F) -> Response
 where
     R: Payload,

@@ -34,16 +34,23 @@ pub enum Any<'a> {
     Bytes(&'a [u8]),
     /// An index into a profiles string table; traces have no such table.
     StrIndex(i32),
-    Array(List<'a>),
-    Kvlist(List<'a>),
+    Array(Values<'a>),
+    Kvlist(Pairs<'a>),
 }
 
-/// The items of an array or key/value list.
+/// The items of an array value.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum List<'a> {
-    Values(&'a [AnyValue]),
-    Pairs(&'a [KeyValue]),
-    /// An `ArrayValue` / `KeyValueList` message: items are field 1.
+pub enum Values<'a> {
+    Decoded(&'a [AnyValue]),
+    /// An `ArrayValue` message: the items are field 1.
+    Wire(&'a [u8]),
+}
+
+/// The items of a key/value list.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pairs<'a> {
+    Decoded(&'a [KeyValue]),
+    /// A `KeyValueList` message: the items are field 1.
     Wire(&'a [u8]),
 }
 
@@ -56,8 +63,8 @@ impl<'a> From<Option<&'a AnyValue>> for Any<'a> {
             Some(Value::IntValue(i)) => Any::Int(*i),
             Some(Value::DoubleValue(d)) => Any::Double(*d),
             Some(Value::BytesValue(b)) => Any::Bytes(b),
-            Some(Value::ArrayValue(a)) => Any::Array(List::Values(&a.values)),
-            Some(Value::KvlistValue(kv)) => Any::Kvlist(List::Pairs(&kv.values)),
+            Some(Value::ArrayValue(a)) => Any::Array(Values::Decoded(&a.values)),
+            Some(Value::KvlistValue(kv)) => Any::Kvlist(Pairs::Decoded(&kv.values)),
             Some(Value::StringValueStrindex(i)) => Any::StrIndex(*i),
         }
     }
@@ -76,8 +83,8 @@ pub fn wire_any(buf: &[u8]) -> Result<Any<'_>, wire::Error> {
             2 => Any::Bool(v.varint("AnyValue.bool_value")? != 0),
             3 => Any::Int(v.varint("AnyValue.int_value")? as i64),
             4 => Any::Double(f64::from_bits(v.fixed64("AnyValue.double_value")?)),
-            5 => Any::Array(List::Wire(v.bytes("AnyValue.array_value")?)),
-            6 => Any::Kvlist(List::Wire(v.bytes("AnyValue.kvlist_value")?)),
+            5 => Any::Array(Values::Wire(v.bytes("AnyValue.array_value")?)),
+            6 => Any::Kvlist(Pairs::Wire(v.bytes("AnyValue.kvlist_value")?)),
             7 => Any::Bytes(v.bytes("AnyValue.bytes_value")?),
             8 => Any::StrIndex(v.i32("AnyValue.string_value_strindex")?),
             _ => continue,
@@ -196,12 +203,12 @@ pub fn write_value(out: &mut String, v: Any, depth: usize) -> Result<(), ValueEr
                 write_value(out, item, depth + 1)
             };
             match items {
-                List::Values(vs) => {
+                Values::Decoded(vs) => {
                     for (i, item) in vs.iter().enumerate() {
                         write_item(i, Some(item).into())?;
                     }
                 }
-                List::Wire(buf) => {
+                Values::Wire(buf) => {
                     let values = wire::fields(buf).filter_map(|f| match f {
                         Ok((1, v)) => Some(v.bytes("ArrayValue.values").and_then(wire_any)),
                         Ok(_) => None,
@@ -211,15 +218,13 @@ pub fn write_value(out: &mut String, v: Any, depth: usize) -> Result<(), ValueEr
                         write_item(i, item?)?;
                     }
                 }
-                List::Pairs(_) => unreachable!("an array never holds pairs"),
             }
             out.push(']');
         }
-        Any::Kvlist(List::Pairs(kvs)) => write_attrs(out, kvs.iter(), depth + 1)?,
-        Any::Kvlist(List::Wire(buf)) => {
+        Any::Kvlist(Pairs::Decoded(kvs)) => write_attrs(out, kvs.iter(), depth + 1)?,
+        Any::Kvlist(Pairs::Wire(buf)) => {
             write_pairs(out, wire_pairs(buf, 1, "KeyValueList.values"), depth + 1)?
         }
-        Any::Kvlist(List::Values(_)) => unreachable!("a key/value list never holds bare values"),
     }
     Ok(())
 }

@@ -320,26 +320,21 @@ impl<'a> Converter<'a> {
     /// `service.name` (first string value, else `NO_SERVICE_NAME`) and the
     /// attributes JSON of a `Resource`.
     fn resource(&mut self, buf: &'a [u8]) -> Result<(&'a str, String), ValueError> {
-        let mut service = None;
         for f in wire::fields(buf) {
             match f? {
-                (1, v) => {
-                    let (key, value) = json::wire_pair(v.bytes("Resource.attributes")?)?;
-                    if let (None, "service.name", Any::Str(s)) = (service, key, value) {
-                        service = Some(s);
-                    }
-                }
                 (2, v) => drop(v.u32("Resource.dropped_attributes_count")?),
                 (3, v) => entity_ref(v.bytes("Resource.entity_refs")?)?,
                 _ => {}
             }
         }
+        let mut service = None;
+        let attrs = json::wire_pairs(buf, 1, "Resource.attributes").inspect(|pair| {
+            if let Ok(("service.name", Any::Str(s))) = pair {
+                service.get_or_insert(*s);
+            }
+        });
         let mut res_json = String::with_capacity(buf.len() + 2);
-        json::write_pairs(
-            &mut res_json,
-            json::wire_pairs(buf, 1, "Resource.attributes"),
-            0,
-        )?;
+        json::write_pairs(&mut res_json, attrs, 0)?;
         Ok((service.unwrap_or(NO_SERVICE_NAME), res_json))
     }
 
@@ -404,27 +399,16 @@ impl<'a> Converter<'a> {
 
     fn span(&mut self, buf: &'a [u8], ctx: &SpanCtx, at: &dyn Fn() -> String) -> Result<(), Error> {
         self.seen += 1;
-        let mut s = std::mem::take(&mut self.view);
-        let result = self.span_view(&mut s, buf, ctx, at);
-        self.view = s;
-        result
-    }
-
-    fn span_view(
-        &mut self,
-        s: &mut SpanView<'a>,
-        buf: &'a [u8],
-        ctx: &SpanCtx,
-        at: &dyn Fn() -> String,
-    ) -> Result<(), Error> {
+        let s = &mut self.view;
         s.parse(buf).map_err(|e| malformed(at(), e))?;
         check_id(at, "trace_id", s.trace_id, 16, false)?;
         check_id(at, "span_id", s.span_id, 8, false)?;
         check_id(at, "parent_span_id", s.parent_span_id, 8, true)?;
         let zero = s.trace_id.iter().all(|b| *b == 0) || s.span_id.iter().all(|b| *b == 0);
         // A refused span is still validated: the WAL keeps the whole request.
-        let rows = self.spans.append(s, ctx, &mut self.patches, zero);
-        rows.map_err(|e| value_error(at(), e))?;
+        self.spans
+            .append(s, ctx, &mut self.patches, zero)
+            .map_err(|e| value_error(at(), e))?;
         if zero {
             self.rejected += 1;
         }
@@ -550,6 +534,7 @@ struct SpanBuilders {
     links: String,
     trace_hex: String,
     span_hex: String,
+    parent_hex: String,
 }
 
 /// An OTLP `fixed64` time as an Arrow timestamp (ns), saturating.
@@ -598,9 +583,22 @@ impl SpanBuilders {
                 Err(_) => true,
             });
         json::write_pairs(&mut self.attrs, rest, 0)?;
-        let junjo = junjo.map(|v| v.map(json::text_of).transpose().map(Option::flatten));
+        let mut text: [Option<String>; JUNJO_COLUMNS] = Default::default();
+        for (t, v) in text.iter_mut().zip(junjo) {
+            *t = v.map(json::text_of).transpose()?.flatten();
+        }
+        hex_into(&mut self.trace_hex, span.trace_id);
+        hex_into(&mut self.span_hex, span.span_id);
+        // Events once: their JSON, and a patch row for each `set_state`.
         self.events.clear();
-        events_json(&mut self.events, span)?;
+        let (trace_hex, span_hex) = (&self.trace_hex, &self.span_hex);
+        events_json(&mut self.events, span, |i, ev| {
+            if refused || ev.name != "set_state" {
+                return Ok(());
+            }
+            let junjo_id = text[0].as_deref();
+            patches.append(trace_hex, span_hex, ctx.service, junjo_id, i, ev)
+        })?;
         self.links.clear();
         links_json(&mut self.links, span)?;
         let mut status = (0, "");
@@ -613,24 +611,17 @@ impl SpanBuilders {
                 }
             }
         }
-        let mut text = Vec::with_capacity(JUNJO_COLUMNS);
-        for v in junjo {
-            text.push(v?);
-        }
         if refused {
             return Ok(());
         }
 
-        hex_into(&mut self.trace_hex, span.trace_id);
         self.trace_id.append_value(&self.trace_hex);
-        hex_into(&mut self.span_hex, span.span_id);
         self.span_id.append_value(&self.span_hex);
         if span.parent_span_id.is_empty() {
             self.parent_span_id.append_null();
         } else {
-            let mut parent = String::with_capacity(16);
-            hex_into(&mut parent, span.parent_span_id);
-            self.parent_span_id.append_value(&parent);
+            hex_into(&mut self.parent_hex, span.parent_span_id);
+            self.parent_span_id.append_value(&self.parent_hex);
         }
         self.service_name.append_value(ctx.service);
         self.name.append_value(span.name);
@@ -656,19 +647,6 @@ impl SpanBuilders {
         self.dropped_links.append_value(span.dropped_links);
         for (b, v) in self.junjo.iter_mut().zip(&text) {
             b.append_option(v.as_deref());
-        }
-        for (i, ev) in span.events.iter().enumerate() {
-            let ev = EventView::parse(ev)?;
-            if ev.name == "set_state" {
-                patches.append(
-                    &self.trace_hex,
-                    &self.span_hex,
-                    ctx.service,
-                    text[0].as_deref(),
-                    i,
-                    &ev,
-                )?;
-            }
         }
         Ok(())
     }
@@ -740,10 +718,16 @@ impl<'a> EventView<'a> {
     }
 }
 
-fn events_json(out: &mut String, span: &SpanView) -> Result<(), ValueError> {
+/// Writes the events' JSON; `each` also sees every event with its index.
+fn events_json(
+    out: &mut String,
+    span: &SpanView,
+    mut each: impl FnMut(usize, &EventView) -> Result<(), ValueError>,
+) -> Result<(), ValueError> {
     out.push('[');
     for (i, ev) in span.events.iter().enumerate() {
         let e = EventView::parse(ev)?;
+        each(i, &e)?;
         if i > 0 {
             out.push(',');
         }
