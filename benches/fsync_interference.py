@@ -11,7 +11,11 @@ one at a time, in one of three ways:
          fsync (what lakewriter's local lake writes do now)
   none   no background writer
 
-Usage: fsync_interference.py DIR MODE [N SIZE GAP FILES MB]
+MODE may end in "+overwrite": the foreground loop then writes over a file
+that was written and fsync'd beforehand (what RocksDB's recycled log files
+do), so its fdatasync has no file size or extent change to journal.
+
+Usage: fsync_interference.py DIR MODE[+overwrite] [N SIZE GAP FILES MB]
 Prints the foreground latency percentiles in ms.
 """
 import ctypes
@@ -42,19 +46,27 @@ def background(path, mode, files, mb):
 
 def main():
     d, mode = sys.argv[1], sys.argv[2]
+    mode, _, fg_mode = mode.partition("+")
     defaults = ["2000", "190000", "0.004", "8", "40"]
     args = sys.argv[3:8]
     n, size, gap, files, mb = args + defaults[len(args):]
     n, size, gap, files, mb = int(n), int(size), float(gap), int(files), int(mb)
+    fg = os.path.join(d, "fsync_interference.wal")
+    buf = os.urandom(size)
+    if fg_mode == "overwrite":
+        fd = os.open(fg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        for _ in range(n):
+            os.write(fd, buf)
+        os.fsync(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+    else:
+        fd = os.open(fg, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     child = None
     if mode != "none":
         child = os.fork()
         if child == 0:
             background(os.path.join(d, "fsync_interference.bulk"), mode, files, mb)
             os._exit(0)
-    fg = os.path.join(d, "fsync_interference.wal")
-    fd = os.open(fg, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    buf = os.urandom(size)
     lat = []
     for _ in range(n):
         t = time.perf_counter()
@@ -69,7 +81,7 @@ def main():
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))]
     print(
-        f"mode={mode} n={n} size={size} p50={q(.5):.2f} p99={q(.99):.2f} "
+        f"mode={mode} fg={fg_mode or 'append'} n={n} size={size} p50={q(.5):.2f} p99={q(.99):.2f} "
         f"p99.9={q(.999):.2f} max={lat[-1]:.2f} over20ms={sum(x > 20 for x in lat)}"
     )
 
