@@ -279,9 +279,14 @@ impl Flusher {
         })?;
         for path in paths {
             let name = path.rsplit('/').next().unwrap_or("");
-            let ours = name.starts_with("part-") && name.contains(&suffix);
-            let staging = ours && !name.ends_with(".parquet");
-            if (ours && !recorded.contains(&path)) || staging {
+            // Exactly the names `publish` writes; anything else (a copy, a
+            // user's `.bak`) is not ours to delete.
+            let published = name.starts_with("part-") && name.ends_with(&suffix);
+            let staging = name.starts_with("part-")
+                && name
+                    .strip_suffix(lake::STAGING_SUFFIX)
+                    .is_some_and(|n| n.ends_with(&suffix));
+            if (published && !recorded.contains(&path)) || staging {
                 tracing::warn!(%path, "removing unrecorded file left by a crash");
                 self.lake
                     .delete(&path)

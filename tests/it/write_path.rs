@@ -401,6 +401,11 @@ async fn start_removes_own_unrecorded_and_staging_files_and_keeps_the_rest() {
         "part-01ARZ3NDEKTSV4RRFFQ69G5FAW-{node}.parquet.staging"
     ));
     let foreign = sibling("part-01ARZ3NDEKTSV4RRFFQ69G5FAX-othernode.parquet");
+    // Our prefix and node, but a name the lake never writes (a user's copy).
+    let other_name = sibling(&format!(
+        "part-01ARZ3NDEKTSV4RRFFQ69G5FAY-{node}.parquet.bak"
+    ));
+    std::fs::copy(&recorded, &other_name).unwrap();
     std::fs::copy(&recorded, &unrecorded).unwrap();
     std::fs::write(&staging, b"half a file").unwrap();
     std::fs::copy(&recorded, &foreign).unwrap();
@@ -408,6 +413,10 @@ async fn start_removes_own_unrecorded_and_staging_files_and_keeps_the_rest() {
     let server = Server::start(dir.path(), &["--flush-age", "1h"]).await;
     assert!(recorded.exists(), "{}", server.log());
     assert!(foreign.exists(), "another node's file was removed");
+    assert!(
+        other_name.exists(),
+        "a file the lake never writes was removed"
+    );
     assert!(
         !unrecorded.exists(),
         "unrecorded file kept: {}",
