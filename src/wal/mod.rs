@@ -570,18 +570,20 @@ mod tests {
         assert!(wal.append(&entry(9), |_| {}).await.unwrap() > keys[4]);
     }
 
-    /// Reused log files still hold older entries past the new ones; replay
-    /// must stop at the end of the new log, not read the old tail.
+    /// A reused log file still holds older records behind the new ones.
+    /// Replay must stop at the end of the new records: an old record read
+    /// back would bring a deleted entry back to life.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn entries_in_reused_log_files_replay_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), 64).unwrap();
-        let mut written = Vec::new();
+        let mut kept = Vec::new();
         let mut i = 0u32;
         for round in 0..5 {
-            // Rounds before the last fill each log with far more bytes than
-            // the last round writes into its reused file.
-            let (n, size) = if round < 4 { (40, 32 << 10) } else { (3, 100) };
+            // Earlier rounds fill each log with far more bytes than the last
+            // round writes into its reused file, then delete their entries.
+            let last = round == 4;
+            let (n, size) = if last { (3, 100) } else { (40, 32 << 10) };
             for _ in 0..n {
                 let mut payload = vec![(i % 251) as u8; size];
                 payload[..4].copy_from_slice(&i.to_be_bytes());
@@ -590,12 +592,16 @@ mod tests {
                     ..entry(i)
                 };
                 let key = wal.append(&e, |_| {}).await.unwrap();
-                written.push((key, e.payload));
+                if last {
+                    kept.push((key, e.payload));
+                } else {
+                    wal.truncate_before(Ulid(key.0 + 1)).unwrap();
+                }
                 i += 1;
             }
-            if round < 4 {
-                // A flush of every family switches to a new log and makes
-                // the old one obsolete, ready for reuse.
+            if !last {
+                // Flushing every family switches to a new log and makes the
+                // old one obsolete, ready for reuse.
                 for name in COLUMN_FAMILIES {
                     let cf = wal.db().cf_handle(name).unwrap();
                     wal.db().flush_cf(&cf).unwrap();
@@ -617,8 +623,8 @@ mod tests {
                 (key, e.payload)
             })
             .collect();
-        assert_eq!(replayed.len(), written.len());
-        assert!(replayed == written, "replay differs from what was written");
+        assert_eq!(replayed.len(), kept.len(), "deleted entries came back");
+        assert!(replayed == kept, "replay differs from what was written");
     }
 
     #[test]
