@@ -15,23 +15,20 @@ set -euo pipefail
 rounds=$1; shift
 OUT=${OUT:-/tmp/lakewriter-ab}
 LOADGEN_ARGS=${LOADGEN_ARGS:---concurrency 32 --items-per-request 500 --duration 30s --rate 210}
-KEY=lw_bench_admin_key_0123456789
 DATA=$OUT/data
+. "$(dirname "$0")/serve.sh"
 mkdir -p "$OUT"
 bucket() { awk -v le="$2" '$1 == "lakewriter_wal_fsync_seconds_bucket{le=\"" le "\"}" {print $2}' "$1"; }
 for r in $(seq "$rounds"); do
   for pair in "$@"; do
     name=${pair%%=*}; bin=${pair#*=}; f=$OUT/${name}_$r
-    rm -rf "$DATA"
-    LAKEWRITER_BOOTSTRAP_API_KEY=$KEY "$bin" serve --data-dir "$DATA" \
-      --grpc-addr 127.0.0.1:50061 --http-addr 127.0.0.1:1333 \
-      --internal-grpc-addr 127.0.0.1:50062 > "$f.server.log" 2>&1 &
-    server=$!
-    for _ in $(seq 100); do curl -sf http://127.0.0.1:1333/health > /dev/null && break; sleep 0.2; done
+    rm -rf "$DATA" "$f.server.log"
+    lw_serve "$bin" "$DATA" 50061 "$f.server.log"
+    server=$LW_PID
     # shellcheck disable=SC2086
-    "$bin" loadgen --target http://127.0.0.1:50061 --api-key $KEY \
-      --metrics-url http://127.0.0.1:1333/metrics $LOADGEN_ARGS > "$f.out" 2>&1
-    curl -s http://127.0.0.1:1333/metrics > "$f.metrics"
+    "$bin" loadgen --target http://127.0.0.1:50061 --api-key $LW_KEY \
+      --metrics-url "$LW_HTTP/metrics" $LOADGEN_ARGS > "$f.out" 2>&1
+    curl -s "$LW_HTTP/metrics" > "$f.metrics"
     for t in /proc/$server/task/*; do
       echo "$(cat "$t/comm") $(cut -d' ' -f14,15 "$t/stat")"
     done | awk '{c[$1] += $2 + $3} END {for (k in c) printf "%.2f %s\n", c[k] / 100, k}' \

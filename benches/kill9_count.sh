@@ -11,17 +11,11 @@ set -euo pipefail
 bin=$1; secs=$2
 root=$(cd "$(dirname "$0")/.." && pwd)
 DATA=${DATA:-/tmp/lakewriter-kill9}
-KEY=lw_bench_admin_key_0123456789
-rm -rf "$DATA"
-serve() {
-  LAKEWRITER_BOOTSTRAP_API_KEY=$KEY "$bin" serve --data-dir "$DATA" \
-    --grpc-addr 127.0.0.1:50071 --http-addr 127.0.0.1:1343 \
-    --internal-grpc-addr 127.0.0.1:50072 --log warn >> "$DATA.server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 150); do curl -sf http://127.0.0.1:1343/health > /dev/null && break; sleep 0.2; done
-}
-serve
-"$bin" loadgen --target http://127.0.0.1:50071 --api-key $KEY --concurrency 32 \
+. "$root/benches/serve.sh"
+rm -rf "$DATA" "$DATA.server.log"
+lw_serve "$bin" "$DATA" 50071 "$DATA.server.log" --log warn
+server=$LW_PID
+"$bin" loadgen --target http://127.0.0.1:50071 --api-key $LW_KEY --concurrency 32 \
   --items-per-request 500 --duration 60s --unique > "$DATA.loadgen.out" 2>&1 &
 loadgen=$!
 sleep "$secs"
@@ -29,8 +23,9 @@ kill -9 "$server"
 wait "$loadgen" || true
 acked=$(grep -oE 'items [0-9]+' "$DATA.loadgen.out" | tail -1 | cut -d' ' -f2)
 reused=$(cat "$DATA"/wal/LOG* 2> /dev/null | grep -c "reusing log" || true)
-serve
-curl -sf -X POST -H "X-API-Key: $KEY" 127.0.0.1:1343/api/v1/admin/flush > /dev/null
+lw_serve "$bin" "$DATA" 50071 "$DATA.server.log" --log warn
+server=$LW_PID
+curl -sf -X POST -H "X-API-Key: $LW_KEY" "$LW_HTTP/api/v1/admin/flush" > /dev/null
 kill "$server"; wait "$server" || true
 "$root/.venv/bin/python" - "$DATA" "$acked" "$reused" <<'PY'
 import sys, duckdb
