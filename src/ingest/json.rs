@@ -134,28 +134,70 @@ pub fn wire_pairs<'a>(
 
 /// Appends `s` as a JSON string literal.
 pub fn write_str(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     out.push('"');
+    let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let esc = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
+    loop {
+        let i = next_escape(bytes, start);
+        // `i` is at an ASCII byte or the end, `start` just after one: both
+        // are char boundaries.
         out.push_str(&s[start..i]);
-        if esc.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.push_str(esc);
+        let Some(&b) = bytes.get(i) else { break };
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
         start = i + 1;
     }
-    out.push_str(&s[start..]);
     out.push('"');
+}
+
+/// The index of the first byte at or after `from` that a JSON string must
+/// escape (`"`, `\`, below 0x20), or `bytes.len()`. Eight bytes per step:
+/// attribute values are mostly long runs of plain text.
+#[inline]
+fn next_escape(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // High bit of each byte that is zero (exact for the lowest such byte,
+    // which is all `trailing_zeros` reads; a borrow only runs upwards).
+    let zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    let mut i = from;
+    let mut chunks = bytes[from.min(bytes.len())..].chunks_exact(8);
+    for chunk in &mut chunks {
+        let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        let control = w.wrapping_sub(0x20 * ONES) & !w & HIGH;
+        let hit =
+            control | zero(w ^ (u64::from(b'"') * ONES)) | zero(w ^ (u64::from(b'\\') * ONES));
+        if hit != 0 {
+            return i + (hit.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    for &b in chunks.remainder() {
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            return i;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// Appends `bytes` as lowercase hex.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 * bytes.len());
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
 }
 
 pub fn write_f64(out: &mut String, v: f64) {
@@ -188,7 +230,7 @@ pub fn write_value(out: &mut String, v: Any, depth: usize) -> Result<(), ValueEr
         Any::Double(d) => write_f64(out, d),
         Any::Bytes(b) => {
             out.push('"');
-            out.push_str(&hex::encode(b));
+            push_hex(out, b);
             out.push('"');
         }
         Any::StrIndex(i) => {
@@ -381,6 +423,55 @@ mod tests {
         assert_eq!(v["arr"], serde_json::json!(["x", null]));
         assert_eq!(v["kv"], serde_json::json!({"k": "v"}));
         assert!(v["unset"].is_null());
+    }
+
+    /// The escaping rule, one char at a time.
+    fn escaped_char_by_char(s: &str) -> String {
+        let mut out = String::from('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    #[test]
+    fn strings_escape_at_every_position_of_the_word_scan() {
+        // Every escaped byte (and a multi-byte char) at every offset of
+        // strings around the 8-byte steps, and next to each other.
+        let specials = [
+            '"', '\\', '\n', '\r', '\t', '\u{0}', '\u{1f}', '\u{7f}', 'é', '€',
+        ];
+        for len in 0..24 {
+            for at in 0..=len {
+                for c in specials {
+                    for second in [None, Some('"'), Some('\u{8}')] {
+                        let mut text: String = "abcdefghijklmnopqrstuvwxyz"[..len].into();
+                        text.insert(at, c);
+                        if let Some(d) = second {
+                            text.push(d);
+                        }
+                        let mut out = String::new();
+                        write_str(&mut out, &text);
+                        let back: String = serde_json::from_str(&out)
+                            .unwrap_or_else(|e| panic!("{out:?} is not JSON: {e}"));
+                        assert_eq!(back, text);
+                        assert_eq!(out, escaped_char_by_char(&text));
+                    }
+                }
+            }
+        }
+        let mut out = String::new();
+        write_str(&mut out, "a\u{1}\u{7f}é\"");
+        assert_eq!(out, "\"a\\u0001\u{7f}é\\\"\"");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! all-zero trace or span id is rejected alone and reported through OTLP
 //! `partial_success`.
 
+use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
@@ -546,13 +547,10 @@ pub(super) fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
+/// `buf` becomes `bytes` in lowercase hex.
 pub(super) fn hex_into(buf: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     buf.clear();
-    for b in bytes {
-        buf.push(HEX[(b >> 4) as usize] as char);
-        buf.push(HEX[(b & 15) as usize] as char);
-    }
+    json::push_hex(buf, bytes);
 }
 
 impl SpanBuilders {
@@ -583,9 +581,15 @@ impl SpanBuilders {
                 Err(_) => true,
             });
         json::write_pairs(&mut self.attrs, rest, 0)?;
-        let mut text: [Option<String>; JUNJO_COLUMNS] = Default::default();
+        // Column text: string values as they are in the request (the state
+        // snapshots are most of a span's bytes), others as JSON.
+        let mut text: [Option<Cow<str>>; JUNJO_COLUMNS] = Default::default();
         for (t, v) in text.iter_mut().zip(junjo) {
-            *t = v.map(json::text_of).transpose()?.flatten();
+            *t = match v {
+                Some(Any::Str(s)) => Some(Cow::Borrowed(s)),
+                Some(v) => json::text_of(v)?.map(Cow::Owned),
+                None => None,
+            };
         }
         hex_into(&mut self.trace_hex, span.trace_id);
         hex_into(&mut self.span_hex, span.span_id);
@@ -764,12 +768,11 @@ fn links_json(out: &mut String, span: &SpanView) -> Result<(), ValueError> {
         if i > 0 {
             out.push(',');
         }
-        let _ = write!(
-            out,
-            "{{\"traceId\":\"{}\",\"spanId\":\"{}\",\"traceState\":",
-            hex::encode(trace_id),
-            hex::encode(span_id)
-        );
+        out.push_str("{\"traceId\":\"");
+        json::push_hex(out, trace_id);
+        out.push_str("\",\"spanId\":\"");
+        json::push_hex(out, span_id);
+        out.push_str("\",\"traceState\":");
         json::write_str(out, trace_state);
         let _ = write!(
             out,
@@ -795,6 +798,8 @@ struct PatchBuilders {
     action: StringBuilder,
     patch_json: StringBuilder,
     attributes_json: StringBuilder,
+    /// Scratch for the hex of a patch id.
+    id_hex: String,
 }
 
 impl PatchBuilders {
@@ -812,7 +817,8 @@ impl PatchBuilders {
         h.update(span.as_bytes());
         h.update((index as u64).to_be_bytes());
         h.update(ev.time.to_be_bytes());
-        self.patch_id.append_value(hex::encode(&h.finalize()[..16]));
+        hex_into(&mut self.id_hex, &h.finalize()[..16]);
+        self.patch_id.append_value(&self.id_hex);
         self.trace_id.append_value(trace);
         self.span_id.append_value(span);
         self.service_name.append_value(service);
