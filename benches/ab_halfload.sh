@@ -6,7 +6,8 @@
 #   benches/ab_halfload.sh ROUNDS NAME=BINARY [NAME=BINARY ...]
 #
 # Load: LOADGEN_ARGS (default: 32 clients x 500 spans, 210 req/s open loop for
-# 30 s = half of the measured maximum). Per run it prints the load
+# 30 s = half of the measured maximum), sent by LOADGEN (default: each run's
+# own binary; set it to compare servers with one load generator). Per run it prints the load
 # generator's latency line, WAL group commits over 10 / 50 ms (from the
 # server's lakewriter_wal_fsync_seconds histogram) and the CPU seconds of the
 # tokio workers and the WAL writer thread. Files go to $OUT
@@ -26,7 +27,7 @@ for r in $(seq "$rounds"); do
     lw_serve "$bin" "$DATA" 50061 "$f.server.log"
     server=$LW_PID
     # shellcheck disable=SC2086
-    "$bin" loadgen --target http://127.0.0.1:50061 --api-key $LW_KEY \
+    "${LOADGEN:-$bin}" loadgen --target http://127.0.0.1:50061 --api-key $LW_KEY \
       --metrics-url "$LW_HTTP/metrics" $LOADGEN_ARGS > "$f.out" 2>&1
     curl -s "$LW_HTTP/metrics" > "$f.metrics"
     for t in /proc/$server/task/*; do
@@ -39,7 +40,7 @@ for r in $(seq "$rounds"); do
     over10=$((total - $(bucket "$f.metrics" 0.01)))
     over50=$((total - $(bucket "$f.metrics" 0.05)))
     cpu=$(awk '$2 ~ /tokio-rt-worker|wal-writer/ {printf "%s %s s  ", $2, $1}' "$f.threads")
-    echo "$name round $r: $(grep 'ack latency' "$f.out")  commits $total >10ms $over10 >50ms $over50  $cpu"
+    echo "$name round $r: $(grep -E 'ack latency|timer lateness' "$f.out" | tr '\n' ' ') commits $total >10ms $over10 >50ms $over50  $cpu"
   done
 done
 rm -rf "$DATA"

@@ -13,6 +13,11 @@
 //! client spends its CPU on sending, not on encoding. Closed loop by default (each
 //! worker sends as fast as acks come back); `--rate` makes it open loop, with
 //! latency measured from the scheduled send time (no coordinated omission).
+//! Open loop also reports how late the load generator's own timer woke for
+//! requests whose worker was idle at the scheduled time (tokio's timer ticks
+//! in milliseconds, and the client shares the CPU), and the latency without
+//! that lateness: it is the client's, not the server's. A request whose
+//! worker was still waiting for the previous ack keeps its scheduled start.
 //! In closed loop a worker whose request was refused as retryable (overload:
 //! `RESOURCE_EXHAUSTED`/`UNAVAILABLE`, HTTP 429/503) backs off before its next
 //! request, 20 ms doubling to 1 s, as an OTLP exporter does (with shorter
@@ -127,6 +132,9 @@ struct Stats {
     items: AtomicU64,
     bytes: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
+    /// Open loop: from the send, and the timer's lateness (idle workers only).
+    sent_us: Mutex<Vec<u32>>,
+    late_us: Mutex<Vec<u32>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -143,6 +151,13 @@ pub struct Report {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Open loop: the same percentiles without the client's timer lateness
+    /// (from the send when the worker was idle at the scheduled time, else
+    /// from the scheduled time).
+    pub from_send: Option<Percentiles>,
+    /// Open loop: how late the client's timer woke, for the requests whose
+    /// worker was idle at their scheduled time.
+    pub timer_lateness: Option<Percentiles>,
     pub errors: BTreeMap<String, u64>,
     pub wal_fsyncs: Option<f64>,
     pub requests_per_fsync: Option<f64>,
@@ -628,6 +643,40 @@ async fn scrape(url: &Option<String>, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+#[derive(Debug, Serialize)]
+pub struct Percentiles {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(mut us: Vec<u32>) -> Option<Self> {
+        us.sort_unstable();
+        (!us.is_empty()).then(|| Self {
+            p50_ms: percentile(&us, 0.50),
+            p90_ms: percentile(&us, 0.90),
+            p99_ms: percentile(&us, 0.99),
+            max_ms: percentile(&us, 1.0),
+        })
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -656,7 +705,10 @@ async fn worker(
         + interval
             .map(|i| i.mul_f64(id as f64 / args.concurrency as f64))
             .unwrap_or_default();
-    let mut local = Vec::with_capacity(4096);
+    let (mut local, mut sent_local, mut late_local) = (Vec::with_capacity(4096), vec![], vec![]);
+    // When the previous request was answered: a request scheduled before
+    // that was held back by the server, not by the client's timer.
+    let mut idle_since = Instant::now();
     let mut backoff = MIN_BACKOFF;
     let mut k = id;
     let mut sent = 0u32;
@@ -690,9 +742,22 @@ async fn worker(
         };
         k += args.concurrency;
         let len = body.len() as u64;
-        match sender.send(body, &args.api_key).await {
+        // Where this request's latency starts if the client's own lateness
+        // is left out: its send, unless the server still held the worker at
+        // the scheduled time (then the wait is the server's).
+        let mut since = scheduled;
+        if interval.is_some() && idle_since <= scheduled {
+            since = Instant::now();
+            late_local.push(micros(since - scheduled));
+        }
+        let result = sender.send(body, &args.api_key).await;
+        idle_since = Instant::now();
+        match result {
             Ok(()) => {
-                local.push(scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                local.push(micros(scheduled.elapsed()));
+                if interval.is_some() {
+                    sent_local.push(micros(since.elapsed()));
+                }
                 stats.ok.fetch_add(1, Ordering::Relaxed);
                 stats
                     .items
@@ -719,6 +784,8 @@ async fn worker(
         backoff = MIN_BACKOFF;
     }
     stats.latencies_us.lock().extend(local);
+    stats.sent_us.lock().extend(sent_local);
+    stats.late_us.lock().extend(late_local);
 }
 
 /// Closed-loop wait after a retryable refusal, doubling per refusal in a row.
@@ -806,6 +873,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         p90_ms: percentile(&lat, 0.90),
         p99_ms: percentile(&lat, 0.99),
         max_ms: percentile(&lat, 1.0),
+        from_send: Percentiles::of(std::mem::take(&mut *stats.sent_us.lock())),
+        timer_lateness: Percentiles::of(std::mem::take(&mut *stats.late_us.lock())),
         errors: stats.errors.lock().clone(),
         wal_fsyncs: fsyncs,
         requests_per_fsync: fsyncs
@@ -821,6 +890,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
             report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.p50_ms, report.p90_ms,
             report.p99_ms, report.max_ms, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
         );
+        if let (Some(sent), Some(late)) = (&report.from_send, &report.timer_lateness) {
+            println!("ack latency without client timer lateness ms: {sent}\nclient timer lateness ms: {late}");
+        }
     }
     Ok(report)
 }
