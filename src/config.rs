@@ -81,6 +81,11 @@ pub struct ServerArgs {
     /// Log filter, `RUST_LOG` syntax (e.g. `info,lakewriter=debug`).
     #[arg(long, env = "LAKEWRITER_LOG", default_value = "info")]
     pub log: String,
+    /// Lock the server's machine code in memory (Linux `mlock`), so that no
+    /// request waits for the kernel to read evicted code back from a busy
+    /// disk. Costs resident memory the size of the code (~140 MB).
+    #[arg(long, env = "LAKEWRITER_LOCK_CODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lock_code: bool,
 }
 
 /// When memtables become Parquet.

@@ -86,8 +86,72 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Locks the machine code of the process (every executable file mapping:
+/// the binary and its shared libraries) in memory, on a thread of its own so
+/// the server starts at once. A page of code that was never run, or that the
+/// kernel evicted while it sat unused, is read from disk on its next run; on a
+/// disk busy with WAL and Parquet writes that read waited 10–200 ms, on the WAL
+/// writer or a request's thread (BENCHMARKS.md, seventh round).
+#[cfg(target_os = "linux")]
+fn lock_code() {
+    fn lock() -> std::io::Result<usize> {
+        let maps = std::fs::read_to_string("/proc/self/maps")?;
+        let mut locked = 0;
+        for line in maps.lines() {
+            // start-end perms offset dev inode [path]
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let executable = fields.get(1).is_some_and(|p| p.contains('x'));
+            let file = fields.get(5).is_some_and(|p| p.starts_with('/'));
+            if !(executable && file) {
+                continue;
+            }
+            let range = fields[0].split_once('-').and_then(|(a, b)| {
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            let Some((start, end)) = range else { continue };
+            // SAFETY: locks pages of an existing mapping of this process; no
+            // memory is read or written.
+            if unsafe { libc::mlock(start as *const std::ffi::c_void, end - start) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            locked += end - start;
+        }
+        Ok(locked)
+    }
+    let spawned = std::thread::Builder::new()
+        .name("lock-code".into())
+        .spawn(|| {
+            let started = std::time::Instant::now();
+            match lock() {
+                Ok(bytes) => tracing::info!(
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "machine code locked in memory"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "could not lock the machine code in memory (raise `ulimit -l` or grant \
+                     CAP_IPC_LOCK, or pass --lock-code false): a request may wait for code \
+                     to be read back from disk"
+                ),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the code-locking thread");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lock_code() {}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_tracing(&args.server.log);
+    if args.server.lock_code {
+        lock_code();
+    }
     let config = Config::from_args(&args);
     let running = lakewriter::server::start(config)
         .await

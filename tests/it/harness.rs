@@ -137,6 +137,11 @@ impl Server {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
     pub fn http(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
     }

@@ -327,6 +327,52 @@ async fn graceful_shutdown_flushes_and_restart_keeps_files() {
     );
 }
 
+/// `VmLck` of a process, in kB.
+#[cfg(target_os = "linux")]
+fn locked_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_code_is_locked_in_memory_unless_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let log = loop {
+        let log = server.log();
+        if log.contains("machine code locked") || log.contains("could not lock") {
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lock outcome logged: {log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    if log.contains("machine code locked") {
+        // The binary's code is tens of megabytes; all of it stays resident.
+        let kb = locked_kb(server.pid());
+        assert!(kb > 4096, "only {kb} kB locked: {log}");
+    } else {
+        // Without the privilege the server runs on, and says why.
+        assert!(log.contains("ulimit -l"), "{log}");
+    }
+    server.stop();
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--lock-code", "false"]).await;
+    server.flush().await;
+    assert_eq!(locked_kb(server.pid()), 0);
+    let log = server.log();
+    assert!(
+        !log.contains("machine code locked") && !log.contains("could not lock"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn age_and_size_thresholds_flush_without_admin_call() {
     let dir = tempfile::tempdir().unwrap();
