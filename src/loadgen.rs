@@ -132,7 +132,8 @@ struct Stats {
     items: AtomicU64,
     bytes: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
-    /// Open loop: from the send, and the timer's lateness (idle workers only).
+    /// Open loop: latency without the client's timer lateness, and that
+    /// lateness (requests whose worker was idle at their scheduled time).
     sent_us: Mutex<Vec<u32>>,
     late_us: Mutex<Vec<u32>>,
     errors: Mutex<BTreeMap<String, u64>>,
@@ -154,7 +155,7 @@ pub struct Report {
     /// Open loop: the same percentiles without the client's timer lateness
     /// (from the send when the worker was idle at the scheduled time, else
     /// from the scheduled time).
-    pub from_send: Option<Percentiles>,
+    pub without_timer_lateness: Option<Percentiles>,
     /// Open loop: how late the client's timer woke, for the requests whose
     /// worker was idle at their scheduled time.
     pub timer_lateness: Option<Percentiles>,
@@ -873,7 +874,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         p90_ms: percentile(&lat, 0.90),
         p99_ms: percentile(&lat, 0.99),
         max_ms: percentile(&lat, 1.0),
-        from_send: Percentiles::of(std::mem::take(&mut *stats.sent_us.lock())),
+        without_timer_lateness: Percentiles::of(std::mem::take(&mut *stats.sent_us.lock())),
         timer_lateness: Percentiles::of(std::mem::take(&mut *stats.late_us.lock())),
         errors: stats.errors.lock().clone(),
         wal_fsyncs: fsyncs,
@@ -890,7 +891,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
             report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.p50_ms, report.p90_ms,
             report.p99_ms, report.max_ms, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
         );
-        if let (Some(sent), Some(late)) = (&report.from_send, &report.timer_lateness) {
+        if let (Some(sent), Some(late)) = (&report.without_timer_lateness, &report.timer_lateness) {
             println!("ack latency without client timer lateness ms: {sent}\nclient timer lateness ms: {late}");
         }
     }
