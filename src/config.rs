@@ -83,7 +83,7 @@ pub struct ServerArgs {
     pub log: String,
     /// Lock the server's machine code in memory (Linux `mlock`), so that no
     /// request waits for the kernel to read evicted code back from a busy
-    /// disk. Costs resident memory the size of the code (~140 MB).
+    /// disk. Costs resident memory the size of the code (~110 MB).
     #[arg(long, env = "LAKEWRITER_LOCK_CODE", default_value_t = true, action = clap::ArgAction::Set)]
     pub lock_code: bool,
 }

@@ -134,7 +134,7 @@ struct Stats {
     latencies_us: Mutex<Vec<u32>>,
     /// Open loop: latency without the client's timer lateness, and that
     /// lateness (requests whose worker was idle at their scheduled time).
-    sent_us: Mutex<Vec<u32>>,
+    without_late_us: Mutex<Vec<u32>>,
     late_us: Mutex<Vec<u32>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
@@ -644,7 +644,7 @@ async fn scrape(url: &Option<String>, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Percentiles {
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -706,7 +706,8 @@ async fn worker(
         + interval
             .map(|i| i.mul_f64(id as f64 / args.concurrency as f64))
             .unwrap_or_default();
-    let (mut local, mut sent_local, mut late_local) = (Vec::with_capacity(4096), vec![], vec![]);
+    let (mut local, mut without_late_local, mut late_local) =
+        (Vec::with_capacity(4096), vec![], vec![]);
     // When the previous request was answered: a request scheduled before
     // that was held back by the server, not by the client's timer.
     let mut idle_since = Instant::now();
@@ -757,7 +758,7 @@ async fn worker(
             Ok(()) => {
                 local.push(micros(scheduled.elapsed()));
                 if interval.is_some() {
-                    sent_local.push(micros(since.elapsed()));
+                    without_late_local.push(micros(since.elapsed()));
                 }
                 stats.ok.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -785,7 +786,7 @@ async fn worker(
         backoff = MIN_BACKOFF;
     }
     stats.latencies_us.lock().extend(local);
-    stats.sent_us.lock().extend(sent_local);
+    stats.without_late_us.lock().extend(without_late_local);
     stats.late_us.lock().extend(late_local);
 }
 
@@ -857,8 +858,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
     let secs = started.elapsed().as_secs_f64();
     let fsyncs_after = scrape(&args.metrics_url, "lakewriter_wal_fsyncs_total").await;
     let appends_after = scrape(&args.metrics_url, "lakewriter_wal_appends_total").await;
-    let mut lat = std::mem::take(&mut *stats.latencies_us.lock());
-    lat.sort_unstable();
+    let all = Percentiles::of(std::mem::take(&mut *stats.latencies_us.lock())).unwrap_or_default();
     let fsyncs = fsyncs_after.zip(fsyncs_before).map(|(a, b)| a - b);
     let appends = appends_after.zip(appends_before).map(|(a, b)| a - b);
     let items = stats.items.load(Ordering::Relaxed);
@@ -870,11 +870,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         items,
         items_per_sec: items as f64 / secs,
         mb_per_sec: stats.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-        p50_ms: percentile(&lat, 0.50),
-        p90_ms: percentile(&lat, 0.90),
-        p99_ms: percentile(&lat, 0.99),
-        max_ms: percentile(&lat, 1.0),
-        without_timer_lateness: Percentiles::of(std::mem::take(&mut *stats.sent_us.lock())),
+        p50_ms: all.p50_ms,
+        p90_ms: all.p90_ms,
+        p99_ms: all.p99_ms,
+        max_ms: all.max_ms,
+        without_timer_lateness: Percentiles::of(std::mem::take(&mut *stats.without_late_us.lock())),
         timer_lateness: Percentiles::of(std::mem::take(&mut *stats.late_us.lock())),
         errors: stats.errors.lock().clone(),
         wal_fsyncs: fsyncs,
@@ -887,9 +887,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{:?} over {:?}: requests {}  items {}  {:.0} items/s  {:.1} MB/s\nack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}\nerrors {:?}\nwal fsyncs {:?}  requests/fsync {:?}",
-            report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.p50_ms, report.p90_ms,
-            report.p99_ms, report.max_ms, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
+            "{:?} over {:?}: requests {}  items {}  {:.0} items/s  {:.1} MB/s\nack latency ms: {all}\nerrors {:?}\nwal fsyncs {:?}  requests/fsync {:?}",
+            report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
         );
         if let (Some(sent), Some(late)) = (&report.without_timer_lateness, &report.timer_lateness) {
             println!("ack latency without client timer lateness ms: {sent}\nclient timer lateness ms: {late}");
