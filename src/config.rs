@@ -86,6 +86,14 @@ pub struct ServerArgs {
     /// disk. Costs resident memory the size of the code (~110 MB).
     #[arg(long, env = "LAKEWRITER_LOCK_CODE", default_value_t = true, action = clap::ArgAction::Set)]
     pub lock_code: bool,
+    /// Heap memory to fault in at start, before the server takes requests
+    /// (`0` turns it off). The first touch of a page costs a page fault and
+    /// zeroing (in a VM that returns freed memory to its host, also a fault in
+    /// the host); without this, requests in the first seconds under load pay
+    /// for it. The allocator keeps the memory for reuse, so resident memory
+    /// starts at this size.
+    #[arg(long, env = "LAKEWRITER_PRETOUCH_MEMORY", default_value = "512MiB")]
+    pub pretouch_memory: ByteSize,
 }
 
 /// When memtables become Parquet.

@@ -92,6 +92,9 @@ impl Server {
         } else {
             cmd.env_remove("LAKEWRITER_BOOTSTRAP_API_KEY");
         }
+        // No test measures latency: skip faulting in 512 MiB per server
+        // (a flag in `args` still wins over the environment).
+        cmd.env("LAKEWRITER_PRETOUCH_MEMORY", "0");
         let child = cmd
             .arg("serve")
             .arg("--data-dir")
@@ -489,7 +492,7 @@ impl Server {
 }
 
 /// `text` without ANSI escape sequences (the server colours its log).
-fn strip_ansi(text: &str) -> String {
+pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {

@@ -329,10 +329,39 @@ async fn graceful_shutdown_flushes_and_restart_keeps_files() {
 
 /// `VmLck` of a process, in kB.
 #[cfg(target_os = "linux")]
-fn locked_kb(pid: u32) -> u64 {
+/// A `kB` figure of `/proc/<pid>/status`, e.g. `VmLck:`.
+fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn locked_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmLck:")
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heap_is_faulted_in_before_the_server_is_ready_unless_turned_off() {
+    // The harness turns it off through the environment; the flag wins.
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--pretouch-memory", "384MiB", "--lock-code", "false"];
+    let mut server = Server::start(dir.path(), &args).await;
+    let log = strip_ansi(&server.log());
+    let faulted = log.find("heap memory faulted in bytes=402653184");
+    let ready = log.find("lakewriter ready");
+    assert!(faulted.is_some() && faulted < ready, "{log}");
+    // Freed to the allocator, which keeps it: still resident.
+    let rss = status_kb(server.pid(), "VmRSS:");
+    assert!(rss >= 384 * 1024, "{rss} kB resident: {log}");
+    server.stop();
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--lock-code", "false"]).await;
+    let log = strip_ansi(&server.log());
+    assert!(!log.contains("heap memory faulted in"), "{log}");
+    let rss = status_kb(server.pid(), "VmRSS:");
+    assert!(rss < 384 * 1024, "{rss} kB resident without pre-touching");
 }
 
 #[cfg(target_os = "linux")]
