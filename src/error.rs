@@ -116,16 +116,92 @@ impl std::fmt::Display for ApiError {
 /// full, retry" and "request too large, don't").
 pub const RETRYABLE_METADATA: &str = "lw-retryable";
 
+/// How long a client should wait before retrying a refusal worth retrying
+/// (HTTP `Retry-After`, gRPC `RetryInfo.retry_delay`): about the time a
+/// flush takes to give memtable memory back.
+pub const RETRY_DELAY_SECS: u64 = 1;
+
+/// The `google.rpc` messages of error answers (the subset of
+/// `google/rpc/status.proto` and `error_details.proto` used here).
+pub(crate) mod rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<Any>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RetryInfo {
+        #[prost(message, optional, tag = "1")]
+        pub retry_delay: Option<Duration>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Duration {
+        #[prost(int64, tag = "1")]
+        pub seconds: i64,
+        #[prost(int32, tag = "2")]
+        pub nanos: i32,
+    }
+}
+
+/// `google.rpc.Status` for an error answer; a retryable one carries a
+/// `google.rpc.RetryInfo` with [`RETRY_DELAY_SECS`].
+pub(crate) fn rpc_status(code: tonic::Code, message: String, retryable: bool) -> rpc::Status {
+    let details = retryable.then(|| rpc::Any {
+        type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+        value: prost::Message::encode_to_vec(&retry_info()),
+    });
+    rpc::Status {
+        code: code as i32,
+        message,
+        details: details.into_iter().collect(),
+    }
+}
+
+fn retry_info() -> rpc::RetryInfo {
+    rpc::RetryInfo {
+        retry_delay: Some(rpc::Duration {
+            seconds: RETRY_DELAY_SECS as i64,
+            nanos: 0,
+        }),
+    }
+}
+
+/// A retryable refusal says when to retry the way OTLP clients look for it:
+/// a `google.rpc.RetryInfo` in the status details (`grpc-status-details-bin`).
+/// The OTLP specification has clients treat RESOURCE_EXHAUSTED without one as
+/// final (the Go SDK and the Collector's exporter drop the data); the Python
+/// SDK reads the same message from `google.rpc.retryinfo-bin` metadata, so it
+/// is sent there too.
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
-        let mut status = tonic::Status::new(err.kind.grpc_code(), err.message);
-        if err.kind.retryable() {
-            status.metadata_mut().insert(
-                RETRYABLE_METADATA,
-                tonic::metadata::MetadataValue::from_static("true"),
-            );
+        use prost::Message;
+        use tonic::metadata::{MetadataMap, MetadataValue};
+        let code = err.kind.grpc_code();
+        if !err.kind.retryable() {
+            return tonic::Status::new(code, err.message);
         }
-        status
+        let details = rpc_status(code, err.message.clone(), true).encode_to_vec();
+        let mut metadata = MetadataMap::new();
+        metadata.insert(RETRYABLE_METADATA, MetadataValue::from_static("true"));
+        metadata.insert_bin(
+            "google.rpc.retryinfo-bin",
+            MetadataValue::from_bytes(&retry_info().encode_to_vec()),
+        );
+        tonic::Status::with_details_and_metadata(code, err.message, details.into(), metadata)
     }
 }
 
@@ -141,7 +217,7 @@ impl IntoResponse for ApiError {
         if self.kind.retryable() {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(RETRY_DELAY_SECS),
             );
         }
         resp

@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use super::AppState;
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{rpc_status, ApiError, RETRY_DELAY_SECS};
 use crate::ingest::{otlp_logs, otlp_trace, Ingestor};
 use crate::metrics::METRICS;
 
@@ -45,15 +45,6 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/traces", post(traces))
         .route("/v1/logs", post(logs))
         .route("/v1/metrics", post(metrics))
-}
-
-/// `google.rpc.Status`, the error body of OTLP/HTTP.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -122,10 +113,9 @@ impl Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = RpcStatus {
-            code: self.grpc as i32,
-            message: self.message,
-        };
+        // `google.rpc.Status`, the error body of OTLP/HTTP (with a
+        // `RetryInfo` detail when retryable, as on gRPC).
+        let status = rpc_status(self.grpc, self.message, self.retryable);
         let body = match self.encoding {
             Encoding::Protobuf => prost::Message::encode_to_vec(&status),
             Encoding::Json => serde_json::to_vec(
@@ -141,7 +131,7 @@ impl IntoResponse for Failure {
             .into_response();
         if self.retryable {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_DELAY_SECS));
         }
         resp
     }
