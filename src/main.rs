@@ -151,10 +151,10 @@ fn lock_code() {}
 /// back, before the server takes requests: with purging off
 /// ([`tune_allocator`]) mimalloc keeps those pages and hands them out again,
 /// so a request does not wait for the kernel to fault in and zero a fresh
-/// page. On this project's VM (which reports freed memory to its host) that
-/// was 10 % of all CPU time in a fresh server's first seconds under load,
-/// and their p99 was 28–108 ms instead of 11–16 ms (BENCHMARKS.md, eighth
-/// round). Pieces of 8 MiB stay below mimalloc's arena chunk size (32 MiB);
+/// page. On this project's VM (which reports freed memory to its host),
+/// zeroing new pages took 16 % of both cores in a fresh server's first
+/// seconds under load, and their p99 was 28–108 ms instead of 11–16 ms
+/// (BENCHMARKS.md, eighth round). Pieces of 8 MiB stay below mimalloc's arena chunk size (32 MiB);
 /// freed, each chunk is free as a whole again and serves any size class.
 fn pretouch_memory(bytes: u64) {
     const PIECE: usize = 8 << 20;
