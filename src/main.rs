@@ -156,9 +156,22 @@ fn lock_code() {}
 /// seconds under load, and their p99 was 28–108 ms instead of 11–16 ms
 /// (BENCHMARKS.md, eighth round). Pieces of 8 MiB stay below mimalloc's arena chunk size (32 MiB);
 /// freed, each chunk is free as a whole again and serves any size class.
-fn pretouch_memory(bytes: u64) {
+///
+/// At most a quarter of the memory the process may use ([`memory_room`]) is
+/// touched, so a small container is not pushed toward its limit at start.
+fn pretouch_memory(requested: u64) {
     const PIECE: usize = 8 << 20;
     const PAGE: usize = 4096;
+    let room = memory_room();
+    let bytes = room.map_or(requested, |room| requested.min(room / 4));
+    if bytes < requested {
+        tracing::info!(
+            requested,
+            bytes,
+            room = room.unwrap_or_default(),
+            "pre-touching less heap: at most a quarter of the memory available to the process"
+        );
+    }
     let started = std::time::Instant::now();
     let pieces = (bytes as usize).div_ceil(PIECE);
     let mut held: Vec<Vec<u8>> = Vec::with_capacity(pieces);
@@ -178,6 +191,59 @@ fn pretouch_memory(bytes: u64) {
         ms = started.elapsed().as_millis() as u64,
         "heap memory faulted in"
     );
+}
+
+/// The memory this process may still use: the smaller of the system's
+/// `MemAvailable` and the limit of any memory cgroup it is in (v2
+/// `memory.max`, v1 `memory.limit_in_bytes`, under its own cgroup path or at
+/// the mount's root, as inside a container). `None` when nothing is known.
+fn memory_room() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let mut files = vec![
+        "/sys/fs/cgroup/memory.max".to_string(),
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string(),
+    ];
+    if let Some(cgroups) = read("/proc/self/cgroup") {
+        files.extend(cgroup_limit_files(&cgroups));
+    }
+    let limits = files
+        .iter()
+        .filter_map(|f| read(f).and_then(|t| cgroup_limit(&t)));
+    let available = read("/proc/meminfo").and_then(|t| mem_available(&t));
+    limits.chain(available).min()
+}
+
+/// The limit files of the memory cgroups named in `/proc/self/cgroup`.
+fn cgroup_limit_files(proc_self_cgroup: &str) -> Vec<String> {
+    proc_self_cgroup
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_end_matches('/');
+            if controllers.is_empty() {
+                Some(format!("/sys/fs/cgroup{path}/memory.max"))
+            } else if controllers.split(',').any(|c| c == "memory") {
+                Some(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// A cgroup memory limit in bytes; `None` for "max" and v1's "unlimited"
+/// (a page-rounded `i64::MAX`).
+fn cgroup_limit(text: &str) -> Option<u64> {
+    let limit: u64 = text.trim().parse().ok()?;
+    (limit < 1 << 60).then_some(limit)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -221,5 +287,33 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_files_and_limits_are_read_for_both_versions() {
+        let v1 = "9:name=systemd:/\n4:memory:/process_api/d7a1\n1:cpu:/\n0::/\n";
+        assert_eq!(
+            cgroup_limit_files(v1),
+            [
+                "/sys/fs/cgroup/memory/process_api/d7a1/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory.max",
+            ]
+        );
+        assert_eq!(
+            cgroup_limit_files("0::/system.slice/lw.service\n"),
+            ["/sys/fs/cgroup/system.slice/lw.service/memory.max"]
+        );
+        assert_eq!(cgroup_limit("max\n"), None);
+        assert_eq!(cgroup_limit("9223372036854771712\n"), None);
+        assert_eq!(cgroup_limit("536870912\n"), Some(512 << 20));
+        assert_eq!(cgroup_limit("garbage"), None);
+        let meminfo = "MemTotal:       24684544 kB\nMemFree:        22781000 kB\nMemAvailable:   24045832 kB\n";
+        assert_eq!(mem_available(meminfo), Some(24045832 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
     }
 }

@@ -340,6 +340,112 @@ fn locked_kb(pid: u32) -> u64 {
     status_kb(pid, "VmLck:")
 }
 
+/// A memory cgroup limited to `limit` bytes, made under this process's own
+/// (cgroup v1, or v2 where the memory controller is delegated); removed on
+/// drop. `None` where that cannot be done (no root, read-only hierarchy).
+#[cfg(target_os = "linux")]
+struct MemoryCgroup(std::path::PathBuf);
+
+#[cfg(target_os = "linux")]
+impl MemoryCgroup {
+    fn create(limit: u64) -> Option<Self> {
+        let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let (parent, file) = cgroups.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_end_matches('/');
+            if controllers.split(',').any(|c| c == "memory") {
+                Some((
+                    format!("/sys/fs/cgroup/memory{path}"),
+                    "memory.limit_in_bytes",
+                ))
+            } else if controllers.is_empty() {
+                Some((format!("/sys/fs/cgroup{path}"), "memory.max"))
+            } else {
+                None
+            }
+        })?;
+        let dir = std::path::Path::new(&parent).join(format!("lw-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        let cgroup = Self(dir);
+        std::fs::write(cgroup.0.join(file), limit.to_string()).ok()?;
+        Some(cgroup)
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn pretouch_stays_within_a_quarter_of_the_memory_cgroup_limit() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let Some(cgroup) = MemoryCgroup::create(1 << 30) else {
+        eprintln!(
+            "skipped: cannot make a memory cgroup here (needs root and a writable hierarchy)"
+        );
+        return;
+    };
+    let procs = std::ffi::CString::new(cgroup.0.join("cgroup.procs").to_str().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_lakewriter"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "--internal-grpc-addr",
+            "127.0.0.1:0",
+            "--lock-code",
+            "false",
+        ])
+        .args(["--pretouch-memory", "512MiB"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec only open/write/close, which are
+    // async-signal-safe; "0" moves the writing process (the child) itself.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut log = String::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = strip_ansi(&line.unwrap());
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("heap memory faulted in") || line.contains("lakewriter ready") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // 512 MiB asked for, a quarter of the 1 GiB limit faulted in.
+    assert!(
+        log.contains("requested=536870912 bytes=268435456 room=1073741824"),
+        "{log}"
+    );
+    assert!(
+        log.contains("heap memory faulted in bytes=268435456"),
+        "{log}"
+    );
+}
+
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heap_is_faulted_in_before_the_server_is_ready_unless_turned_off() {
