@@ -158,10 +158,19 @@ fn lock_code() {}
 /// freed, each chunk is free as a whole again and serves any size class.
 ///
 /// At most a quarter of the memory the process may use ([`memory_room`]) is
-/// touched, so a small container is not pushed toward its limit at start.
+/// touched, so a small container is not pushed toward its limit at start;
+/// nothing is when `MIMALLOC_PURGE_DELAY` turns purging back on.
 fn pretouch_memory(requested: u64) {
     const PIECE: usize = 8 << 20;
     const PAGE: usize = 4096;
+    if let Some(delay) = std::env::var_os("MIMALLOC_PURGE_DELAY").filter(|d| d != "-1") {
+        // The allocator would hand the pages back to the OS after the delay.
+        tracing::info!(
+            purge_delay = %delay.to_string_lossy(),
+            "heap not pre-touched: MIMALLOC_PURGE_DELAY makes the allocator return freed memory"
+        );
+        return;
+    }
     let room = memory_room();
     let bytes = room.map_or(requested, |room| requested.min(room / 4));
     if bytes < requested {
