@@ -154,8 +154,9 @@ fn lock_code() {}
 /// page. On this project's VM (which reports freed memory to its host),
 /// zeroing new pages took 16 % of both cores in a fresh server's first
 /// seconds under load, and their p99 was 28–108 ms instead of 11–16 ms
-/// (BENCHMARKS.md, eighth round). Pieces of 8 MiB stay below mimalloc's arena chunk size (32 MiB);
-/// freed, each chunk is free as a whole again and serves any size class.
+/// (BENCHMARKS.md, eighth round). Pieces of 8 MiB stay below mimalloc's
+/// arena chunk size (32 MiB); freed, each chunk is free as a whole again and
+/// serves any size class.
 ///
 /// At most a quarter of the memory the process may use ([`memory_room`]) is
 /// touched, so a small container is not pushed toward its limit at start;
