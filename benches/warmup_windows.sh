@@ -10,12 +10,13 @@
 # over 5 ms, the server's page faults (minor, major; cumulative) and its
 # resident memory. Server arguments can come from the environment
 # (LAKEWRITER_PRETOUCH_MEMORY=0 turns pre-touching off). Files go to $OUT
-# (default /tmp/lakewriter-warmup).
+# (default /tmp/lakewriter-warmup); KEEP_DATA=1 restarts on the data dir of
+# the previous run instead of a fresh one.
 set -euo pipefail
 bin=$1; window=${2:-5s}; n=${3:-8}
 OUT=${OUT:-/tmp/lakewriter-warmup}
 . "$(dirname "$0")/serve.sh"
-mkdir -p "$OUT"; rm -rf "$OUT/data"
+mkdir -p "$OUT"; [ -n "${KEEP_DATA:-}" ] || rm -rf "$OUT/data"
 lw_serve "$bin" "$OUT/data" 50061 "$OUT/server.log"
 metric() { curl -s "$LW_HTTP/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 fsync_fast=0 fsyncs=0 ack_fast=0 acks=0
