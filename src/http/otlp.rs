@@ -118,10 +118,18 @@ impl IntoResponse for Failure {
         let status = rpc_status(self.grpc, self.message, self.retryable);
         let body = match self.encoding {
             Encoding::Protobuf => prost::Message::encode_to_vec(&status),
-            Encoding::Json => serde_json::to_vec(
-                &serde_json::json!({"code": status.code, "message": status.message}),
-            )
-            .unwrap_or_default(),
+            Encoding::Json => {
+                // The proto3 JSON mapping: `Any` as `@type` plus the
+                // message's fields, a `Duration` as a string of seconds.
+                let mut json = serde_json::json!({"code": status.code, "message": status.message});
+                if self.retryable {
+                    json["details"] = serde_json::json!([{
+                        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": format!("{RETRY_DELAY_SECS}s"),
+                    }]);
+                }
+                serde_json::to_vec(&json).unwrap_or_default()
+            }
         };
         let mut resp = (
             self.status,

@@ -1,6 +1,7 @@
 """Memtables over budget: exports are refused with a status that tells OTLP
 clients to retry and when (gRPC `RetryInfo`, HTTP `Retry-After`), and the
 official exporter, retrying as told, delivers once the server has caught up."""
+import json
 import threading
 import time
 import urllib.error
@@ -8,6 +9,7 @@ import urllib.request
 
 import duckdb
 import grpc
+from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -80,6 +82,20 @@ def test_refusals_over_budget_say_when_to_retry_and_the_exporter_delivers(tmp_pa
             assert e.code == 429, e
             assert e.headers["Retry-After"] == "1"
             body = status_pb2.Status.FromString(e.read())
+            assert body.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert retry_delay(body) == 1.0
+        # The same in OTLP/JSON, parsed by protobuf's own JSON parser.
+        doc = {"resourceSpans": [{"scopeSpans": [{"spans": [{
+            "traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "0102030405060708", "name": "refused",
+            "startTimeUnixNano": "1763000000000000000", "endTimeUnixNano": "1763000000000001000"}]}]}]}
+        req = urllib.request.Request(f"{server.http}/v1/traces", data=json.dumps(doc).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-API-Key": ADMIN_KEY})
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError("an OTLP/JSON export over the memtable budget was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 429 and e.headers["Retry-After"] == "1", e
+            body = json_format.Parse(e.read(), status_pb2.Status())
             assert body.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
             assert retry_delay(body) == 1.0
 
