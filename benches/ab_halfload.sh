@@ -7,8 +7,8 @@
 #
 # Load: LOADGEN_ARGS (default: 32 clients x 500 spans, 210 req/s open loop for
 # 30 s = half of the measured maximum), sent by LOADGEN (default: each run's
-# own binary; set it to compare servers with one load generator). Per run it prints the load
-# generator's latency line, WAL group commits over 10 / 50 ms (from the
+# own binary; set it to compare servers with one load generator). Per run it
+# prints the load generator's latency line, WAL group commits over 10 / 50 ms (from the
 # server's lakewriter_wal_fsync_seconds histogram), the server's major page
 # faults (code read back from disk; startup included) and the CPU seconds of
 # the tokio workers and the WAL writer thread. Files go to $OUT

@@ -162,7 +162,7 @@ pub(crate) mod rpc {
 pub(crate) fn rpc_status(code: tonic::Code, message: String, retryable: bool) -> rpc::Status {
     let details = retryable.then(|| rpc::Any {
         type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
-        value: prost::Message::encode_to_vec(&retry_info()),
+        value: RETRY_INFO.clone(),
     });
     rpc::Status {
         code: code as i32,
@@ -171,14 +171,15 @@ pub(crate) fn rpc_status(code: tonic::Code, message: String, retryable: bool) ->
     }
 }
 
-fn retry_info() -> rpc::RetryInfo {
-    rpc::RetryInfo {
+/// The encoded `google.rpc.RetryInfo` with [`RETRY_DELAY_SECS`].
+static RETRY_INFO: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    prost::Message::encode_to_vec(&rpc::RetryInfo {
         retry_delay: Some(rpc::Duration {
             seconds: RETRY_DELAY_SECS as i64,
             nanos: 0,
         }),
-    }
-}
+    })
+});
 
 /// A retryable refusal says when to retry the way OTLP clients look for it:
 /// a `google.rpc.RetryInfo` in the status details (`grpc-status-details-bin`).
@@ -199,7 +200,7 @@ impl From<ApiError> for tonic::Status {
         metadata.insert(RETRYABLE_METADATA, MetadataValue::from_static("true"));
         metadata.insert_bin(
             "google.rpc.retryinfo-bin",
-            MetadataValue::from_bytes(&retry_info().encode_to_vec()),
+            MetadataValue::from_bytes(&RETRY_INFO),
         );
         tonic::Status::with_details_and_metadata(code, err.message, details.into(), metadata)
     }

@@ -148,10 +148,10 @@ pub struct Report {
     pub items: u64,
     pub items_per_sec: f64,
     pub mb_per_sec: f64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
+    /// Ack latency (open loop: from the scheduled send time); serialised
+    /// as the top-level `p50_ms` … `max_ms`.
+    #[serde(flatten)]
+    pub latency: Percentiles,
     /// Open loop: the same percentiles without the client's timer lateness
     /// (from the send when the worker was idle at the scheduled time, else
     /// from the scheduled time).
@@ -858,7 +858,6 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
     let secs = started.elapsed().as_secs_f64();
     let fsyncs_after = scrape(&args.metrics_url, "lakewriter_wal_fsyncs_total").await;
     let appends_after = scrape(&args.metrics_url, "lakewriter_wal_appends_total").await;
-    let all = Percentiles::of(std::mem::take(&mut *stats.latencies_us.lock())).unwrap_or_default();
     let fsyncs = fsyncs_after.zip(fsyncs_before).map(|(a, b)| a - b);
     let appends = appends_after.zip(appends_before).map(|(a, b)| a - b);
     let items = stats.items.load(Ordering::Relaxed);
@@ -870,10 +869,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         items,
         items_per_sec: items as f64 / secs,
         mb_per_sec: stats.bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-        p50_ms: all.p50_ms,
-        p90_ms: all.p90_ms,
-        p99_ms: all.p99_ms,
-        max_ms: all.max_ms,
+        latency: Percentiles::of(std::mem::take(&mut *stats.latencies_us.lock()))
+            .unwrap_or_default(),
         without_timer_lateness: Percentiles::of(std::mem::take(&mut *stats.without_late_us.lock())),
         timer_lateness: Percentiles::of(std::mem::take(&mut *stats.late_us.lock())),
         errors: stats.errors.lock().clone(),
@@ -887,8 +884,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{:?} over {:?}: requests {}  items {}  {:.0} items/s  {:.1} MB/s\nack latency ms: {all}\nerrors {:?}\nwal fsyncs {:?}  requests/fsync {:?}",
-            report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
+            "{:?} over {:?}: requests {}  items {}  {:.0} items/s  {:.1} MB/s\nack latency ms: {}\nerrors {:?}\nwal fsyncs {:?}  requests/fsync {:?}",
+            report.signal, report.protocol, report.requests, report.items, report.items_per_sec, report.mb_per_sec, report.latency, report.errors, report.wal_fsyncs, report.requests_per_fsync.map(|r| (r * 100.0).round() / 100.0)
         );
         if let (Some(sent), Some(late)) = (&report.without_timer_lateness, &report.timer_lateness) {
             println!("ack latency without client timer lateness ms: {sent}\nclient timer lateness ms: {late}");
