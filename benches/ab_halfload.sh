@@ -9,7 +9,8 @@
 # 30 s = half of the measured maximum), sent by LOADGEN (default: each run's
 # own binary; set it to compare servers with one load generator). Per run it
 # prints the load generator's latency line, WAL group commits over 10 / 50 ms (from the
-# server's lakewriter_wal_fsync_seconds histogram), the server's major page
+# server's lakewriter_wal_fsync_seconds histogram), the bytes the server
+# caused to be written to disk (/proc/PID/io write_bytes), its major page
 # faults (code read back from disk; startup included) and the CPU seconds of
 # the tokio workers and the WAL writer thread. Files go to $OUT
 # (default /tmp/lakewriter-ab): NAME_ROUND.{out,metrics,threads,server.log,rocks.log}.
@@ -32,6 +33,7 @@ for r in $(seq "$rounds"); do
       --metrics-url "$LW_HTTP/metrics" $LOADGEN_ARGS > "$f.out" 2>&1
     curl -s "$LW_HTTP/metrics" > "$f.metrics"
     majflt=$(awk '{print $12}' "/proc/$server/stat")
+    written=$(awk '$1 == "write_bytes:" {printf "%.0f", $2 / 1e6}' "/proc/$server/io")
     for t in /proc/$server/task/*; do
       echo "$(cat "$t/comm") $(cut -d' ' -f14,15 "$t/stat")"
     done | awk '{c[$1] += $2 + $3} END {for (k in c) printf "%.2f %s\n", c[k] / 100, k}' \
@@ -42,7 +44,7 @@ for r in $(seq "$rounds"); do
     over10=$((total - $(bucket "$f.metrics" 0.01)))
     over50=$((total - $(bucket "$f.metrics" 0.05)))
     cpu=$(awk '$2 ~ /tokio-rt-worker|wal-writer/ {printf "%s %s s  ", $2, $1}' "$f.threads")
-    echo "$name round $r: $(grep -E 'ack latency|timer lateness' "$f.out" | tr '\n' ' ') commits $total >10ms $over10 >50ms $over50  major faults $majflt  $cpu"
+    echo "$name round $r: $(grep -E 'ack latency|timer lateness' "$f.out" | tr '\n' ' ') commits $total >10ms $over10 >50ms $over50  disk writes $written MB  major faults $majflt  $cpu"
   done
 done
 rm -rf "$DATA"

@@ -98,7 +98,8 @@ pub struct LoadgenArgs {
     /// Items (spans, log records, points, records) per request.
     #[arg(long, alias = "spans-per-request", default_value_t = 500)]
     pub items_per_request: usize,
-    /// Extra attribute bytes per item (payload size knob).
+    /// Extra attribute bytes per item (payload size knob): word-salad text,
+    /// about as compressible as prose.
     #[arg(long, default_value_t = 64)]
     pub attr_bytes: usize,
     /// How long to send.
@@ -172,9 +173,48 @@ fn kv(key: &str, v: Value) -> KeyValue {
     }
 }
 
+/// Words for [`note`]: a couple of hundred common ones, as in prompts and logs.
+const WORDS: &str =
+    "the of and to in is that for it as was with be by on not he this are or his from at \
+    which but have an had they you were their one all we can her has there been if more \
+    when will would who so no model prompt answer question user tool call result agent \
+    workflow node state store value update retry error timeout request response token \
+    tokens context document search query summary step plan output input message system \
+    assistant customer order invoice account payment refund shipping address weather \
+    forecast city temperature report table column row latency cache memory disk network \
+    service database index please thanks because however therefore first second next \
+    finally before after during about between through without large small new old good \
+    best other same different each make find give take use check write read send return \
+    Paris London Tokyo Berlin Monday Friday January July 2026 42 3.5 100 7 ok yes true \
+    false null none json id";
+
+static WORD_LIST: std::sync::LazyLock<Vec<&str>> =
+    std::sync::LazyLock::new(|| WORDS.split_ascii_whitespace().collect());
+
+/// `len` bytes of word-salad text, different for every (seed, i): about as
+/// compressible as prose (zstd ~3x), where a repeated byte would compress
+/// a hundredfold and flatter anything that compresses.
+fn note(seed: u64, i: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i.wrapping_add(1);
+    let mut out = String::with_capacity(len + 16);
+    while out.len() < len {
+        // splitmix64
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(WORD_LIST[(z % WORD_LIST.len() as u64) as usize]);
+    }
+    out.truncate(len);
+    out
+}
+
 /// One Export request of `n` Junjo-like spans (traces of 1 workflow + 9 nodes).
 pub fn junjo_request(seed: u64, n: usize, attr_bytes: usize) -> ExportTraceServiceRequest {
-    let filler = "x".repeat(attr_bytes);
     let base = 1_763_000_000_000_000_000u64 + seed * 1_000_000;
     let spans = (0..n as u64)
         .map(|i| {
@@ -198,7 +238,7 @@ pub fn junjo_request(seed: u64, n: usize, attr_bytes: usize) -> ExportTraceServi
                     "junjo.executable_runtime_id",
                     Value::StringValue(format!("rt{seed}-{i}")),
                 ),
-                kv("app.note", Value::StringValue(filler.clone())),
+                kv("app.note", Value::StringValue(note(seed, i, attr_bytes))),
             ];
             let mut events = vec![];
             if is_wf {
@@ -305,7 +345,6 @@ impl tonic::codec::Decoder for Raw {
 
 /// One request of `n` log records.
 pub fn logs_request(seed: u64, n: usize, attr_bytes: usize) -> ExportLogsServiceRequest {
-    let filler = "x".repeat(attr_bytes);
     let base = 1_763_000_000_000_000_000u64 + seed * 1_000_000;
     let log_records = (0..n as u64)
         .map(|i| {
@@ -326,7 +365,7 @@ pub fn logs_request(seed: u64, n: usize, attr_bytes: usize) -> ExportLogsService
                 attributes: vec![
                     kv("http.route", Value::StringValue(format!("/api/v{}", i % 3))),
                     kv("user.id", Value::IntValue((i % 10_000) as i64)),
-                    kv("app.note", Value::StringValue(filler.clone())),
+                    kv("app.note", Value::StringValue(note(seed, i, attr_bytes))),
                 ],
                 trace_id,
                 span_id: ((seed << 24) | (i + 1)).to_be_bytes().to_vec(),
@@ -349,12 +388,11 @@ pub fn logs_request(seed: u64, n: usize, attr_bytes: usize) -> ExportLogsService
 /// One request of `n` metric points: half sums, a quarter gauges, a quarter
 /// 10-bucket histograms, in metrics of 10 points (distinct attribute sets).
 pub fn metrics_request(seed: u64, n: usize, attr_bytes: usize) -> ExportMetricsServiceRequest {
-    let filler = "x".repeat(attr_bytes);
     let base = 1_763_000_000_000_000_000u64 + seed * 1_000_000;
     let attrs = |i: u64| {
         vec![
             kv("host", Value::StringValue(format!("host-{}", i % 10))),
-            kv("app.note", Value::StringValue(filler.clone())),
+            kv("app.note", Value::StringValue(note(seed, i, attr_bytes))),
         ]
     };
     let num = |i: u64| NumberDataPoint {
