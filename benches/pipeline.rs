@@ -93,6 +93,18 @@ fn wal_append(c: &mut Criterion) {
         payload,
     };
     let mut g = c.benchmark_group("wal");
+    // What a request handler pays to encode an entry of 500 spans, stored as
+    // is and compressed at the default and a fast level; and what replay pays.
+    g.throughput(Throughput::Bytes(entry.payload.len() as u64));
+    for level in [0, lakewriter::wal::DEFAULT_ZSTD_LEVEL, -3] {
+        g.bench_function(format!("entry_encode_500_spans_zstd{level}"), |b| {
+            b.iter(|| entry.encode_with(level))
+        });
+    }
+    let packed = entry.encode_with(lakewriter::wal::DEFAULT_ZSTD_LEVEL);
+    g.bench_function("entry_decode_500_spans_zstd1", |b| {
+        b.iter(|| WalEntry::decode(&packed).unwrap())
+    });
     g.sample_size(20);
     g.throughput(Throughput::Elements(1));
     g.bench_function("append_fsync_single_writer", |b| {

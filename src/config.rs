@@ -132,6 +132,9 @@ pub struct WalArgs {
     /// Most requests that share one fsync.
     #[arg(long, env = "LAKEWRITER_WAL_MAX_GROUP", default_value_t = 1024)]
     pub wal_max_group: usize,
+    /// zstd level of WAL entry payloads (negative = faster, 0 = not compressed).
+    #[arg(long, env = "LAKEWRITER_WAL_ZSTD_LEVEL", default_value_t = crate::wal::DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
+    pub wal_zstd_level: i32,
     /// A DataRecord `batch_id` seen within this window returns the original ack.
     #[arg(long, env = "LAKEWRITER_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_window: Duration,
@@ -232,6 +235,7 @@ impl Default for FlushConfig {
 pub struct WalConfig {
     pub retention: Duration,
     pub max_group: usize,
+    pub zstd_level: i32,
     pub idempotency_window: Duration,
 }
 
@@ -240,6 +244,7 @@ impl Default for WalConfig {
         Self {
             retention: Duration::from_secs(3600),
             max_group: 1024,
+            zstd_level: crate::wal::DEFAULT_ZSTD_LEVEL,
             idempotency_window: Duration::from_secs(24 * 3600),
         }
     }
@@ -290,6 +295,7 @@ impl Config {
             wal: WalConfig {
                 retention: args.wal.wal_retention,
                 max_group: args.wal.wal_max_group,
+                zstd_level: args.wal.wal_zstd_level,
                 idempotency_window: args.wal.idempotency_window,
             },
             auth: AuthConfig {
@@ -348,6 +354,10 @@ impl Config {
         if self.wal.max_group == 0 {
             return Err("--wal-max-group must be at least 1".into());
         }
+        // zstd's fast levels go far lower, but below -7 the ratio is mostly gone.
+        if !(-7..=19).contains(&self.wal.zstd_level) {
+            return Err("--wal-zstd-level must be within -7..=19 (0: not compressed)".into());
+        }
         if self.query.timeout.is_zero() || self.query.max_rows == 0 || self.query.memory < 1 << 20 {
             return Err(
                 "--query-timeout and --query-max-rows must be above 0, --query-memory at least 1MiB"
@@ -400,5 +410,10 @@ mod tests {
         let mut bad = cfg.clone();
         bad.flush.rows = 0;
         assert!(bad.validate().unwrap_err().contains("--flush-rows"));
+        for (level, ok) in [(-8, false), (-7, true), (0, true), (19, true), (20, false)] {
+            let mut c = cfg.clone();
+            c.wal.zstd_level = level;
+            assert_eq!(c.validate().is_ok(), ok, "--wal-zstd-level {level}");
+        }
     }
 }

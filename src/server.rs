@@ -106,7 +106,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     };
     std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
     let node = node_id(&cfg.data_dir).map_err(dir_err)?;
-    let wal = Arc::new(Wal::open(&cfg.data_dir.join("wal"), cfg.wal.max_group)?);
+    let mut wal = Wal::open(&cfg.data_dir.join("wal"), cfg.wal.max_group)?;
+    wal.set_zstd_level(cfg.wal.zstd_level);
+    let wal = Arc::new(wal);
     let lake = Lake::open(&cfg.lake_url)?;
     let auth_cfg = cfg.auth.clone();
     let (auth_db, auth_dir) = (wal.db().clone(), cfg.data_dir.clone());

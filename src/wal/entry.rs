@@ -1,18 +1,25 @@
 //! The on-disk encoding of one WAL entry (one accepted request).
 //!
-//! Layout, version 1 (all integers big-endian):
+//! Layout, version 2 (written since the WAL compresses; all integers
+//! big-endian):
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     version = 1
+//! 0       1     version = 2
 //! 1       1     payload kind (PayloadKind as u8)
 //! 2       2     tenant length T
 //! 4       T     tenant (UTF-8)
 //! 4+T     2     endpoint length E
 //! 6+T     E     endpoint (UTF-8)
-//! 6+T+E   4     CRC-32 (IEEE) of the payload
-//! 10+T+E  ..    payload: the validated request, protobuf-encoded
+//! 6+T+E   1     codec: 0 = stored as is, 1 = one zstd frame
+//! 7+T+E   4     payload length L (before compression)
+//! 11+T+E  4     CRC-32 (IEEE) of the codec byte, L, and the stored bytes
+//! 15+T+E  ..    stored bytes: the validated request, protobuf-encoded,
+//!               compressed when the codec says so
 //! ```
+//!
+//! Version 1 (still read) has no codec byte and no length: the CRC-32 of the
+//! payload follows the endpoint, then the payload as is.
 //!
 //! The key is the entry's 16-byte ULID (big-endian), so RocksDB's order is
 //! arrival order. A new version gets a new version byte; readers reject
@@ -20,7 +27,15 @@
 
 use bytes::Bytes;
 
-pub const ENTRY_VERSION: u8 = 1;
+pub const ENTRY_VERSION: u8 = 2;
+
+/// Payloads smaller than this are stored as they are: a zstd frame's own
+/// overhead and the call cost more than they save.
+const MIN_COMPRESSED_PAYLOAD: usize = 512;
+
+/// How the stored bytes of a version 2 entry are encoded.
+const CODEC_STORED: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
 
 /// What the payload of an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,46 +83,122 @@ pub enum DecodeError {
     Utf8,
     #[error("WAL entry checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Checksum { stored: u32, computed: u32 },
+    #[error("unknown WAL entry codec {0}")]
+    Codec(u8),
+    #[error("WAL entry payload does not decompress to its {expected} bytes: {reason}")]
+    Decompress { expected: usize, reason: String },
 }
 
 impl WalEntry {
+    /// The entry with its payload stored as is.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(0)
+    }
+
+    /// The entry with its payload compressed by zstd at `zstd_level` (0: not
+    /// compressed). A payload that does not shrink is stored as is.
+    pub fn encode_with(&self, zstd_level: i32) -> Vec<u8> {
+        let compressed = (zstd_level != 0 && self.payload.len() >= MIN_COMPRESSED_PAYLOAD)
+            .then(|| compress(&self.payload, zstd_level))
+            .flatten()
+            .filter(|c| c.len() < self.payload.len());
+        let (codec, stored) = match &compressed {
+            Some(c) => (CODEC_ZSTD, &c[..]),
+            None => (CODEC_STORED, &self.payload[..]),
+        };
+        let len = u32::try_from(self.payload.len()).expect("requests are far below 4 GiB");
         let mut out =
-            Vec::with_capacity(10 + self.tenant.len() + self.endpoint.len() + self.payload.len());
+            Vec::with_capacity(15 + self.tenant.len() + self.endpoint.len() + stored.len());
         out.push(ENTRY_VERSION);
         out.push(self.kind as u8);
         for name in [&self.tenant, &self.endpoint] {
             out.extend_from_slice(&(name.len() as u16).to_be_bytes());
             out.extend_from_slice(name.as_bytes());
         }
-        out.extend_from_slice(&crc32fast::hash(&self.payload).to_be_bytes());
-        out.extend_from_slice(&self.payload);
+        let framed = out.len();
+        out.push(codec);
+        out.extend_from_slice(&len.to_be_bytes());
+        let crc = checksum(&out[framed..], stored);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out.extend_from_slice(stored);
         out
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader { buf, pos: 0 };
         let version = r.u8()?;
-        if version != ENTRY_VERSION {
+        if version != 1 && version != ENTRY_VERSION {
             return Err(DecodeError::Version(version));
         }
         let kind_byte = r.u8()?;
         let kind = PayloadKind::from_u8(kind_byte).ok_or(DecodeError::Kind(kind_byte))?;
         let tenant = r.name()?;
         let endpoint = r.name()?;
-        let stored = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
-        let payload = &buf[r.pos..];
-        let computed = crc32fast::hash(payload);
-        if stored != computed {
-            return Err(DecodeError::Checksum { stored, computed });
+        let framing = if version == 1 { &[][..] } else { r.take(5)? };
+        let stored_crc = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
+        let stored = &buf[r.pos..];
+        let computed = checksum(framing, stored);
+        if stored_crc != computed {
+            return Err(DecodeError::Checksum {
+                stored: stored_crc,
+                computed,
+            });
         }
+        let payload = match framing {
+            [] => Bytes::copy_from_slice(stored),
+            [CODEC_STORED, len @ ..] => {
+                let expected = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+                if stored.len() != expected {
+                    return Err(DecodeError::Truncated(r.pos + stored.len()));
+                }
+                Bytes::copy_from_slice(stored)
+            }
+            [CODEC_ZSTD, len @ ..] => {
+                let expected = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
+                let fail = |reason: String| DecodeError::Decompress { expected, reason };
+                let out =
+                    zstd::bulk::decompress(stored, expected).map_err(|e| fail(e.to_string()))?;
+                if out.len() != expected {
+                    return Err(fail(format!("got {}", out.len())));
+                }
+                Bytes::from(out)
+            }
+            [codec, ..] => return Err(DecodeError::Codec(*codec)),
+        };
         Ok(Self {
             kind,
             tenant,
             endpoint,
-            payload: Bytes::copy_from_slice(payload),
+            payload,
         })
     }
+}
+
+/// The entry's CRC-32: over the framing (codec and length; nothing in
+/// version 1) and the stored bytes.
+fn checksum(framing: &[u8], stored: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(framing);
+    h.update(stored);
+    h.finalize()
+}
+
+thread_local! {
+    /// One compression context per thread (request handlers compress), kept
+    /// with the level it was made for: making a context per entry costs more
+    /// than compressing a small one.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(payload: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|slot| {
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, c) = slot.as_mut()?;
+        c.compress(payload).ok()
+    })
 }
 
 struct Reader<'a> {
@@ -137,36 +228,140 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn sample() -> WalEntry {
+    fn sample(payload: Vec<u8>) -> WalEntry {
         WalEntry {
             kind: PayloadKind::OtlpTraces,
             tenant: "acme".into(),
             endpoint: "spans".into(),
-            payload: Bytes::from_static(b"\x0a\x03abc"),
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// Text-like bytes (zstd shrinks them several times).
+    fn compressible(n: usize) -> Vec<u8> {
+        let words = ["span ", "trace ", "workflow ", "node ", "state "];
+        let mut out = Vec::new();
+        let mut i = 0u64;
+        while out.len() < n {
+            i = i
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            out.extend_from_slice(words[(i >> 60) as usize % words.len()].as_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// Offset of the codec byte in an entry of [`sample`].
+    const CODEC_AT: usize = 2 + 2 + 4 + 2 + 5;
+
+    #[test]
+    fn round_trip_stored_and_compressed() {
+        for (payload, level, codec) in [
+            (b"\x0a\x03abc".to_vec(), 1, CODEC_STORED),
+            (compressible(64 << 10), 0, CODEC_STORED),
+            (compressible(64 << 10), 1, CODEC_ZSTD),
+            (compressible(64 << 10), -3, CODEC_ZSTD),
+        ] {
+            let e = sample(payload);
+            let buf = e.encode_with(level);
+            assert_eq!(buf[CODEC_AT], codec, "level {level}");
+            if codec == CODEC_ZSTD {
+                assert!(buf.len() * 3 < e.payload.len(), "{} bytes", buf.len());
+            }
+            assert_eq!(WalEntry::decode(&buf).unwrap(), e);
         }
     }
 
     #[test]
-    fn round_trip() {
-        let e = sample();
-        assert_eq!(WalEntry::decode(&e.encode()).unwrap(), e);
+    fn incompressible_payloads_are_stored_as_is() {
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let e = sample(noise);
+        let buf = e.encode_with(3);
+        assert_eq!(buf[CODEC_AT], CODEC_STORED);
+        assert_eq!(buf.len(), CODEC_AT + 9 + e.payload.len());
+        assert_eq!(WalEntry::decode(&buf).unwrap(), e);
+    }
+
+    #[test]
+    fn version_1_entries_still_decode() {
+        let payload = compressible(3000);
+        let mut v1 = vec![1, PayloadKind::OtlpLogs as u8];
+        for name in ["t", "logs"] {
+            v1.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            v1.extend_from_slice(name.as_bytes());
+        }
+        v1.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+        v1.extend_from_slice(&payload);
+        let e = WalEntry::decode(&v1).unwrap();
+        assert_eq!(
+            (e.kind, &e.tenant[..], &e.endpoint[..]),
+            (PayloadKind::OtlpLogs, "t", "logs")
+        );
+        assert_eq!(e.payload, payload);
+        let last = v1.len() - 1;
+        v1[last] ^= 1;
+        assert!(matches!(
+            WalEntry::decode(&v1),
+            Err(DecodeError::Checksum { .. })
+        ));
     }
 
     #[test]
     fn detects_corruption_and_truncation() {
-        let mut buf = sample().encode();
-        let last = buf.len() - 1;
-        buf[last] ^= 0xff;
-        assert!(matches!(
-            WalEntry::decode(&buf),
-            Err(DecodeError::Checksum { .. })
-        ));
-        let buf = sample().encode();
-        for cut in 0..10 {
-            assert!(WalEntry::decode(&buf[..cut]).is_err(), "cut at {cut}");
+        for level in [0, 1] {
+            let good = sample(compressible(4096)).encode_with(level);
+            // Any flipped byte after the names: codec, length, CRC, payload.
+            for at in CODEC_AT..good.len() {
+                let mut buf = good.clone();
+                buf[at] ^= 0x10;
+                assert!(
+                    matches!(WalEntry::decode(&buf), Err(DecodeError::Checksum { .. })),
+                    "level {level}, byte {at}"
+                );
+            }
+            for cut in 0..good.len() {
+                assert!(WalEntry::decode(&good[..cut]).is_err(), "cut at {cut}");
+            }
+            let mut buf = good.clone();
+            buf[0] = 9;
+            assert_eq!(WalEntry::decode(&buf), Err(DecodeError::Version(9)));
         }
-        let mut buf = sample().encode();
-        buf[0] = 9;
-        assert_eq!(WalEntry::decode(&buf), Err(DecodeError::Version(9)));
+    }
+
+    /// Rewrites the framing of an encoded entry and re-seals its CRC, as a
+    /// writer bug would: the decoder must still refuse it.
+    fn reframe(buf: &mut [u8], codec: u8, len: u32) {
+        buf[CODEC_AT] = codec;
+        buf[CODEC_AT + 1..CODEC_AT + 5].copy_from_slice(&len.to_be_bytes());
+        let crc = checksum(&buf[CODEC_AT..CODEC_AT + 5], &buf[CODEC_AT + 9..]);
+        buf[CODEC_AT + 5..CODEC_AT + 9].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    #[test]
+    fn refuses_unknown_codecs_and_wrong_lengths() {
+        let good = sample(compressible(4096)).encode_with(1);
+        let mut buf = good.clone();
+        reframe(&mut buf, 7, 4096);
+        assert_eq!(WalEntry::decode(&buf), Err(DecodeError::Codec(7)));
+        for len in [4095, 4097] {
+            let mut buf = good.clone();
+            reframe(&mut buf, CODEC_ZSTD, len);
+            assert!(
+                matches!(WalEntry::decode(&buf), Err(DecodeError::Decompress { .. })),
+                "{len}"
+            );
+        }
+        let mut stored = sample(compressible(4096)).encode();
+        reframe(&mut stored, CODEC_STORED, 4000);
+        assert!(WalEntry::decode(&stored).is_err());
     }
 }

@@ -19,9 +19,14 @@
 //! read spans from it. [`CF_WAL_TRANSIENT`] holds every other kind (logs,
 //! metrics, DataRecords): nothing reads those after their flush, so they are
 //! deleted as soon as they are in published files, whatever the retention,
-//! and are stored uncompressed (at DataRecord rates they are most of the
-//! bytes, and they mostly die before RocksDB compacts them). Replay reads both
-//! in key order ([`Wal::replay_after`]).
+//! and RocksDB does not compress them again (they mostly die before RocksDB
+//! compacts them). Replay reads both in key order ([`Wal::replay_after`]).
+//!
+//! Payloads are compressed with zstd (level [`DEFAULT_ZSTD_LEVEL`] unless
+//! [`Wal::set_zstd_level`] says otherwise) by the request handler that
+//! appends them, on the runtime's threads, before the writer thread sees
+//! them: the log RocksDB fsyncs, its memtables and its blob files all hold
+//! the compressed bytes, and the single writer thread does no more work.
 //!
 //! The same RocksDB instance holds the manifest and metadata column families
 //! ([`CF_META`], [`CF_MANIFEST`], …) so that flush can record a file and move
@@ -114,8 +119,14 @@ pub struct Mark {
 /// A group commit at least this slow is logged.
 const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The zstd level of entry payloads unless the server is told otherwise:
+/// the fastest regular level, about 7x smaller for the load generator's
+/// Junjo-like spans at ~500 MB/s per core (BENCHMARKS.md, ninth round).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
 pub struct Wal {
     db: Arc<DB>,
+    zstd_level: i32,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -160,7 +171,8 @@ impl Wal {
         wal_opts.set_enable_blob_files(true);
         wal_opts.set_min_blob_size(4096);
         wal_opts.set_blob_file_size(256 << 20);
-        wal_opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Payloads arrive compressed (see the module docs).
+        wal_opts.set_blob_compression_type(rocksdb::DBCompressionType::None);
         wal_opts.set_enable_blob_gc(false);
         // A flush's range delete that lands in the same RocksDB memtable as
         // the entries it covers drops them before they are ever written to an
@@ -186,9 +198,16 @@ impl Wal {
             .map_err(|e| Error::Thread(e.to_string()))?;
         Ok(Self {
             db,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
         })
+    }
+
+    /// The zstd level of payloads appended from now on; 0 stores them as they
+    /// are. Entries already written keep their own encoding.
+    pub fn set_zstd_level(&mut self, level: i32) {
+        self.zstd_level = level;
     }
 
     pub fn db(&self) -> &Arc<DB> {
@@ -217,7 +236,7 @@ impl Wal {
         let (reply, rx) = oneshot::channel();
         let req = Append {
             cf: entry_cf(entry.kind),
-            bytes: entry.encode(),
+            bytes: entry.encode_with(self.zstd_level),
             mark,
             on_durable: Box::new(on_durable),
             reply,
@@ -474,6 +493,7 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use prost::Message;
 
     fn entry(i: u32) -> WalEntry {
         WalEntry {
@@ -527,6 +547,47 @@ mod tests {
         wal.truncate_before(keys[150]).unwrap();
         assert_eq!(wal.deleted_through().unwrap(), Some(keys[149]));
         assert_eq!(wal.first_key().unwrap(), Some(keys[150]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn payloads_are_stored_at_the_configured_level_and_all_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = crate::loadgen::junjo_request(3, 200, 64).encode_to_vec();
+        let big = |payload: &[u8]| WalEntry {
+            payload: Bytes::copy_from_slice(payload),
+            ..entry(0)
+        };
+        let mut wal = Wal::open(dir.path(), 64).unwrap();
+        let packed = wal.append(&big(&text), |_| {}).await.unwrap();
+        wal.set_zstd_level(0);
+        let plain = wal.append(&big(&text), |_| {}).await.unwrap();
+        wal.set_zstd_level(-5);
+        let fast = wal.append(&big(&text), |_| {}).await.unwrap();
+        wal.close();
+        drop(wal);
+
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let cf = wal.db().cf_handle(CF_WAL).unwrap();
+        let stored = |k: Ulid| wal.db().get_cf(&cf, k.to_bytes()).unwrap().unwrap().len();
+        assert!(
+            stored(packed) * 4 < text.len(),
+            "{} of {}",
+            stored(packed),
+            text.len()
+        );
+        assert!(
+            stored(fast) * 3 < text.len(),
+            "{} of {}",
+            stored(fast),
+            text.len()
+        );
+        assert!(stored(plain) > text.len());
+        let replayed: Vec<_> = wal.replay_after(None).map(|r| r.unwrap()).collect();
+        assert_eq!(
+            replayed.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            [packed, plain, fast]
+        );
+        assert!(replayed.iter().all(|(_, e)| e.payload == text));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
