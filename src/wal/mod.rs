@@ -24,8 +24,8 @@
 //!
 //! Payloads are compressed with zstd (level [`DEFAULT_ZSTD_LEVEL`] unless
 //! [`Wal::set_zstd_level`] says otherwise) by the request handler that
-//! appends them, on the runtime's threads, before the writer thread sees
-//! them: the log RocksDB fsyncs, its memtables and its blob files all hold
+//! appends them, on the runtime's threads (payloads over a MiB on the
+//! blocking pool), before the writer thread sees them: the log RocksDB fsyncs, its memtables and its blob files all hold
 //! the compressed bytes, and the single writer thread does no more work.
 //!
 //! The same RocksDB instance holds the manifest and metadata column families
@@ -84,6 +84,8 @@ pub enum Error {
     Closed,
     #[error("starting the WAL writer thread: {0}")]
     Thread(String),
+    #[error("compressing a WAL entry: {0}")]
+    Compress(String),
 }
 
 impl Classify for Error {
@@ -123,6 +125,10 @@ const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
 /// the fastest regular level, about 7x smaller for the load generator's
 /// Junjo-like spans at ~500 MB/s per core (BENCHMARKS.md, ninth round).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Payloads larger than this are compressed on the blocking pool: at
+/// ~650 MB/s a 16 MiB request would hold a runtime thread for 25 ms.
+const INLINE_COMPRESS_BYTES: usize = 1 << 20;
 
 pub struct Wal {
     db: Arc<DB>,
@@ -233,10 +239,19 @@ impl Wal {
         on_durable: impl FnOnce(Ulid) + Send + 'static,
     ) -> Result<Ulid> {
         let tx = self.tx.lock().clone().ok_or(Error::Closed)?;
+        let level = self.zstd_level;
+        let bytes = if level != 0 && entry.payload.len() > INLINE_COMPRESS_BYTES {
+            let entry = entry.clone();
+            tokio::task::spawn_blocking(move || entry.encode_with(level))
+                .await
+                .map_err(|e| Error::Compress(e.to_string()))?
+        } else {
+            entry.encode_with(level)
+        };
         let (reply, rx) = oneshot::channel();
         let req = Append {
             cf: entry_cf(entry.kind),
-            bytes: entry.encode_with(self.zstd_level),
+            bytes,
             mark,
             on_durable: Box::new(on_durable),
             reply,
@@ -553,6 +568,9 @@ mod tests {
     async fn payloads_are_stored_at_the_configured_level_and_all_replay() {
         let dir = tempfile::tempdir().unwrap();
         let text = crate::loadgen::junjo_request(3, 200, 64).encode_to_vec();
+        // Compressed on the blocking pool (over INLINE_COMPRESS_BYTES).
+        let large = crate::loadgen::junjo_request(4, 3000, 64).encode_to_vec();
+        assert!(large.len() > INLINE_COMPRESS_BYTES);
         let big = |payload: &[u8]| WalEntry {
             payload: Bytes::copy_from_slice(payload),
             ..entry(0)
@@ -563,6 +581,8 @@ mod tests {
         let plain = wal.append(&big(&text), |_| {}).await.unwrap();
         wal.set_zstd_level(-5);
         let fast = wal.append(&big(&text), |_| {}).await.unwrap();
+        wal.set_zstd_level(DEFAULT_ZSTD_LEVEL);
+        let pooled = wal.append(&big(&large), |_| {}).await.unwrap();
         wal.close();
         drop(wal);
 
@@ -582,12 +602,19 @@ mod tests {
             text.len()
         );
         assert!(stored(plain) > text.len());
+        assert!(
+            stored(pooled) * 4 < large.len(),
+            "{} of {}",
+            stored(pooled),
+            large.len()
+        );
         let replayed: Vec<_> = wal.replay_after(None).map(|r| r.unwrap()).collect();
         assert_eq!(
             replayed.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
-            [packed, plain, fast]
+            [packed, plain, fast, pooled]
         );
-        assert!(replayed.iter().all(|(_, e)| e.payload == text));
+        assert!(replayed[..3].iter().all(|(_, e)| e.payload == text));
+        assert_eq!(replayed[3].1.payload, large);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
