@@ -173,7 +173,7 @@ fn kv(key: &str, v: Value) -> KeyValue {
     }
 }
 
-/// Words for [`note`]: a couple of hundred common ones, as in prompts and logs.
+/// Words for [`note`]: 163 common ones, as in prompts and logs.
 const WORDS: &str =
     "the of and to in is that for it as was with be by on not he this are or his from at \
     which but have an had they you were their one all we can her has there been if more \

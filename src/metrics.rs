@@ -213,7 +213,7 @@ pub fn render() -> String {
     counter(
         &mut o,
         "lakewriter_wal_bytes_total",
-        "WAL bytes appended.",
+        "WAL bytes appended (entries as stored: payloads compressed).",
         m.wal_bytes.get(),
     );
     m.wal_fsync_seconds.render(

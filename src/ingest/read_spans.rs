@@ -124,11 +124,10 @@ pub fn read(
     // iter_after excludes its bound; start just below the cursor's entry.
     let after = entry_from.map(|e| Ulid(e.0.saturating_sub(1)));
     let mut out = Vec::new();
-    for item in wal.iter_after(after) {
+    let wanted =
+        |kind, t: &str| kind == PayloadKind::OtlpTraces && tenant.is_none_or(|want| want == t);
+    for item in wal.iter_after_where(after, wanted) {
         let (key, entry) = item.map_err(internal)?;
-        if entry.kind != PayloadKind::OtlpTraces || tenant.is_some_and(|t| t != entry.tenant) {
-            continue;
-        }
         let req = ExportTraceServiceRequest::decode(entry.payload.clone())
             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("WAL entry {key}: {e}")))?;
         let skip = if Some(key) == entry_from {

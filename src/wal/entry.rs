@@ -13,13 +13,15 @@
 //! 6+T     E     endpoint (UTF-8)
 //! 6+T+E   1     codec: 0 = stored as is, 1 = one zstd frame
 //! 7+T+E   4     payload length L (before compression)
-//! 11+T+E  4     CRC-32 (IEEE) of the codec byte, L, and the stored bytes
+//! 11+T+E  4     CRC-32 (IEEE) of every byte before it and the stored bytes
 //! 15+T+E  ..    stored bytes: the validated request, protobuf-encoded,
 //!               compressed when the codec says so
 //! ```
 //!
 //! Version 1 (still read) has no codec byte and no length: the CRC-32 of the
-//! payload follows the endpoint, then the payload as is.
+//! payload alone follows the endpoint, then the payload as is. A binary from
+//! before version 2 refuses a WAL with version 2 entries (whatever
+//! `--wal-zstd-level` says) rather than guessing.
 //!
 //! The key is the entry's 16-byte ULID (big-endian), so RocksDB's order is
 //! arrival order. A new version gets a new version byte; readers reject
@@ -87,6 +89,8 @@ pub enum DecodeError {
     Codec(u8),
     #[error("WAL entry payload does not decompress to its {expected} bytes: {reason}")]
     Decompress { expected: usize, reason: String },
+    #[error("WAL entry payload has {got} bytes, its header says {expected}")]
+    Length { expected: usize, got: usize },
 }
 
 impl WalEntry {
@@ -115,90 +119,127 @@ impl WalEntry {
             out.extend_from_slice(&(name.len() as u16).to_be_bytes());
             out.extend_from_slice(name.as_bytes());
         }
-        let framed = out.len();
         out.push(codec);
         out.extend_from_slice(&len.to_be_bytes());
-        let crc = checksum(&out[framed..], stored);
+        let crc = checksum(&out, stored);
         out.extend_from_slice(&crc.to_be_bytes());
         out.extend_from_slice(stored);
         out
     }
 
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        Ok(Self::decode_if(buf, |_, _| true)?.expect("kept"))
+    }
+
+    /// Checks the entry, then decodes it only when `keep(kind, tenant)`
+    /// says so: readers that want one tenant's traces skip the others
+    /// without decompressing them (`None`). A corrupt entry is an error
+    /// whoever it belongs to.
+    pub fn decode_if(
+        buf: &[u8],
+        keep: impl FnOnce(PayloadKind, &str) -> bool,
+    ) -> Result<Option<Self>, DecodeError> {
         let mut r = Reader { buf, pos: 0 };
         let version = r.u8()?;
         if version != 1 && version != ENTRY_VERSION {
             return Err(DecodeError::Version(version));
         }
         let kind_byte = r.u8()?;
-        let kind = PayloadKind::from_u8(kind_byte).ok_or(DecodeError::Kind(kind_byte))?;
         let tenant = r.name()?;
         let endpoint = r.name()?;
         let framing = if version == 1 { &[][..] } else { r.take(5)? };
+        // Version 2 covers its whole header; version 1 only its payload.
+        let covered = if version == 1 { &[][..] } else { &buf[..r.pos] };
         let stored_crc = u32::from_be_bytes(r.take(4)?.try_into().expect("4 bytes"));
         let stored = &buf[r.pos..];
-        let computed = checksum(framing, stored);
+        let computed = checksum(covered, stored);
         if stored_crc != computed {
             return Err(DecodeError::Checksum {
                 stored: stored_crc,
                 computed,
             });
         }
+        let kind = PayloadKind::from_u8(kind_byte).ok_or(DecodeError::Kind(kind_byte))?;
+        let tenant = std::str::from_utf8(tenant).map_err(|_| DecodeError::Utf8)?;
+        let endpoint = std::str::from_utf8(endpoint).map_err(|_| DecodeError::Utf8)?;
+        if !keep(kind, tenant) {
+            return Ok(None);
+        }
         let payload = match framing {
             [] => Bytes::copy_from_slice(stored),
-            [CODEC_STORED, len @ ..] => {
+            [codec, len @ ..] => {
                 let expected = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
-                if stored.len() != expected {
-                    return Err(DecodeError::Truncated(r.pos + stored.len()));
+                match *codec {
+                    CODEC_STORED if stored.len() == expected => Bytes::copy_from_slice(stored),
+                    CODEC_STORED => {
+                        return Err(DecodeError::Length {
+                            expected,
+                            got: stored.len(),
+                        })
+                    }
+                    CODEC_ZSTD => Bytes::from(decompress(stored, expected)?),
+                    other => return Err(DecodeError::Codec(other)),
                 }
-                Bytes::copy_from_slice(stored)
             }
-            [CODEC_ZSTD, len @ ..] => {
-                let expected = u32::from_be_bytes(len.try_into().expect("4 bytes")) as usize;
-                let fail = |reason: String| DecodeError::Decompress { expected, reason };
-                let out =
-                    zstd::bulk::decompress(stored, expected).map_err(|e| fail(e.to_string()))?;
-                if out.len() != expected {
-                    return Err(fail(format!("got {}", out.len())));
-                }
-                Bytes::from(out)
-            }
-            [codec, ..] => return Err(DecodeError::Codec(*codec)),
         };
-        Ok(Self {
+        Ok(Some(Self {
             kind,
-            tenant,
-            endpoint,
+            tenant: tenant.to_string(),
+            endpoint: endpoint.to_string(),
             payload,
-        })
+        }))
     }
 }
 
-/// The entry's CRC-32: over the framing (codec and length; nothing in
+/// The entry's CRC-32: over the header before it (version 2; nothing in
 /// version 1) and the stored bytes.
-fn checksum(framing: &[u8], stored: &[u8]) -> u32 {
+fn checksum(header: &[u8], stored: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(framing);
+    h.update(header);
     h.update(stored);
     h.finalize()
 }
 
 thread_local! {
-    /// One compression context per thread (request handlers compress), kept
-    /// with the level it was made for: making a context per entry costs more
-    /// than compressing a small one.
+    /// One zstd context per thread and direction (request handlers
+    /// compress, replay and `ReadSpans` decompress), the compressor kept
+    /// with its level: making a context per entry costs more than a small
+    /// entry's compression.
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
 
+/// `payload` as one zstd frame; `None` if zstd fails (the entry is then
+/// stored as is, and the failure logged).
 fn compress(payload: &[u8], level: i32) -> Option<Vec<u8>> {
-    COMPRESSOR.with_borrow_mut(|slot| {
+    let out = COMPRESSOR.with_borrow_mut(|slot| {
         if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
         }
-        let (_, c) = slot.as_mut()?;
-        c.compress(payload).ok()
-    })
+        let (_, c) = slot.as_mut().expect("just set");
+        c.compress(payload)
+    });
+    out.inspect_err(|e| tracing::warn!(level, error = %e, "zstd failed; WAL entry stored as is"))
+        .ok()
+}
+
+fn decompress(stored: &[u8], expected: usize) -> Result<Vec<u8>, DecodeError> {
+    let fail = |reason: String| DecodeError::Decompress { expected, reason };
+    let out = DECOMPRESSOR.with_borrow_mut(|slot| {
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut()
+            .expect("just set")
+            .decompress(stored, expected)
+    });
+    let out = out.map_err(|e| fail(e.to_string()))?;
+    if out.len() != expected {
+        return Err(fail(format!("got {}", out.len())));
+    }
+    Ok(out)
 }
 
 struct Reader<'a> {
@@ -217,10 +258,10 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
-    fn name(&mut self) -> Result<String, DecodeError> {
+    /// A length-prefixed name, as raw bytes (checked for UTF-8 after the CRC).
+    fn name(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")) as usize;
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Utf8)
+        self.take(len)
     }
 }
 
@@ -319,14 +360,23 @@ mod tests {
     fn detects_corruption_and_truncation() {
         for level in [0, 1] {
             let good = sample(compressible(4096)).encode_with(level);
-            // Any flipped byte after the names: codec, length, CRC, payload.
-            for at in CODEC_AT..good.len() {
+            // A flipped bit anywhere but in the version byte and the two name
+            // lengths (those read as other versions or other lengths): kind,
+            // tenant, endpoint, codec, length, CRC, payload.
+            let lengths = [2, 3, 8, 9];
+            for at in (1..good.len()).filter(|at| !lengths.contains(at)) {
                 let mut buf = good.clone();
                 buf[at] ^= 0x10;
                 assert!(
                     matches!(WalEntry::decode(&buf), Err(DecodeError::Checksum { .. })),
-                    "level {level}, byte {at}"
+                    "level {level}, byte {at}: {:?}",
+                    WalEntry::decode(&buf)
                 );
+            }
+            for at in lengths {
+                let mut buf = good.clone();
+                buf[at] ^= 0x01;
+                assert!(WalEntry::decode(&buf).is_err(), "level {level}, byte {at}");
             }
             for cut in 0..good.len() {
                 assert!(WalEntry::decode(&good[..cut]).is_err(), "cut at {cut}");
@@ -337,12 +387,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn decode_if_skips_without_decompressing_but_still_checks() {
+        let good = sample(compressible(4096)).encode_with(1);
+        let mut asked = None;
+        let skipped = WalEntry::decode_if(&good, |kind, tenant| {
+            asked = Some((kind, tenant.to_string()));
+            false
+        });
+        assert_eq!(skipped, Ok(None));
+        assert_eq!(asked, Some((PayloadKind::OtlpTraces, "acme".to_string())));
+        // A payload that would not decompress is not looked at when skipped…
+        let mut bad = good.clone();
+        reframe(&mut bad, CODEC_ZSTD, 4095);
+        assert_eq!(WalEntry::decode_if(&bad, |_, _| false), Ok(None));
+        assert!(matches!(
+            WalEntry::decode_if(&bad, |_, _| true),
+            Err(DecodeError::Decompress { .. })
+        ));
+        // …but a corrupt one is an error even when skipped.
+        let mut corrupt = good.clone();
+        corrupt[CODEC_AT + 20] ^= 1;
+        assert!(matches!(
+            WalEntry::decode_if(&corrupt, |_, _| false),
+            Err(DecodeError::Checksum { .. })
+        ));
+    }
+
     /// Rewrites the framing of an encoded entry and re-seals its CRC, as a
     /// writer bug would: the decoder must still refuse it.
     fn reframe(buf: &mut [u8], codec: u8, len: u32) {
         buf[CODEC_AT] = codec;
         buf[CODEC_AT + 1..CODEC_AT + 5].copy_from_slice(&len.to_be_bytes());
-        let crc = checksum(&buf[CODEC_AT..CODEC_AT + 5], &buf[CODEC_AT + 9..]);
+        let crc = checksum(&buf[..CODEC_AT + 5], &buf[CODEC_AT + 9..]);
         buf[CODEC_AT + 5..CODEC_AT + 9].copy_from_slice(&crc.to_be_bytes());
     }
 
@@ -362,6 +439,12 @@ mod tests {
         }
         let mut stored = sample(compressible(4096)).encode();
         reframe(&mut stored, CODEC_STORED, 4000);
-        assert!(WalEntry::decode(&stored).is_err());
+        assert_eq!(
+            WalEntry::decode(&stored),
+            Err(DecodeError::Length {
+                expected: 4000,
+                got: 4096
+            })
+        );
     }
 }

@@ -25,8 +25,11 @@
 //! Payloads are compressed with zstd (level [`DEFAULT_ZSTD_LEVEL`] unless
 //! [`Wal::set_zstd_level`] says otherwise) by the request handler that
 //! appends them, on the runtime's threads (payloads over a MiB on the
-//! blocking pool), before the writer thread sees them: the log RocksDB fsyncs, its memtables and its blob files all hold
-//! the compressed bytes, and the single writer thread does no more work.
+//! blocking pool), before the writer thread sees them: the log RocksDB
+//! fsyncs, its memtables and its blob files all hold the compressed bytes,
+//! and the single writer thread does no more work. Readers that want one
+//! tenant's traces ([`Wal::iter_after_where`]) skip other entries without
+//! decompressing them.
 //!
 //! The same RocksDB instance holds the manifest and metadata column families
 //! ([`CF_META`], [`CF_MANIFEST`], …) so that flush can record a file and move
@@ -84,7 +87,7 @@ pub enum Error {
     Closed,
     #[error("starting the WAL writer thread: {0}")]
     Thread(String),
-    #[error("compressing a WAL entry: {0}")]
+    #[error("compressing a WAL entry failed: {0}")]
     Compress(String),
 }
 
@@ -123,11 +126,11 @@ const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The zstd level of entry payloads unless the server is told otherwise:
 /// the fastest regular level, about 7x smaller for the load generator's
-/// Junjo-like spans at ~500 MB/s per core (BENCHMARKS.md, ninth round).
+/// Junjo-like spans at ~670 MiB/s per core (BENCHMARKS.md, ninth round).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
-/// Payloads larger than this are compressed on the blocking pool: at
-/// ~650 MB/s a 16 MiB request would hold a runtime thread for 25 ms.
+/// Payloads larger than this are compressed on the blocking pool: a 16 MiB
+/// request would hold a runtime thread for 25 ms.
 const INLINE_COMPRESS_BYTES: usize = 1 << 20;
 
 pub struct Wal {
@@ -238,16 +241,21 @@ impl Wal {
         mark: Option<Mark>,
         on_durable: impl FnOnce(Ulid) + Send + 'static,
     ) -> Result<Ulid> {
-        let tx = self.tx.lock().clone().ok_or(Error::Closed)?;
         let level = self.zstd_level;
         let bytes = if level != 0 && entry.payload.len() > INLINE_COMPRESS_BYTES {
             let entry = entry.clone();
-            tokio::task::spawn_blocking(move || entry.encode_with(level))
-                .await
-                .map_err(|e| Error::Compress(e.to_string()))?
+            match tokio::task::spawn_blocking(move || entry.encode_with(level)).await {
+                Ok(bytes) => bytes,
+                // The runtime is shutting down.
+                Err(e) if e.is_cancelled() => return Err(Error::Closed),
+                Err(e) => return Err(Error::Compress(e.to_string())),
+            }
         } else {
             entry.encode_with(level)
         };
+        // Taken only now: a sender held across the compression above would
+        // keep `close` waiting for it.
+        let tx = self.tx.lock().clone().ok_or(Error::Closed)?;
         let (reply, rx) = oneshot::channel();
         let req = Append {
             cf: entry_cf(entry.kind),
@@ -267,7 +275,17 @@ impl Wal {
         &self,
         after: Option<Ulid>,
     ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
-        self.iter_cf(CF_WAL, after)
+        self.iter_cf(CF_WAL, after, |_, _| true)
+    }
+
+    /// [`Wal::iter_after`] without the entries `keep(kind, tenant)` refuses,
+    /// which are checked but never decompressed.
+    pub fn iter_after_where<'a>(
+        &'a self,
+        after: Option<Ulid>,
+        keep: impl Fn(PayloadKind, &str) -> bool + 'a,
+    ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + 'a {
+        self.iter_cf(CF_WAL, after, keep)
     }
 
     /// Every entry of both families with a key strictly greater than `after`,
@@ -276,8 +294,10 @@ impl Wal {
         &self,
         after: Option<Ulid>,
     ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
-        let mut kept = self.iter_cf(CF_WAL, after).peekable();
-        let mut transient = self.iter_cf(CF_WAL_TRANSIENT, after).peekable();
+        let mut kept = self.iter_cf(CF_WAL, after, |_, _| true).peekable();
+        let mut transient = self
+            .iter_cf(CF_WAL_TRANSIENT, after, |_, _| true)
+            .peekable();
         std::iter::from_fn(move || {
             let from_kept = match (kept.peek(), transient.peek()) {
                 (None, None) => return None,
@@ -294,11 +314,12 @@ impl Wal {
         })
     }
 
-    fn iter_cf(
-        &self,
+    fn iter_cf<'a>(
+        &'a self,
         cf: &str,
         after: Option<Ulid>,
-    ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + '_ {
+        keep: impl Fn(PayloadKind, &str) -> bool + 'a,
+    ) -> impl Iterator<Item = Result<(Ulid, WalEntry)>> + 'a {
         let cf = self.db.cf_handle(cf).expect("WAL column family exists");
         let start = after.map(|u| u.to_bytes()).unwrap_or([0; 16]);
         self.db
@@ -312,11 +333,10 @@ impl Wal {
                 if Some(key) == after {
                     return None;
                 }
-                Some(
-                    WalEntry::decode(&v)
-                        .map(|e| (key, e))
-                        .map_err(|source| Error::Corrupt { key, source }),
-                )
+                match WalEntry::decode_if(&v, &keep) {
+                    Ok(entry) => Ok(entry.map(|e| (key, e))).transpose(),
+                    Err(source) => Some(Err(Error::Corrupt { key, source })),
+                }
             })
     }
 
@@ -568,7 +588,7 @@ mod tests {
     async fn payloads_are_stored_at_the_configured_level_and_all_replay() {
         let dir = tempfile::tempdir().unwrap();
         let text = crate::loadgen::junjo_request(3, 200, 64).encode_to_vec();
-        // Compressed on the blocking pool (over INLINE_COMPRESS_BYTES).
+        // Large enough for the blocking pool's path (over INLINE_COMPRESS_BYTES).
         let large = crate::loadgen::junjo_request(4, 3000, 64).encode_to_vec();
         assert!(large.len() > INLINE_COMPRESS_BYTES);
         let big = |payload: &[u8]| WalEntry {
