@@ -348,8 +348,9 @@ impl Config {
         if !(1..=22).contains(&f.zstd_level) {
             return Err("--zstd-level must be within 1..=22".into());
         }
-        if self.max_request_size < 1024 {
-            return Err("--max-request-size must be at least 1KiB".into());
+        // A WAL entry records its payload's length in 32 bits.
+        if self.max_request_size < 1024 || self.max_request_size > 1 << 30 {
+            return Err("--max-request-size must be within 1KiB..=1GiB".into());
         }
         if self.wal.max_group == 0 {
             return Err("--wal-max-group must be at least 1".into());
@@ -410,6 +411,16 @@ mod tests {
         let mut bad = cfg.clone();
         bad.flush.rows = 0;
         assert!(bad.validate().unwrap_err().contains("--flush-rows"));
+        for (size, ok) in [
+            (1023, false),
+            (1024, true),
+            (1 << 30, true),
+            ((1 << 30) + 1, false),
+        ] {
+            let mut c = cfg.clone();
+            c.max_request_size = size;
+            assert_eq!(c.validate().is_ok(), ok, "--max-request-size {size}");
+        }
         for (level, ok) in [(-8, false), (-7, true), (0, true), (19, true), (20, false)] {
             let mut c = cfg.clone();
             c.wal.zstd_level = level;
