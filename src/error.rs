@@ -157,11 +157,14 @@ pub(crate) mod rpc {
     }
 }
 
+/// The `Any.type_url` of a `google.rpc.RetryInfo` detail (protobuf and JSON).
+pub(crate) const RETRY_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
 /// `google.rpc.Status` for an error answer; a retryable one carries a
 /// `google.rpc.RetryInfo` with [`RETRY_DELAY_SECS`].
 pub(crate) fn rpc_status(code: tonic::Code, message: String, retryable: bool) -> rpc::Status {
     let details = retryable.then(|| rpc::Any {
-        type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+        type_url: RETRY_INFO_TYPE_URL.into(),
         value: RETRY_INFO.clone(),
     });
     rpc::Status {

@@ -198,7 +198,8 @@ fn note(seed: u64, i: u64, len: usize) -> String {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i.wrapping_add(1);
     let mut out = String::with_capacity(len + 16);
     while out.len() < len {
-        // splitmix64
+        // splitmix64, not `rand`'s StdRng: its output may change between
+        // rand releases, and the benchmark payload must not.
         x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = x;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use super::AppState;
 use crate::auth::Principal;
-use crate::error::{rpc_status, ApiError, RETRY_DELAY_SECS};
+use crate::error::{rpc_status, ApiError, RETRY_DELAY_SECS, RETRY_INFO_TYPE_URL};
 use crate::ingest::{otlp_logs, otlp_trace, Ingestor};
 use crate::metrics::METRICS;
 
@@ -124,7 +124,7 @@ impl IntoResponse for Failure {
                 let mut json = serde_json::json!({"code": status.code, "message": status.message});
                 if self.retryable {
                     json["details"] = serde_json::json!([{
-                        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "@type": RETRY_INFO_TYPE_URL,
                         "retryDelay": format!("{RETRY_DELAY_SECS}s"),
                     }]);
                 }

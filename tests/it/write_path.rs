@@ -327,15 +327,16 @@ async fn graceful_shutdown_flushes_and_restart_keeps_files() {
     );
 }
 
-/// `VmLck` of a process, in kB.
-#[cfg(target_os = "linux")]
 /// A `kB` figure of `/proc/<pid>/status`, e.g. `VmLck:`.
+#[cfg(target_os = "linux")]
 fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// `VmLck` of a process, in kB.
+#[cfg(target_os = "linux")]
 fn locked_kb(pid: u32) -> u64 {
     status_kb(pid, "VmLck:")
 }
