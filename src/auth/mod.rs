@@ -89,29 +89,47 @@ impl Principal {
 pub enum Credential {
     ApiKey(String),
     Bearer(String),
+    /// A credential header that is present but unusable (empty, not visible
+    /// ASCII, another scheme than Bearer): refused with this reason, never
+    /// read as "no credential" (which the internal port treats as trusted).
+    Malformed(String),
 }
 
 impl Credential {
-    fn from_pairs<'a>(mut get: impl FnMut(&str) -> Option<&'a str>) -> Option<Self> {
+    /// `get(name)`: `None` if the header is absent, `Some(None)` if its value
+    /// is not visible ASCII. `None` only when no credential header is present.
+    fn from_pairs<'a>(mut get: impl FnMut(&str) -> Option<Option<&'a str>>) -> Option<Self> {
+        let malformed = |m: String| Some(Self::Malformed(m));
         for h in ["x-junjo-api-key", "x-api-key"] {
-            if let Some(v) = get(h).map(str::trim).filter(|v| !v.is_empty()) {
-                return Some(Self::ApiKey(v.to_string()));
+            match get(h).map(|v| v.map(str::trim)) {
+                None => {}
+                Some(None) => return malformed(format!("the {h} header is not visible ASCII")),
+                Some(Some("")) => return malformed(format!("the {h} header is empty")),
+                Some(Some(v)) => return Some(Self::ApiKey(v.to_string())),
             }
         }
-        let auth = get("authorization")?.trim();
-        let token = auth
-            .strip_prefix("Bearer ")
-            .or_else(|| auth.strip_prefix("bearer "))?
-            .trim();
-        Some(Self::Bearer(token.to_string()))
+        let Some(auth) = get("authorization")? else {
+            return malformed("the authorization header is not visible ASCII".into());
+        };
+        // The scheme name is case-insensitive (RFC 9110, 11.1).
+        let (scheme, token) = auth.trim().split_once(' ').unwrap_or((auth.trim(), ""));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return malformed(format!(
+                "the authorization header uses the {scheme:?} scheme; send 'Bearer <API key or token>'"
+            ));
+        }
+        match token.trim() {
+            "" => malformed("the authorization header has no bearer token".into()),
+            t => Some(Self::Bearer(t.to_string())),
+        }
     }
 
     pub fn from_grpc(md: &tonic::metadata::MetadataMap) -> Option<Self> {
-        Self::from_pairs(|k| md.get(k).and_then(|v| v.to_str().ok()))
+        Self::from_pairs(|k| md.get(k).map(|v| v.to_str().ok()))
     }
 
     pub fn from_http(h: &http::HeaderMap) -> Option<Self> {
-        Self::from_pairs(|k| h.get(k).and_then(|v| v.to_str().ok()))
+        Self::from_pairs(|k| h.get(k).map(|v| v.to_str().ok()))
     }
 }
 
@@ -265,6 +283,7 @@ impl Auth {
             Some(Credential::ApiKey(k)) => self.check_key(&k),
             Some(Credential::Bearer(t)) if t.starts_with(apikeys::KEY_PREFIX) => self.check_key(&t),
             Some(Credential::Bearer(t)) => self.check_token(&t).await,
+            Some(Credential::Malformed(reason)) => Err(unauthenticated(reason)),
         }
     }
 
@@ -412,4 +431,43 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     f.write_all(secret.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Credential;
+
+    fn parse(headers: &[(&'static str, &[u8])]) -> Option<Credential> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        Credential::from_http(&map)
+    }
+
+    fn malformed(headers: &[(&'static str, &[u8])]) -> String {
+        match parse(headers) {
+            Some(Credential::Malformed(m)) => m,
+            other => panic!("{headers:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn credential_headers() {
+        assert!(parse(&[]).is_none());
+        assert!(parse(&[("x-other", b"k")]).is_none());
+        assert!(
+            matches!(parse(&[("x-junjo-api-key", b" k1 "), ("x-api-key", b"k2")]),
+            Some(Credential::ApiKey(k)) if k == "k1")
+        );
+        assert!(matches!(parse(&[("authorization", b"bEaReR  tok ")]),
+            Some(Credential::Bearer(t)) if t == "tok"));
+        // Present but unusable: refused with a reason, never "no credential".
+        assert!(malformed(&[("authorization", b"Basic dXNlcjpwdw==")]).contains("\"Basic\" scheme"));
+        assert!(malformed(&[("authorization", b"Bearer ")]).contains("no bearer token"));
+        assert!(malformed(&[("authorization", b"Bearer")]).contains("no bearer token"));
+        assert!(malformed(&[("x-api-key", b"  ")]).contains("x-api-key header is empty"));
+        assert!(malformed(&[("x-junjo-api-key", b"k\xff")]).contains("not visible ASCII"));
+        assert!(malformed(&[("authorization", b"Bearer \xfe")]).contains("not visible ASCII"));
+    }
 }

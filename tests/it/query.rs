@@ -490,11 +490,26 @@ async fn read_spans_pages_resumes_across_restart_and_scopes_tenants() {
     assert_eq!(acme_spans.len(), 1);
     assert_eq!(acme_spans[0].span_id, span(50, 1, None).span_id);
     let mut bad = InternalIngestionServiceClient::with_interceptor(
-        channel,
+        channel.clone(),
         Cred("x-api-key", Some("lw_nope".into())),
     );
     let err = read_all(&mut bad, vec![], 10).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // A credential header that cannot be used is refused, not read as "no
+    // credential" (which would hand out every tenant's spans).
+    for (header, value) in [("authorization", "Basic YWNtZTpwdw=="), ("x-api-key", " ")] {
+        let mut odd = InternalIngestionServiceClient::with_interceptor(
+            channel.clone(),
+            Cred(header, Some(value.into())),
+        );
+        let err = read_all(&mut odd, vec![], 10).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::Unauthenticated,
+            "{header}: {value}"
+        );
+        assert!(err.message().contains(header), "{}", err.message());
+    }
 
     // A cursor in the middle of a request resumes inside it, across kill -9.
     let mid = keys[4].clone();
