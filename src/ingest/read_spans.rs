@@ -8,12 +8,14 @@
 //! path rejected (all-zero ids) keep their position but are not sent.
 //!
 //! Tenancy: with a credential (any header form), only that tenant's spans,
-//! and the key needs `read` on `spans`. Without one, every tenant's spans: the
-//! internal port is trusted (loopback by default), as for the Junjo backend.
+//! and the key needs `read` on `spans`. Without any credential header, every
+//! tenant's spans: the internal port is trusted (loopback by default), as for
+//! the Junjo backend. A credential header that cannot be used (another scheme
+//! than Bearer, empty, not ASCII) is UNAUTHENTICATED, not "no credential".
 //!
 //! `remaining_count` is the number of spans this response stream still sends
 //! after the current one (0 on the last); call again with the last key for more.
-//! A cursor at or below the newest entry deleted by retention gets OUT_OF_RANGE
+//! A cursor below the newest entry deleted by retention gets OUT_OF_RANGE
 //! (the spans after it may be gone). A cursor inside the newest deleted entry
 //! itself is accepted; the rest of that one entry may be missing.
 
@@ -104,29 +106,36 @@ pub fn read(
     batch: usize,
 ) -> Result<Vec<ReadSpansResponse>, ApiError> {
     let internal = |e: crate::wal::Error| ApiError::new(ErrorKind::Internal, e.to_string());
+    // The entry the cursor is in, and the span positions of it already read.
     let (entry_from, skip_through) = match cursor {
-        Some(c) => {
-            let entry = c.0 & !SPAN_INDEX_MASK;
-            if let Some(deleted) = wal.deleted_through().map_err(internal)? {
-                if entry < deleted.0 {
-                    return Err(ApiError::new(
-                        ErrorKind::OutOfRange,
-                        format!(
-                            "cursor {c} is older than the WAL retention window (entries through {deleted} were deleted); restart from an empty cursor"
-                        ),
-                    ));
-                }
-            }
-            (Some(Ulid(entry)), Some(c.0 & SPAN_INDEX_MASK))
-        }
+        Some(c) => (
+            Some(Ulid(c.0 & !SPAN_INDEX_MASK)),
+            Some(c.0 & SPAN_INDEX_MASK),
+        ),
         None => (None, None),
     };
-    // iter_after excludes its bound; start just below the cursor's entry.
-    let after = entry_from.map(|e| Ulid(e.0.saturating_sub(1)));
-    let mut out = Vec::new();
     let wanted =
         |kind, t: &str| kind == PayloadKind::OtlpTraces && tenant.is_none_or(|want| want == t);
-    for item in wal.iter_after_where(after, wanted) {
+    // iter_after excludes its bound; start just below the cursor's entry.
+    // The iterator (and with it RocksDB's implicit snapshot) is made before
+    // the retention marker is read. Retention writes the marker before it
+    // deletes, so a deletion made before the iterator shows in the marker
+    // read below, and a later one cannot take entries from its snapshot.
+    let entries = wal.iter_after_where(entry_from.map(|e| Ulid(e.0.saturating_sub(1))), wanted);
+    if let (Some(c), Some(entry)) = (cursor, entry_from) {
+        if let Some(deleted) = wal.deleted_through().map_err(internal)? {
+            if entry.0 < deleted.0 {
+                return Err(ApiError::new(
+                    ErrorKind::OutOfRange,
+                    format!(
+                        "cursor {c} is older than the WAL retention window (entries through {deleted} were deleted); restart from an empty cursor"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for item in entries {
         let (key, entry) = item.map_err(internal)?;
         let req = ExportTraceServiceRequest::decode(entry.payload.clone())
             .map_err(|e| ApiError::new(ErrorKind::Internal, format!("WAL entry {key}: {e}")))?;
