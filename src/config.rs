@@ -349,7 +349,7 @@ impl Config {
             return Err("--zstd-level must be within 1..=22".into());
         }
         // A WAL entry records its payload's length in 32 bits.
-        if self.max_request_size < 1024 || self.max_request_size > 1 << 30 {
+        if self.max_request_size < 1024 || self.max_request_size > crate::wal::MAX_PAYLOAD {
             return Err("--max-request-size must be within 1KiB..=1GiB".into());
         }
         if self.wal.max_group == 0 {

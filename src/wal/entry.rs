@@ -19,9 +19,15 @@
 //! ```
 //!
 //! Version 1 (still read) has no codec byte and no length: the CRC-32 of the
-//! payload alone follows the endpoint, then the payload as is. A binary from
-//! before version 2 refuses a WAL with version 2 entries (whatever
-//! `--wal-zstd-level` says) rather than guessing.
+//! payload alone follows the endpoint, then the payload as is, so a damaged
+//! version 1 header (kind, tenant) goes unnoticed. A binary from before
+//! version 2 refuses a WAL with version 2 entries (whatever
+//! `--wal-zstd-level` says) rather than guessing. Two development commits
+//! that never made a release (72d2ffb, cdea872) wrote version 2 with the CRC
+//! over the codec, length and stored bytes only; their entries fail the check.
+//!
+//! L is at most [`MAX_PAYLOAD`]; a larger one is refused before anything is
+//! allocated for it.
 //!
 //! The key is the entry's 16-byte ULID (big-endian), so RocksDB's order is
 //! arrival order. A new version gets a new version byte; readers reject
@@ -30,6 +36,9 @@
 use bytes::Bytes;
 
 pub const ENTRY_VERSION: u8 = 2;
+
+/// The largest payload an entry holds (what `--max-request-size` allows).
+pub const MAX_PAYLOAD: usize = 1 << 30;
 
 /// Payloads smaller than this are stored as they are: a zstd frame's own
 /// overhead and the call cost more than they save.
@@ -134,7 +143,7 @@ impl WalEntry {
     /// Checks the entry, then decodes it only when `keep(kind, tenant)`
     /// says so: readers that want one tenant's traces skip the others
     /// without decompressing them (`None`). A corrupt entry is an error
-    /// whoever it belongs to.
+    /// whoever it belongs to (in version 1 only a corrupt payload is caught).
     pub fn decode_if(
         buf: &[u8],
         keep: impl FnOnce(PayloadKind, &str) -> bool,
@@ -177,7 +186,15 @@ impl WalEntry {
                             got: stored.len(),
                         })
                     }
-                    CODEC_ZSTD => Bytes::from(decompress(stored, expected)?),
+                    CODEC_ZSTD if expected <= MAX_PAYLOAD => {
+                        Bytes::from(decompress(stored, expected)?)
+                    }
+                    CODEC_ZSTD => {
+                        return Err(DecodeError::Decompress {
+                            expected,
+                            reason: format!("more than the {MAX_PAYLOAD} bytes an entry holds"),
+                        })
+                    }
                     other => return Err(DecodeError::Codec(other)),
                 }
             }
@@ -436,6 +453,16 @@ mod tests {
                 matches!(WalEntry::decode(&buf), Err(DecodeError::Decompress { .. })),
                 "{len}"
             );
+        }
+        // A length past what any entry holds is refused before a buffer for
+        // it is allocated.
+        let mut buf = good.clone();
+        reframe(&mut buf, CODEC_ZSTD, u32::MAX);
+        match WalEntry::decode(&buf) {
+            Err(DecodeError::Decompress { reason, .. }) => {
+                assert!(reason.contains("more than"), "{reason}")
+            }
+            other => panic!("{other:?}"),
         }
         let mut stored = sample(compressible(4096)).encode();
         reframe(&mut stored, CODEC_STORED, 4000);

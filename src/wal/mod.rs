@@ -49,7 +49,7 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 use ulid::Ulid;
 
-pub use entry::{PayloadKind, WalEntry};
+pub use entry::{PayloadKind, WalEntry, MAX_PAYLOAD};
 
 use crate::error::{Classify, ErrorKind};
 use crate::metrics::METRICS;
