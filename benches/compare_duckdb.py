@@ -58,9 +58,38 @@ COLUMNS = [
 ]
 
 
+M64 = (1 << 64) - 1
+
+
+def load_words() -> list[str]:
+    """The load generator's word list, read from its source so both stay equal."""
+    src = (ROOT / "src" / "loadgen.rs").read_text()
+    body = src.split("const WORDS: &str =", 1)[1].split(";", 1)[0]
+    return "".join(part.rstrip("\\").strip() + " " for part in body.strip().strip('"').split("\n")).split()
+
+
+WORDS = load_words()
+
+
+def note(seed: int, i: int, length: int) -> str:
+    """`loadgen::note`: the same word-salad filler (splitmix64 over WORDS)."""
+    x = ((seed * 0x9E3779B97F4A7C15) & M64) ^ ((i + 1) & M64)
+    out = []
+    size = 0
+    while size < length:
+        x = (x + 0x9E3779B97F4A7C15) & M64
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        z ^= z >> 31
+        word = WORDS[z % len(WORDS)]
+        size += len(word) + (1 if out else 0)
+        out.append(word)
+    return " ".join(out)[:length]
+
+
 def junjo_rows(seed: int, n: int, attr_bytes: int) -> list[tuple]:
     """Rows shaped like lakewriter's loadgen spans (1 workflow + 9 nodes per trace)."""
-    filler = "x" * attr_bytes
     base = 1_763_000_000_000_000_000 + seed * 1_000_000
     rows = []
     for i in range(n):
@@ -74,7 +103,7 @@ def junjo_rows(seed: int, n: int, attr_bytes: int) -> list[tuple]:
             f"{trace:016x}{trace ^ 0x5a5a:016x}", f"{(seed << 24) | (i + 1):016x}",
             None if wf else f"{(seed << 24) | (i - i % 10 + 1):016x}", f"loadgen-{seed % 4}",
             "Workflow" if wf else f"Node{i % 10}", "INTERNAL", start, start + 900, 900, "UNSET", None,
-            json.dumps({"junjo.telemetry.contract_version": 2, "app.note": filler}), json.dumps(events), "[]",
+            json.dumps({"junjo.telemetry.contract_version": 2, "app.note": note(seed, i, attr_bytes)}), json.dumps(events), "[]",
             json.dumps({"service.name": f"loadgen-{seed % 4}"}), "junjo", None, f"rt{seed}-{i}",
             None if wf else f"rt{seed}-{i - i % 10}", "workflow" if wf else "node",
             "{\"items\":[1,2,3]}" if wf else None, f"store{trace}" if wf else None,
