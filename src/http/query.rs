@@ -96,10 +96,24 @@ async fn sql(
             ARROW_STREAM,
             output::arrow_stream(&result.schema, &result.batches).map_err(encode_err)?,
         ),
-        Format::Csv => body(
-            "text/csv",
-            output::csv(&result.batches).map_err(encode_err)?,
-        ),
+        Format::Csv => {
+            if let Some(f) = result
+                .schema
+                .fields()
+                .iter()
+                .find(|f| f.data_type().is_nested())
+            {
+                return Err(ApiError::invalid(format!(
+                    "column {:?} is {}, which CSV cannot hold; ask for JSON or Arrow, or select it as text (arrow_cast(…, 'Utf8'))",
+                    f.name(),
+                    f.data_type()
+                )));
+            }
+            body(
+                "text/csv",
+                output::csv(&result.batches).map_err(encode_err)?,
+            )
+        }
     })
 }
 

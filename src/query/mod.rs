@@ -24,7 +24,9 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 use datafusion::common::TableReference;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryPool, MemoryReservation,
+};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
@@ -85,6 +87,9 @@ impl Classify for Error {
 pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    /// The batches' memory, held in the shared query pool until the result
+    /// (and the response encoded from it) is dropped.
+    _memory: MemoryReservation,
 }
 
 impl QueryResult {
@@ -97,8 +102,8 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     schemas: Arc<Registry>,
     lake: Lake,
-    /// Shared object store registry and Parquet metadata cache; each query
-    /// gets a copy with its own memory pool.
+    /// Shared object store registry, Parquet metadata cache and memory pool
+    /// (`--query-memory` bounds every running query and result together).
     runtime: Arc<RuntimeEnv>,
     cfg: QueryConfig,
     rt: Option<tokio::runtime::Runtime>,
@@ -120,6 +125,7 @@ impl QueryEngine {
         cfg: QueryConfig,
     ) -> anyhow::Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(GreedyMemoryPool::new(cfg.memory)))
             .with_disk_manager_builder(
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )
@@ -172,11 +178,7 @@ impl QueryEngine {
             .execution
             .parquet
             .schema_force_view_types = false;
-        let runtime = Arc::new(RuntimeEnv {
-            memory_pool: Arc::new(GreedyMemoryPool::new(self.cfg.memory)),
-            ..(*self.runtime).clone()
-        });
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         for name in self.tables_for(p) {
             let table = TableId::new(&p.tenant, &name);
             let Some(schema) = self.schemas.get(&table) else {
@@ -210,8 +212,9 @@ impl QueryEngine {
             .as_ref()
             .expect("query runtime lives as long as the engine")
             .spawn(async move {
+                let pool = ctx.runtime_env().memory_pool.clone();
                 let df = build(ctx).await?;
-                collect_limited(df, max_rows).await
+                collect_limited(df, max_rows, &pool).await
             });
         let abort = task.abort_handle();
         let result = match tokio::time::timeout(timeout, task).await {
@@ -250,8 +253,16 @@ impl QueryEngine {
     }
 }
 
-async fn collect_limited(df: DataFrame, max_rows: usize) -> Result<QueryResult, Error> {
+/// Collects at most `max_rows` rows, whose memory counts against `pool`:
+/// DataFusion accounts for what its operators buffer, not for the batches a
+/// plan hands out, and a short result can be large (`repeat(…)`).
+async fn collect_limited(
+    df: DataFrame,
+    max_rows: usize,
+    pool: &Arc<dyn MemoryPool>,
+) -> Result<QueryResult, Error> {
     let schema = Arc::new(df.schema().as_arrow().clone());
+    let memory = MemoryConsumer::new("query result").register(pool);
     let mut stream = df.execute_stream().await?;
     let mut batches = Vec::new();
     let mut rows = 0;
@@ -262,8 +273,13 @@ async fn collect_limited(df: DataFrame, max_rows: usize) -> Result<QueryResult, 
             return Err(Error::TooManyRows(max_rows));
         }
         if batch.num_rows() > 0 {
+            memory.try_grow(batch.get_array_memory_size())?;
             batches.push(batch);
         }
     }
-    Ok(QueryResult { schema, batches })
+    Ok(QueryResult {
+        schema,
+        batches,
+        _memory: memory,
+    })
 }

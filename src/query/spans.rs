@@ -23,6 +23,9 @@ use crate::query::QueryEngine;
 
 pub const DEFAULT_LIMIT: usize = 500;
 pub const MAX_LIMIT: usize = 10_000;
+/// Largest `offset` of the list endpoints: far past any page a client walks
+/// to, and far from DataFusion's `skip + fetch` overflowing.
+pub const MAX_OFFSET: usize = 1_000_000_000;
 /// Most spans one trace lookup returns.
 pub const MAX_TRACE_SPANS: usize = 100_000;
 
@@ -65,6 +68,12 @@ impl ListParams {
                 "limit must be within 1..={MAX_LIMIT}, got {limit}"
             )));
         }
+        let offset = self.offset.unwrap_or(0);
+        if offset > MAX_OFFSET {
+            return Err(ApiError::invalid(format!(
+                "offset must be at most {MAX_OFFSET}, got {offset}; narrow start/end instead"
+            )));
+        }
         let range = TimeRange {
             start: self
                 .start
@@ -79,7 +88,7 @@ impl ListParams {
         };
         Ok(Page {
             limit,
-            offset: self.offset.unwrap_or(0),
+            offset,
             range,
         })
     }
@@ -209,7 +218,18 @@ impl QueryEngine {
         let service = service_param(service)?;
         let page = params.page()?;
         let range = page.range;
-        self.spans_query(p, range, page.limit, move |ctx| async move {
+        // The session's range prunes whole files from every scan of it. An
+        // LLM span may start after `end` while its root starts before, so
+        // with `llm_only` the session is bounded below only and `end`
+        // applies to the roots alone (children do not start before roots).
+        let scanned = match llm_only {
+            true => TimeRange {
+                start: range.start,
+                end: None,
+            },
+            false => range,
+        };
+        self.spans_query(p, scanned, page.limit, move |ctx| async move {
             let mut pred = col("service_name")
                 .eq(lit(service.clone()))
                 .and(col("parent_span_id").is_null());

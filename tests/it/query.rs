@@ -158,6 +158,10 @@ async fn span_endpoints_read_files_and_memtables_and_survive_restart() {
         ),
         ("/otel/service/svc-a/root-spans?limit=abc", "query string"),
         ("/otel/service/svc-a/root-spans?start=yesterday", "start="),
+        (
+            "/otel/service/svc-a/root-spans?offset=9223372036854775000",
+            "offset must be at most",
+        ),
     ] {
         let (st, body) = server.get_json(path, k).await;
         assert_eq!(st, 400, "{path}: {body}");
@@ -171,6 +175,28 @@ async fn span_endpoints_read_files_and_memtables_and_survive_restart() {
         .get_json("/otel/service/x'%20OR%20'1'='1/root-spans", k)
         .await;
     assert_eq!((st, body), (200, json!([])));
+
+    // A root inside [start, end) whose LLM child starts after `end`, in a
+    // file of its own: the file pruning of `end` must not hide the child.
+    let mut c = server.trace_client().await;
+    c.export(request("svc-c", vec![root(5, 50, vec![])]))
+        .await
+        .unwrap();
+    server.flush().await;
+    let mut child = span(5, 51, Some(50));
+    child
+        .attributes
+        .push(kv("openinference.span.kind", sv("LLM")));
+    c.export(request("svc-c", vec![child])).await.unwrap();
+    server.flush().await;
+    let (st, llm) = server
+        .get_json(
+            "/otel/service/svc-c/root-spans-filtered?end=1763000000000050500",
+            k,
+        )
+        .await;
+    assert_eq!(st, 200, "{llm}");
+    assert_eq!(ids(&llm, "span_id"), [span_id_hex(50)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,6 +279,21 @@ async fn sql_formats_safety_and_tenant_isolation() {
         .await
         .unwrap();
     assert_eq!(csv, "name\nop-10\n");
+    // CSV has no nested values: a precise 400, not an encoder failure.
+    let r = http
+        .post(format!("{}/api/v1/query", server.http()))
+        .header("x-api-key", ADMIN_KEY)
+        .header("accept", "text/csv")
+        .json(&json!({"sql": "SELECT make_array(1, 2) AS pair"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("\"pair\" is List"),
+        "{v}"
+    );
 
     // Everything that is not a read is refused with a precise message.
     for (sql, needle) in [
@@ -370,6 +411,12 @@ async fn sql_limits_fail_clearly() {
         v["error"].as_str().unwrap().contains("Resources exhausted"),
         "{v}"
     );
+    // Ten rows, but 5 MB of them: results count against --query-memory too.
+    let (st, v) = server
+        .sql(ADMIN_KEY, "SELECT repeat('x', 500000) AS s FROM range(10)")
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("query result"), "{v}");
     let (st, v) = server
         .sql(ADMIN_KEY, "SELECT count(*) FROM range(1000000000000)")
         .await;
