@@ -9,7 +9,10 @@
 //! now - retention)` (trace entries) or below `flushed_through` (every other
 //! kind, see [`crate::wal`]). A crash anywhere before "record" leaves the WAL entries
 //! above the old watermark, so startup replays them; unrecorded files of this
-//! node are deleted by [`Flusher::reconcile`].
+//! node are deleted by [`Flusher::reconcile`]. A failed put deletes the
+//! flush's files at once (retrying failed deletes before the next flush); a
+//! failed record keeps them until that reconcile, because a synced write
+//! that reported failure may still come back from RocksDB's log.
 //!
 //! Flushes are serialized by one lock: two flushes of one table racing could
 //! otherwise record a newer watermark before an older file.
@@ -78,6 +81,9 @@ pub struct Flusher {
     /// Explicit flushes waiting for the lock (they hurry background encodes).
     urgent_waiting: Arc<AtomicUsize>,
     lock: tokio::sync::Mutex<()>,
+    /// Files this node wrote and did not record whose delete failed: retried
+    /// before every flush (and startup's reconcile removes them anyway).
+    orphans: parking_lot::Mutex<Vec<String>>,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
 }
@@ -107,8 +113,24 @@ impl Flusher {
             encode,
             urgent_waiting,
             lock: tokio::sync::Mutex::new(()),
+            orphans: parking_lot::Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
         })
+    }
+
+    /// Deletes files written but not recorded (their rows will be flushed
+    /// again), so no reader of the lake sees those rows twice. A delete that
+    /// fails is retried before the next flush; one that finds nothing is done.
+    async fn discard(&self, paths: Vec<String>) {
+        for path in paths {
+            match self.lake.delete(&path).await {
+                Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {}
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "could not delete an unrecorded file; retrying before the next flush");
+                    self.orphans.lock().push(path);
+                }
+            }
+        }
     }
 
     pub fn lake(&self) -> &Lake {
@@ -163,6 +185,8 @@ impl Flusher {
         table: &TableId,
         urgent: bool,
     ) -> Result<Vec<FileMeta>> {
+        let orphans = std::mem::take(&mut *self.orphans.lock());
+        self.discard(orphans).await;
         let Some(frozen) = self.catalog.freeze(table) else {
             return Ok(vec![]);
         };
@@ -179,11 +203,13 @@ impl Flusher {
         let through = self.catalog.flushed_through_after(&frozen);
         if let Err(source) = manifest::record(self.wal.db(), &files, table, frozen.max_seq, through)
         {
-            // Unrecorded files must not linger beside the rows that will be
-            // flushed again; startup would delete them too.
-            for f in &files {
-                let _ = self.lake.delete(&f.path).await;
-            }
+            // The files stay: a failed synced write may still be in RocksDB's
+            // log and come back at restart, and deleting files the manifest
+            // then lists would lose their rows. Until startup's reconcile
+            // (which sees what the manifest really holds), lake readers may
+            // see these rows twice once they are flushed again; RocksDB
+            // refuses writes after such an error anyway.
+            tracing::error!(files = ?files.iter().map(|f| &f.path).collect::<Vec<_>>(), "flush written but not recorded; the files stay until restart");
             self.catalog.refreeze_failed(&frozen);
             return Err(Error::Record {
                 table: table.clone(),
@@ -231,9 +257,10 @@ impl Flusher {
             );
             let bytes = enc.bytes.len() as u64;
             if let Err(source) = self.lake.put(&path, enc.bytes).await {
-                for f in &files {
-                    let _ = self.lake.delete(&f.path).await;
-                }
+                // An object store may have stored an object whose PUT failed
+                // (a lost response): that path goes too.
+                let written = files.iter().map(|f| f.path.clone());
+                self.discard(written.chain([path.clone()]).collect()).await;
                 return Err(Error::Publish { path, source });
             }
             METRICS.flush_files.inc();
@@ -307,4 +334,46 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unrecorded_files_are_deleted_and_failed_deletes_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("lake");
+        let lake = Lake::open(&format!("file://{}", root.display())).unwrap();
+        let wal = Arc::new(Wal::open(&dir.path().join("wal"), 8).unwrap());
+        let catalog = Arc::new(Catalog::new(FlushConfig::default()));
+        let flusher = Flusher::new(
+            catalog,
+            wal,
+            lake.clone(),
+            FlushConfig::default(),
+            WalConfig::default(),
+            "node".into(),
+        )
+        .unwrap();
+        let written = "tenant=t/endpoint=e/date=2026-11-23/hour=05/part-a-node.parquet";
+        lake.put(written, bytes::Bytes::from_static(b"PAR1"))
+            .await
+            .unwrap();
+        // A delete that cannot succeed now: a directory where the file was.
+        let stuck = "tenant=t/endpoint=e/date=2026-11-23/hour=05/part-b-node.parquet";
+        std::fs::create_dir_all(root.join(stuck).join("x")).unwrap();
+        let never = "tenant=t/endpoint=e/date=2026-11-23/hour=05/part-c-node.parquet";
+        flusher
+            .discard(vec![written.into(), stuck.into(), never.into()])
+            .await;
+        assert!(!root.join(written).exists());
+        assert_eq!(*flusher.orphans.lock(), vec![stuck.to_string()]);
+        // The next flush, even of nothing, retries it.
+        std::fs::remove_dir_all(root.join(stuck)).unwrap();
+        std::fs::write(root.join(stuck), b"PAR1").unwrap();
+        flusher.flush_table(&TableId::new("t", "e")).await.unwrap();
+        assert!(!root.join(stuck).exists());
+        assert!(flusher.orphans.lock().is_empty());
+    }
 }
