@@ -33,6 +33,8 @@ pub enum Error {
     NoTimeColumn(&'static str),
     #[error("the flush encode threads stopped")]
     Stopped,
+    #[error("encoding panicked: {0}")]
+    Panicked(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

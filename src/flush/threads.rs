@@ -129,7 +129,10 @@ fn run(job: Job) {
     let Some(start) = job.ticket.start.lock().take() else {
         return; // cancelled while queued
     };
-    let result = (|| {
+    // A panic (a bug in an encoder or below it) fails this flush, which is
+    // retried, instead of taking the thread and every later flush with it.
+    // The encoder is dropped with it; the frozen rows it read are immutable.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut encoder = start()?;
         while !encoder.step()? {
             if job.ticket.cancelled.load(Ordering::Relaxed) {
@@ -137,7 +140,15 @@ fn run(job: Job) {
             }
         }
         Ok(Some(encoder.finish()))
-    })();
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string payload".into());
+        Err(Error::Panicked(what))
+    });
     match result {
         Ok(Some(files)) => {
             let _ = job.reply.send(Ok(files));
@@ -217,5 +228,29 @@ mod tests {
         );
         // The cancelled background run stops at its first step.
         gate_tx.send(()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_encode_fails_its_flush_and_the_thread_goes_on() {
+        let threads = EncodeThreads::start(|| false).unwrap();
+        let boom: Start = Arc::new(|| panic!("encoder bug"));
+        for urgent in [true, false] {
+            match threads.encode(boom.clone(), urgent).await {
+                Err(Error::Panicked(m)) => assert_eq!(m, "encoder bug"),
+                other => panic!("{:?}", other.map(|f| f.len())),
+            }
+        }
+        let ts = TimestampNanosecondArray::from(vec![1]).with_timezone("UTC");
+        let batch = RecordBatch::try_from_iter([("timestamp", Arc::new(ts) as _)]).unwrap();
+        let opts = EncodeOptions {
+            row_group_rows: 1024,
+            zstd_level: 1,
+        };
+        let ok: Start =
+            Arc::new(move || Encoder::new("things", std::slice::from_ref(&batch), opts.clone()));
+        for urgent in [true, false] {
+            let files = threads.encode(ok.clone(), urgent).await.unwrap();
+            assert_eq!(files[0].rows, 1);
+        }
     }
 }
