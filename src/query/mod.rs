@@ -88,7 +88,7 @@ pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     /// The batches' memory, held in the shared query pool until the result
-    /// (and the response encoded from it) is dropped.
+    /// is dropped (once the response has been encoded from it).
     _memory: MemoryReservation,
 }
 
