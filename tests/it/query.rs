@@ -267,27 +267,19 @@ async fn sql_formats_safety_and_tenant_isolation() {
         batches[0].schema().field(1).data_type().to_string(),
         "Timestamp(ns, \"UTC\")"
     );
-    let csv = http
-        .post(format!("{}/api/v1/query", server.http()))
-        .header("x-api-key", ADMIN_KEY)
-        .header("accept", "text/csv")
-        .json(&json!({"sql": "SELECT name FROM spans WHERE span_id = '000000000000000b'"}))
-        .send()
-        .await
-        .unwrap()
-        .text()
+    let csv_of = |sql: &str| {
+        http.post(format!("{}/api/v1/query", server.http()))
+            .header("x-api-key", ADMIN_KEY)
+            .header("accept", "text/csv")
+            .json(&json!({ "sql": sql }))
+            .send()
+    };
+    let r = csv_of("SELECT name FROM spans WHERE span_id = '000000000000000b'")
         .await
         .unwrap();
-    assert_eq!(csv, "name\nop-10\n");
+    assert_eq!(r.text().await.unwrap(), "name\nop-10\n");
     // CSV has no nested values: a precise 400, not an encoder failure.
-    let r = http
-        .post(format!("{}/api/v1/query", server.http()))
-        .header("x-api-key", ADMIN_KEY)
-        .header("accept", "text/csv")
-        .json(&json!({"sql": "SELECT make_array(1, 2) AS pair"}))
-        .send()
-        .await
-        .unwrap();
+    let r = csv_of("SELECT make_array(1, 2) AS pair").await.unwrap();
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert!(
