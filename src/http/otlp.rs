@@ -186,7 +186,14 @@ async fn read_body(
         .to_ascii_lowercase();
     match ce.as_str() {
         "" | "identity" => Ok(raw),
-        "gzip" => inflate(flate2::read::GzDecoder::new(&raw[..]), "gzip", limit, enc),
+        // Every member of the stream: a gzip file may hold several, and
+        // reading only the first would ack a request with items cut off.
+        "gzip" => inflate(
+            flate2::read::MultiGzDecoder::new(&raw[..]),
+            "gzip",
+            limit,
+            enc,
+        ),
         "deflate" => inflate(
             flate2::read::ZlibDecoder::new(&raw[..]),
             "deflate",

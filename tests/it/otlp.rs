@@ -451,6 +451,15 @@ async fn otlp_http_protobuf_json_and_gzip_for_every_signal() {
     );
     let (st, _, _) = otlp_post(&server, "/v1/traces", PB, Some("gzip"), k, gzip(&traces)).await;
     assert_eq!(st, 200);
+    // A gzip body of two members is the two halves together; garbage after
+    // a member is refused, not ignored.
+    let (head, tail) = traces.split_at(traces.len() / 2);
+    let two = [gzip(head), gzip(tail)].concat();
+    let (st, _, body) = otlp_post(&server, "/v1/traces", PB, Some("gzip"), k, two).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    let trailing = [gzip(&traces), b"junk".to_vec()].concat();
+    let (st, _, _) = otlp_post(&server, "/v1/traces", PB, Some("gzip"), k, trailing).await;
+    assert_eq!(st, 400);
     let logs = logs_request("http-svc", vec![log(1, sv_any("pb"))]).encode_to_vec();
     let (st, _, _) = otlp_post(&server, "/v1/logs", PB, Some("gzip"), k, gzip(&logs)).await;
     assert_eq!(st, 200);
@@ -566,7 +575,7 @@ async fn otlp_http_protobuf_json_and_gzip_for_every_signal() {
         .await;
     assert_eq!(v["rows"], json!([[7.0, 7]]));
     let before = counts(&server).await;
-    assert_eq!(before, vec![5, 3, 2, 1, 1, 1, 1]);
+    assert_eq!(before, vec![7, 3, 2, 1, 1, 1, 1]);
 
     // Bad inputs: precise codes, google.rpc.Status bodies, nothing written.
     let status_of = |body: &[u8]| RpcStatus::decode(body).unwrap();
