@@ -292,6 +292,21 @@ impl Ingestor {
         tenant: &str,
         req: WriteBatchRequest,
     ) -> Result<WriteBatchResponse, ApiError> {
+        // On a task of its own, so a caller that goes away (deadline, reset)
+        // cannot drop the batch-id claim while the WAL writer still holds
+        // the entry: a retry would then miss the not yet written mark and
+        // write the batch twice.
+        let (this, tenant) = (self.clone(), tenant.to_string());
+        tokio::spawn(async move { this.write_records_owned(&tenant, req).await })
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("write task failed: {e}")))?
+    }
+
+    async fn write_records_owned(
+        self: &Arc<Self>,
+        tenant: &str,
+        req: WriteBatchRequest,
+    ) -> Result<WriteBatchResponse, ApiError> {
         if req.batch_id.len() > batches::MAX_BATCH_ID_BYTES {
             return Err(ApiError::invalid(format!(
                 "batch_id is {} bytes; at most {} are allowed",
