@@ -18,9 +18,27 @@ pub const MAX_DEPTH: usize = 32;
 pub enum ValueError {
     #[error("attribute value nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// See [`MAX_REPEATED_BYTES`].
+    #[error("resource and scope fields are stored on every item, and this request's copies come to more than {MAX_REPEATED_BYTES} bytes; send fewer items per resource or smaller resource attributes")]
+    Repeated,
     /// Only values read straight from protobuf bytes can be malformed.
     #[error("{0}")]
     Malformed(#[from] wire::Error),
+}
+
+/// Most bytes of resource and scope text (resource attributes JSON, scope
+/// name and version; metric name, description and unit) one request may
+/// repeat across its rows. Every row stores its own copy, so a 1 MiB resource
+/// attribute over 15,000 small spans would otherwise take 15 GiB to convert.
+pub const MAX_REPEATED_BYTES: usize = 256 << 20;
+
+/// Adds `bytes` times `rows` to `total`, the request's repeated bytes so far.
+pub fn repeat_bytes(total: &mut usize, bytes: usize, rows: usize) -> Result<(), ValueError> {
+    *total = total.saturating_add(bytes.saturating_mul(rows));
+    match *total > MAX_REPEATED_BYTES {
+        true => Err(ValueError::Repeated),
+        false => Ok(()),
+    }
 }
 
 /// One `AnyValue`, from a decoded message or straight from protobuf bytes.

@@ -98,12 +98,20 @@ struct Builders {
 pub fn convert(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Error> {
     let mut b = Builders::default();
     let mut buf = String::new();
+    let mut repeated = 0;
     for (ri, rl) in req.resource_logs.iter().enumerate() {
         let (service, res_json) = resource_ctx(rl.resource.as_ref(), || {
             format!("resource_logs[{ri}].resource")
         })?;
         for (si, sl) in rl.scope_logs.iter().enumerate() {
             let scope = sl.scope.as_ref();
+            let shared = res_json.len() + scope.map_or(0, |s| s.name.len() + s.version.len());
+            json::repeat_bytes(&mut repeated, shared, sl.log_records.len()).map_err(|source| {
+                Error::Nesting {
+                    at: format!("resource_logs[{ri}].scope_logs[{si}]"),
+                    source,
+                }
+            })?;
             for (li, rec) in sl.log_records.iter().enumerate() {
                 let at = || format!("resource_logs[{ri}].scope_logs[{si}].log_records[{li}]");
                 check_id(&at, "trace_id", &rec.trace_id, 16, true)?;

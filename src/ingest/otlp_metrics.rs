@@ -29,7 +29,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::{
     exemplar, exponential_histogram_data_point::Buckets, metric::Data, number_data_point,
-    AggregationTemporality, Exemplar, ExponentialHistogramDataPoint, HistogramDataPoint,
+    AggregationTemporality, Exemplar, ExponentialHistogramDataPoint, HistogramDataPoint, Metric,
     NumberDataPoint, SummaryDataPoint,
 };
 
@@ -168,15 +168,20 @@ pub fn count(req: &ExportMetricsServiceRequest) -> usize {
         .iter()
         .flat_map(|r| &r.scope_metrics)
         .flat_map(|s| &s.metrics)
-        .map(|m| match &m.data {
-            Some(Data::Gauge(g)) => g.data_points.len(),
-            Some(Data::Sum(s)) => s.data_points.len(),
-            Some(Data::Histogram(h)) => h.data_points.len(),
-            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-            Some(Data::Summary(s)) => s.data_points.len(),
-            None => 0,
-        })
+        .map(points)
         .sum()
+}
+
+/// Number of data points of one metric.
+fn points(m: &Metric) -> usize {
+    match &m.data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
 }
 
 pub struct MetricRows {
@@ -536,6 +541,7 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
     let mut b = Builders::default();
     let mut rejected = 0u64;
     let mut no_time = 0u64;
+    let mut repeated = 0;
     for (ri, rm) in req.resource_metrics.iter().enumerate() {
         let (service, res_json) = resource_ctx(rm.resource.as_ref(), || {
             format!("resource_metrics[{ri}].resource")
@@ -556,6 +562,16 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
                     at: format!("resource_metrics[{ri}].scope_metrics[{si}].metrics[{mi}]"),
                     source,
                 };
+                let shared = [m.res_json, m.name]
+                    .into_iter()
+                    .chain(
+                        [m.scope_name, m.scope_version, m.description, m.unit]
+                            .into_iter()
+                            .flatten(),
+                    )
+                    .map(str::len)
+                    .sum();
+                json::repeat_bytes(&mut repeated, shared, points(metric)).map_err(nesting)?;
                 let mut keep = |time: u64, ok: Result<bool, ValueError>| -> Result<(), Error> {
                     if time == 0 {
                         no_time += 1;
@@ -713,6 +729,33 @@ mod tests {
         let l = b.column_by_name(col).unwrap().as_any();
         let l = l.downcast_ref::<ListArray>().unwrap().value(row);
         l.as_primitive::<UInt64Type>().values().to_vec()
+    }
+
+    #[test]
+    fn text_repeated_on_every_point_is_bounded() {
+        use number_data_point::Value::AsInt;
+        let gauge = |n: u64, description: &str| Metric {
+            description: description.into(),
+            ..metric(
+                "g",
+                Data::Gauge(Gauge {
+                    data_points: (1..=n).map(|t| num(t, Some(AsInt(1)))).collect(),
+                }),
+            )
+        };
+        // A 1 MiB description over 300 points: 300 MiB of copies.
+        let err = convert(&request(vec![gauge(300, &"d".repeat(1 << 20))]))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("stored on every item"), "{err}");
+        assert!(err
+            .to_string()
+            .starts_with("resource_metrics[0].scope_metrics[0].metrics[0]"));
+        let ok = convert(&request(vec![gauge(20, &"d".repeat(1 << 20))])).unwrap();
+        assert_eq!(
+            ok.tables.iter().map(|(_, b)| b.num_rows()).sum::<usize>(),
+            20
+        );
     }
 
     #[test]

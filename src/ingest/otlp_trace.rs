@@ -244,11 +244,8 @@ fn malformed(at: String, detail: wire::Error) -> Error {
 
 fn value_error(at: String, e: ValueError) -> Error {
     match e {
-        ValueError::TooDeep => Error::Nesting {
-            at,
-            source: ValueError::TooDeep,
-        },
         ValueError::Malformed(detail) => malformed(at, detail),
+        source => Error::Nesting { at, source },
     }
 }
 
@@ -506,6 +503,8 @@ struct SpanCtx<'a> {
 
 #[derive(Default)]
 struct SpanBuilders {
+    /// Resource and scope bytes copied into rows so far.
+    repeated: usize,
     trace_id: StringBuilder,
     span_id: StringBuilder,
     parent_span_id: StringBuilder,
@@ -563,6 +562,10 @@ impl SpanBuilders {
         patches: &mut PatchBuilders,
         refused: bool,
     ) -> Result<(), ValueError> {
+        let shared = ctx.res_json.len()
+            + ctx.scope_name.map_or(0, str::len)
+            + ctx.scope_version.map_or(0, str::len);
+        json::repeat_bytes(&mut self.repeated, shared, 1)?;
         // Attributes: Junjo ones go to their columns, the rest to JSON.
         let mut junjo: [Option<Any>; JUNJO_COLUMNS] = Default::default();
         self.attrs.clear();

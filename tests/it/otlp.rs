@@ -725,3 +725,39 @@ async fn otlp_http_protobuf_traces_are_replayed_from_the_received_bytes() {
         expected
     );
 }
+
+/// A resource attribute is stored on every row; a request that would copy
+/// one past 256 MiB is refused before the copies are made, for every signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_text_repeated_on_every_row_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let big = kv("blob", sv(&"r".repeat(1 << 20)));
+    let needle = "stored on every item";
+
+    // 1 MiB x 300 spans = 300 MiB of copies from a 1 MiB request.
+    let mut traces = request("big", (0..300).map(|i| span(1, i, None)).collect());
+    let res = traces.resource_spans[0].resource.as_mut().unwrap();
+    res.attributes.push(big.clone());
+    let mut c = server.trace_client().await;
+    let err = c.export(traces.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains(needle), "{}", err.message());
+
+    let cred = Cred("x-api-key", Some(ADMIN_KEY.to_string()));
+    let mut logs_client = LogsServiceClient::with_interceptor(server.channel().await, cred);
+    let mut logs = logs_request("big", (0..300).map(|i| log(i, sv_any("x"))).collect());
+    let res = logs.resource_logs[0].resource.as_mut().unwrap();
+    res.attributes.push(big.clone());
+    let err = logs_client.export(logs.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains(needle), "{}", err.message());
+    assert_eq!(server.metric("lakewriter_wal_appends_total").await, 0.0);
+
+    // Under the bound the same shape is accepted.
+    traces.resource_spans[0].scope_spans[0].spans.truncate(20);
+    c.export(traces).await.unwrap();
+    logs.resource_logs[0].scope_logs[0].log_records.truncate(20);
+    logs_client.export(logs).await.unwrap();
+    assert_eq!(server.metric("lakewriter_wal_appends_total").await, 2.0);
+}
