@@ -66,6 +66,8 @@ pub enum Error {
     },
     #[error("the batch has no records")]
     Empty,
+    #[error("{records} records x {columns} columns is {} cells; at most {MAX_CELLS} per batch (a missing field is a null cell too): split the batch", records * columns)]
+    TooManyCells { records: usize, columns: usize },
     #[error("arrow_ipc_stream: {0}")]
     Ipc(String),
     #[error("arrow_ipc_stream: column `{0}` appears twice")]
@@ -90,6 +92,19 @@ impl crate::error::Classify for Error {
             Self::Schema(e) => e.kind(),
             _ => crate::error::ErrorKind::InvalidInput,
         }
+    }
+}
+
+/// Most cells (records x columns of the batch) one request may convert to.
+/// Arrow stores a null in every column a record leaves out, so a small
+/// request of many records over many sparse fields would otherwise become
+/// gigabytes of nulls.
+pub const MAX_CELLS: usize = 32 << 20;
+
+fn check_cells(records: usize, columns: usize) -> Result<(), Error> {
+    match records.saturating_mul(columns) > MAX_CELLS {
+        true => Err(Error::TooManyCells { records, columns }),
+        false => Ok(()),
     }
 }
 
@@ -124,6 +139,12 @@ fn kind_type(k: &Kind) -> Option<ColType> {
     })
 }
 
+/// Bytes reserved up front for a string or binary column of `rows`: enough
+/// for short dense values, bounded for sparse columns (they grow as needed).
+fn data_hint(rows: usize) -> usize {
+    rows.saturating_mul(16).min(1 << 20)
+}
+
 enum Builder {
     String(StringBuilder),
     Int64(Int64Builder),
@@ -136,11 +157,11 @@ enum Builder {
 impl Builder {
     fn new(ty: ColType, rows: usize) -> Self {
         match ty {
-            ColType::String => Self::String(StringBuilder::with_capacity(rows, rows * 16)),
+            ColType::String => Self::String(StringBuilder::with_capacity(rows, data_hint(rows))),
             ColType::Int64 => Self::Int64(Int64Builder::with_capacity(rows)),
             ColType::Double => Self::Double(Float64Builder::with_capacity(rows)),
             ColType::Bool => Self::Bool(BooleanBuilder::with_capacity(rows)),
-            ColType::Bytes => Self::Bytes(BinaryBuilder::with_capacity(rows, rows * 16)),
+            ColType::Bytes => Self::Bytes(BinaryBuilder::with_capacity(rows, data_hint(rows))),
             ColType::Timestamp => Self::Timestamp(TimestampNanosecondBuilder::with_capacity(rows)),
         }
     }
@@ -254,6 +275,7 @@ pub fn from_records(
         .iter()
         .filter_map(|(n, t)| t.map(|t| (*n, t)))
         .collect();
+    check_cells(records.len(), types.len() + 3)?;
     let schema = registry.evolve(table, &typed)?;
     // Columns of this batch, in schema order: typed fields, plus all-null
     // fields the schema already knows.
@@ -416,6 +438,7 @@ pub fn from_arrow_ipc(
         return Err(Error::Empty);
     }
     let n = all.num_rows();
+    check_cells(n, in_schema.fields().len())?;
     let mut seen = std::collections::HashSet::new();
     let (mut event_id, mut ts, mut version) = (None, None, None);
     let mut fields: Vec<(&str, Option<ColType>, &ArrayRef)> = Vec::new();
@@ -583,6 +606,32 @@ mod tests {
             );
         }
         assert!(from_records(&reg, &t, &[rec("", vec![])]).is_err());
+    }
+
+    #[test]
+    fn sparse_batches_are_bounded_in_cells_and_change_no_schema() {
+        let (_d, reg) = registry();
+        let t = TableId::new("t", "sparse");
+        // One record with 1,000 fields, then 40,000 with none: 40 M cells
+        // of nulls from about 300 KB of protobuf.
+        let wide = (0..1000)
+            .map(|i| (format!("f{i}"), Some(Kind::IntValue(i))))
+            .collect::<Vec<_>>();
+        let mut records = vec![rec(
+            "w",
+            wide.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+        )];
+        records.extend((0..40_000).map(|_| rec("e", vec![])));
+        let err = from_records(&reg, &t, &records).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("40001 records x 1003 columns is 40121003 cells"),
+            "{err}"
+        );
+        assert!(reg.get(&t).is_none(), "a refused batch adds no column");
+        records.truncate(20_000);
+        let b = from_records(&reg, &t, &records).unwrap();
+        assert_eq!((b.num_rows(), b.num_columns()), (20_000, 1003));
     }
 
     #[test]

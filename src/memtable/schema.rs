@@ -9,8 +9,9 @@
 //! Persistence: `schemas` CF, key `"{tenant}/{endpoint}"`, value: version byte
 //! `1` + JSON `[{"name","type"}]` of the field columns. The write is not synced
 //! on its own: it precedes the batch's WAL entry in RocksDB's single log, so the
-//! entry's fsync makes both durable, and a schema without its entry is harmless
-//! (a nullable column with no values yet).
+//! entry's fsync makes both durable. A schema change whose batch is then
+//! refused at commit (memtables over budget, shutdown) stays: a nullable
+//! column with no values yet, whose type later batches must still match.
 
 use std::collections::HashMap;
 use std::sync::Arc;
