@@ -66,6 +66,8 @@ pub enum Error {
     },
     #[error("the batch has no records")]
     Empty,
+    #[error("arrow_ipc_stream: dictionary column `{field}` expands to {bytes} bytes; at most {MAX_EXPANDED_BYTES} per batch")]
+    Expands { field: String, bytes: usize },
     #[error("{records} records x {columns} columns is {} cells; at most {MAX_CELLS} per batch (a missing field is a null cell too): split the batch", records * columns)]
     TooManyCells { records: usize, columns: usize },
     #[error("arrow_ipc_stream: {0}")]
@@ -401,6 +403,34 @@ fn cast_to(name: &str, col: &ArrayRef, to: &DataType) -> Result<ArrayRef, Error>
     cast_with_options(col, to, &opts).map_err(|e| Error::Ipc(format!("column `{name}`: {e}")))
 }
 
+/// Most bytes the dictionary-encoded string and binary columns of one Arrow
+/// batch may take once expanded (a dictionary stores each value once, the
+/// table once per row).
+pub const MAX_EXPANDED_BYTES: usize = 256 << 20;
+
+/// Bytes a dictionary column's values take once expanded, one copy per key
+/// (null keys count as some value); 0 for other columns.
+fn expanded_bytes(col: &ArrayRef) -> usize {
+    let Some(dict) = col.as_any_dictionary_opt() else {
+        return 0;
+    };
+    let values = dict.values();
+    let len = |i: usize| match values.data_type() {
+        DataType::Utf8 => values.as_string::<i32>().value_length(i) as usize,
+        DataType::LargeUtf8 => values.as_string::<i64>().value_length(i) as usize,
+        DataType::Binary => values.as_binary::<i32>().value_length(i) as usize,
+        DataType::LargeBinary => values.as_binary::<i64>().value_length(i) as usize,
+        DataType::Utf8View => values.as_string_view().value(i).len(),
+        DataType::BinaryView => values.as_binary_view().value(i).len(),
+        _ => 0,
+    };
+    let lens: Vec<usize> = (0..values.len()).map(len).collect();
+    dict.normalized_keys()
+        .into_iter()
+        .map(|k| lens.get(k).copied().unwrap_or(0))
+        .fold(0usize, usize::saturating_add)
+}
+
 fn max_value_len(col: &ArrayRef) -> usize {
     match col.data_type() {
         DataType::Utf8 => col
@@ -465,6 +495,12 @@ pub fn from_arrow_ipc(
             expected: "utf8",
         });
     }
+    if expanded_bytes(event_id) > MAX_EXPANDED_BYTES {
+        return Err(Error::Expands {
+            field: "event_id".into(),
+            bytes: expanded_bytes(event_id),
+        });
+    }
     let event_id = cast_to("event_id", event_id, &DataType::Utf8)?;
     if event_id.null_count() > 0 {
         return Err(Error::Nulls("event_id"));
@@ -513,9 +549,18 @@ pub fn from_arrow_ipc(
     // rejected batch adds no column.
     let mut converted: HashMap<&str, Option<ArrayRef>> = HashMap::new();
     let mut typed: Vec<(&str, ColType)> = Vec::new();
+    let mut expanded = 0usize;
     for (name, ty, col) in &fields {
         match ty {
             Some(t) => {
+                // Measured before the cast expands it.
+                expanded = expanded.saturating_add(expanded_bytes(col));
+                if expanded > MAX_EXPANDED_BYTES {
+                    return Err(Error::Expands {
+                        field: name.to_string(),
+                        bytes: expanded_bytes(col),
+                    });
+                }
                 let c = cast_to(name, col, &t.arrow())?;
                 check_size(name, max_value_len(&c))?;
                 typed.push((name, *t));
@@ -632,6 +677,44 @@ mod tests {
         records.truncate(20_000);
         let b = from_records(&reg, &t, &records).unwrap();
         assert_eq!((b.num_rows(), b.num_columns()), (20_000, 1003));
+    }
+
+    #[test]
+    fn dictionary_columns_are_measured_before_they_expand() {
+        use arrow::array::{DictionaryArray, StringArray, TimestampNanosecondArray};
+        use arrow::datatypes::Int16Type;
+        let (_d, reg) = registry();
+        let t = TableId::new("t", "dict");
+        let ipc = |keys: usize| {
+            let values = StringArray::from(vec!["v".repeat(1 << 20)]);
+            let dict =
+                DictionaryArray::<Int16Type>::try_new(vec![0i16; keys].into(), Arc::new(values))
+                    .unwrap();
+            let ids = StringArray::from((0..keys).map(|i| format!("e{i}")).collect::<Vec<_>>());
+            let ts = TimestampNanosecondArray::from(vec![1i64; keys]).with_timezone("UTC");
+            let batch = RecordBatch::try_from_iter([
+                ("event_id", Arc::new(ids) as ArrayRef),
+                ("timestamp", Arc::new(ts) as ArrayRef),
+                ("note", Arc::new(dict) as ArrayRef),
+            ])
+            .unwrap();
+            let mut buf = Vec::new();
+            let mut w =
+                arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
+            w.write(&batch).unwrap();
+            w.finish().unwrap();
+            drop(w);
+            buf
+        };
+        // One 1 MiB value, 300 keys: a 1 MiB body that would expand to 300 MiB.
+        let err = from_arrow_ipc(&reg, &t, &ipc(300)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("arrow_ipc_stream: dictionary column `note` expands to {} bytes; at most {MAX_EXPANDED_BYTES} per batch", 300 << 20)
+        );
+        assert!(reg.get(&t).is_none(), "a refused batch adds no column");
+        let b = from_arrow_ipc(&reg, &t, &ipc(10)).unwrap();
+        assert_eq!(b.num_rows(), 10);
     }
 
     #[test]
