@@ -112,23 +112,40 @@ impl BatchIndex {
     }
 
     /// Deletes rows older than the window; returns how many.
+    ///
+    /// A batch id reused just as its old row expires writes a new row while
+    /// it is claimed. So rows are deleted under the claim table's lock (no
+    /// claim can start meanwhile), skipping claimed ids and rows that
+    /// changed since they were read (written by a claim that has ended).
     pub fn prune(&self) -> Result<usize, rocksdb::Error> {
         let cf = self
             .db
             .cf_handle(CF_BATCHES)
             .expect("batches column family exists");
         let now = now_ms();
-        let mut batch = WriteBatch::default();
-        let mut n = 0;
+        let mut expired = Vec::new();
         for item in self.db.iterator_cf(&cf, IteratorMode::Start) {
             let (k, v) = item?;
             if decode(&v).is_none_or(|(_, _, at)| self.expired(at, now)) {
-                batch.delete_cf(&cf, k);
-                n += 1;
+                expired.push((k, v));
             }
         }
-        if n > 0 {
+        let mut n = 0;
+        for chunk in expired.chunks(1024) {
+            let inflight = self.inflight.lock();
+            let mut batch = WriteBatch::default();
+            for (k, v) in chunk {
+                let unchanged = self
+                    .db
+                    .get_pinned_cf(&cf, k)?
+                    .is_some_and(|now| *now == **v);
+                if unchanged && !inflight.contains_key(&k[..]) {
+                    batch.delete_cf(&cf, k);
+                    n += 1;
+                }
+            }
             self.db.write(batch)?;
+            drop(inflight);
         }
         Ok(n)
     }
@@ -173,6 +190,10 @@ mod tests {
         let short = BatchIndex::new(wal.db().clone(), Duration::ZERO);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(short.lookup(&claim).unwrap(), None);
+        // A claimed id keeps its row: its request may be writing a new one.
+        let held = short.claim("t", "e", "b1").await;
+        assert_eq!(short.prune().unwrap(), 0);
+        drop(held);
         assert_eq!(short.prune().unwrap(), 1);
     }
 }
