@@ -431,6 +431,19 @@ fn expanded_bytes(col: &ArrayRef) -> usize {
         .fold(0usize, usize::saturating_add)
 }
 
+/// `total` plus what `col` expands to, or the error naming `field` once that
+/// passes [`MAX_EXPANDED_BYTES`].
+fn expansion(field: &str, col: &ArrayRef, total: usize) -> Result<usize, Error> {
+    let bytes = expanded_bytes(col);
+    match total.saturating_add(bytes) {
+        t if t > MAX_EXPANDED_BYTES => Err(Error::Expands {
+            field: field.to_string(),
+            bytes,
+        }),
+        t => Ok(t),
+    }
+}
+
 fn max_value_len(col: &ArrayRef) -> usize {
     match col.data_type() {
         DataType::Utf8 => col
@@ -495,12 +508,7 @@ pub fn from_arrow_ipc(
             expected: "utf8",
         });
     }
-    if expanded_bytes(event_id) > MAX_EXPANDED_BYTES {
-        return Err(Error::Expands {
-            field: "event_id".into(),
-            bytes: expanded_bytes(event_id),
-        });
-    }
+    expansion("event_id", event_id, 0)?;
     let event_id = cast_to("event_id", event_id, &DataType::Utf8)?;
     if event_id.null_count() > 0 {
         return Err(Error::Nulls("event_id"));
@@ -554,13 +562,7 @@ pub fn from_arrow_ipc(
         match ty {
             Some(t) => {
                 // Measured before the cast expands it.
-                expanded = expanded.saturating_add(expanded_bytes(col));
-                if expanded > MAX_EXPANDED_BYTES {
-                    return Err(Error::Expands {
-                        field: name.to_string(),
-                        bytes: expanded_bytes(col),
-                    });
-                }
+                expanded = expansion(name, col, expanded)?;
                 let c = cast_to(name, col, &t.arrow())?;
                 check_size(name, max_value_len(&c))?;
                 typed.push((name, *t));
