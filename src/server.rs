@@ -86,16 +86,30 @@ pub struct Running {
 }
 
 /// A random id of this node, kept in `<data>/node-id`; it ends every file name.
+///
+/// Written durably (temporary file, fsync, rename, fsync of the directory)
+/// before any file carries it: startup's reconcile finds this node's
+/// unrecorded files by it, so a lost id would leave them behind for good.
+/// Any read error other than "not there" is an error, not a new id.
 fn node_id(data_dir: &Path) -> std::io::Result<String> {
     let path = data_dir.join("node-id");
     match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
-        _ => {
-            let id = format!("{:08x}", rand::random::<u32>());
-            std::fs::write(&path, &id)?;
-            Ok(id)
-        }
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    let id = format!("{:08x}", rand::random::<u32>());
+    let tmp = data_dir.join("node-id.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(id)
 }
 
 pub async fn start(cfg: Config) -> Result<Running> {
@@ -148,7 +162,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         node,
     )?);
     let removed = flusher.reconcile(&recorded).await?;
-    let (entries, rows) = replay(
+    let (entries, rows, set_aside) = replay(
         &wal,
         &catalog,
         &schemas,
@@ -160,6 +174,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     tracing::info!(
         entries,
         rows,
+        set_aside,
         removed_unrecorded_files = removed,
         "WAL replayed"
     );
@@ -327,8 +342,8 @@ async fn replay(
     flusher: &Flusher,
     from: Option<Ulid>,
     cfg: &Config,
-) -> Result<(u64, u64)> {
-    let (mut entries, mut rows) = (0u64, 0u64);
+) -> Result<(u64, u64, u64)> {
+    let (mut entries, mut rows, mut set_aside) = (0u64, 0u64, 0u64);
     let mut pending = Vec::new();
     for item in wal.replay_after(from) {
         let (seq, entry) = item?;
@@ -338,7 +353,11 @@ async fn replay(
                 pending.push((seq, r));
             }
             Err(e) => {
-                tracing::error!(%seq, error = %e, "skipping WAL entry that no longer converts")
+                // Acknowledged once, so never dropped: kept apart, where
+                // truncation does not reach, and named in the log.
+                wal.set_aside(seq, &e.to_string())?;
+                set_aside += 1;
+                tracing::error!(%seq, error = %e, "WAL entry no longer converts; kept in the wal_rejected column family");
             }
         }
         entries += 1;
@@ -354,7 +373,7 @@ async fn replay(
     for (seq, r) in pending {
         catalog.insert(seq, r);
     }
-    Ok((entries, rows))
+    Ok((entries, rows, set_aside))
 }
 
 impl Running {

@@ -170,6 +170,23 @@ pub const SYNC_CHUNK: usize = 1 << 20;
 /// removes leftovers. DuckDB's and our `*.parquet` globs never match it.
 pub const STAGING_SUFFIX: &str = ".staging";
 
+/// `create_dir_all`, then the parent of each directory it made is synced:
+/// a new `date=`/`hour=` directory's entry must be on disk before the file
+/// in it is recorded, or a power loss could take the file's path away.
+fn create_dirs_durably(dir: &std::path::Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&std::path::Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for made in missing {
+        if let Some(parent) = made.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `full` atomically and durably, in [`SYNC_CHUNK`] pieces
 /// that each reach the disk before the next is written: staging file, paced
 /// writes, fsync, rename, fsync of the directory.
@@ -178,7 +195,7 @@ fn write_paced(full: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = full
         .parent()
         .ok_or_else(|| std::io::Error::other("lake path without a directory"))?;
-    std::fs::create_dir_all(dir)?;
+    create_dirs_durably(dir)?;
     let mut staging = full.as_os_str().to_owned();
     staging.push(STAGING_SUFFIX);
     let staging = std::path::PathBuf::from(staging);

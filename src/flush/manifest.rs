@@ -114,7 +114,6 @@ pub fn load(db: &DB) -> Result<Loaded> {
     let manifest = db
         .cf_handle(CF_MANIFEST)
         .expect("manifest column family exists");
-    let meta = db.cf_handle(CF_META).expect("meta column family exists");
     let mut out = Loaded::default();
     for item in db.iterator_cf(&manifest, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
@@ -129,6 +128,14 @@ pub fn load(db: &DB) -> Result<Loaded> {
         let f: FileMeta = serde_json::from_slice(&v[1..]).map_err(|e| corrupt(e.to_string()))?;
         out.files.entry(f.table()).or_default().push(f);
     }
+    (out.watermarks, out.flushed_through) = load_watermarks(db)?;
+    Ok(out)
+}
+
+/// The table watermarks and the global one.
+fn load_watermarks(db: &DB) -> Result<(HashMap<TableId, Ulid>, Option<Ulid>)> {
+    let meta = db.cf_handle(CF_META).expect("meta column family exists");
+    let mut watermarks = HashMap::new();
     for item in db.prefix_iterator_cf(&meta, b"wm/") {
         let (k, v) = item?;
         let Some(rest) = k.strip_prefix(b"wm/") else {
@@ -139,13 +146,21 @@ pub fn load(db: &DB) -> Result<Loaded> {
             key: key.clone(),
             reason: "watermark key without endpoint".into(),
         })?;
-        out.watermarks
-            .insert(TableId::new(tenant, endpoint), ulid_from(&key, &v)?);
+        watermarks.insert(TableId::new(tenant, endpoint), ulid_from(&key, &v)?);
     }
-    if let Some(v) = db.get_cf(&meta, FLUSHED_THROUGH)? {
-        out.flushed_through = Some(ulid_from("flushed_through", &v)?);
-    }
-    Ok(out)
+    let flushed_through = match db.get_cf(&meta, FLUSHED_THROUGH)? {
+        Some(v) => Some(ulid_from("flushed_through", &v)?),
+        None => None,
+    };
+    Ok((watermarks, flushed_through))
+}
+
+/// The newest watermark recorded (`flushed_through` and every table's): WAL
+/// keys issued after a restart must be above it, whatever the clock says,
+/// or their rows would count as flushed already.
+pub fn newest_watermark(db: &DB) -> Result<Option<Ulid>> {
+    let (tables, global) = load_watermarks(db)?;
+    Ok(tables.into_values().chain(global).max())
 }
 
 fn ulid_from(key: &str, v: &[u8]) -> Result<Ulid> {

@@ -10,7 +10,8 @@
 //! `WriteBatch` with `sync = true`, then answers each through its oneshot.
 //!
 //! Keys are 16-byte big-endian ULIDs, strictly increasing across restarts (a
-//! clock going back yields the next free key after the last), with the low
+//! clock going back yields the next free key after the last entry, flush
+//! watermark or retention marker, whichever is newest), with the low
 //! [`SPAN_INDEX_BITS`] zero so cursor readers can give each span of an entry
 //! its own key. Entry layout: [`entry`].
 //!
@@ -64,6 +65,9 @@ pub const CF_MANIFEST: &str = "manifest";
 pub const CF_KEYS: &str = "keys";
 pub const CF_SCHEMAS: &str = "schemas";
 pub const CF_BATCHES: &str = "batches";
+/// Entries that replay could not convert any more (see [`Wal::set_aside`]);
+/// nothing deletes them.
+pub const CF_REJECTED: &str = "wal_rejected";
 pub const COLUMN_FAMILIES: &[&str] = &[
     CF_WAL,
     CF_WAL_TRANSIENT,
@@ -72,6 +76,7 @@ pub const COLUMN_FAMILIES: &[&str] = &[
     CF_KEYS,
     CF_SCHEMAS,
     CF_BATCHES,
+    CF_REJECTED,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,8 @@ pub enum Error {
     Thread(String),
     #[error("compressing a WAL entry failed: {0}")]
     Compress(String),
+    #[error("reading the flush watermarks: {0}")]
+    Watermarks(String),
 }
 
 impl Classify for Error {
@@ -198,7 +205,21 @@ impl Wal {
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
-        let last = last_key(&db)?;
+        // Deleted entries took their keys with them; the watermarks and the
+        // retention marker still bound them. A clock that went back (NTP
+        // step, restored VM, data dir moved to another host) must not issue
+        // keys at or below them: rows under a table's watermark count as
+        // flushed and would be skipped.
+        let floor = crate::flush::manifest::newest_watermark(&db)
+            .map_err(|e| Error::Watermarks(e.to_string()))?;
+        let deleted = {
+            let meta = db.cf_handle(CF_META).expect("meta column family exists");
+            db.get_cf(&meta, DELETED_THROUGH)?
+                .and_then(|v| key_from_bytes(&v))
+        };
+        let last = last_key(&db)?
+            .max(floor.unwrap_or_default())
+            .max(deleted.unwrap_or_default());
         let (tx, rx) = mpsc::channel(max_group.max(64) * 4);
         let writer_db = db.clone();
         let writer = std::thread::Builder::new()
@@ -384,9 +405,72 @@ impl Wal {
             .cf_handle(CF_WAL_TRANSIENT)
             .expect("transient WAL column family exists");
         self.db.delete_range_cf(&cf, [0u8; 16], bound.to_bytes())?;
+        // RocksDB's DeleteFilesInRange includes its end key: a file whose
+        // newest entry is `bound` itself (still unflushed) must stay.
+        let Some(last) = bound.0.checked_sub(1) else {
+            return Ok(());
+        };
         self.db
-            .delete_file_in_range_cf(&cf, [0u8; 16], bound.to_bytes())?;
+            .delete_file_in_range_cf(&cf, [0u8; 16], last.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Keeps entry `key` (its stored bytes, unchanged) in [`CF_REJECTED`]
+    /// with `reason`, in a synced write. Replay calls it for an acknowledged
+    /// entry it can no longer convert (a limit tightened by an upgrade, say):
+    /// the flush watermark then passes the entry and truncation deletes it
+    /// from the log, but its bytes stay here for an operator to recover.
+    /// Value: reason length (u32 big-endian), reason (UTF-8), entry bytes.
+    pub fn set_aside(&self, key: Ulid, reason: &str) -> Result<()> {
+        let mut raw = None;
+        for name in [CF_WAL, CF_WAL_TRANSIENT] {
+            let cf = self.db.cf_handle(name).expect("WAL column family exists");
+            if let Some(v) = self.db.get_cf(&cf, key.to_bytes())? {
+                raw = Some(v);
+                break;
+            }
+        }
+        let Some(raw) = raw else {
+            return Ok(());
+        };
+        let mut value = Vec::with_capacity(4 + reason.len() + raw.len());
+        value.extend_from_slice(&(reason.len() as u32).to_be_bytes());
+        value.extend_from_slice(reason.as_bytes());
+        value.extend_from_slice(&raw);
+        let cf = self
+            .db
+            .cf_handle(CF_REJECTED)
+            .expect("rejected column family exists");
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        self.db.put_cf_opt(&cf, key.to_bytes(), value, &sync)?;
+        Ok(())
+    }
+
+    /// The entries [`Wal::set_aside`] kept: key, reason, entry.
+    pub fn set_aside_entries(&self) -> Result<Vec<(Ulid, String, WalEntry)>> {
+        let cf = self
+            .db
+            .cf_handle(CF_REJECTED)
+            .expect("rejected column family exists");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&cf, IteratorMode::Start) {
+            let (k, v) = item?;
+            let Some(key) = key_from_bytes(&k) else {
+                continue;
+            };
+            let corrupt = |source| Error::Corrupt { key, source };
+            let len = v
+                .get(..4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()) as usize)
+                .ok_or_else(|| corrupt(entry::DecodeError::Truncated(0)))?;
+            let reason = v
+                .get(4..4 + len)
+                .ok_or_else(|| corrupt(entry::DecodeError::Truncated(4)))?;
+            let e = WalEntry::decode(&v[4 + len..]).map_err(corrupt)?;
+            out.push((key, String::from_utf8_lossy(reason).into_owned(), e));
+        }
+        Ok(out)
     }
 
     /// The newest entry key ever deleted by retention, if any.
@@ -676,6 +760,56 @@ mod tests {
         drop(wal);
         let wal = Wal::open(dir.path(), 64).unwrap();
         assert!(wal.append(&entry(9), |_| {}).await.unwrap() > keys[4]);
+    }
+
+    /// Entries deleted after their flush leave no key behind; a restart with
+    /// a clock that went back must still issue keys above the watermarks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_after_a_restart_are_above_the_watermarks_and_retention_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let day_ahead = |days: u64| Ulid::from_parts(crate::flush::now_ms() + days * 86_400_000, 0);
+        for (name, key) in [
+            (b"wm/default/orders".as_slice(), day_ahead(1)),
+            (b"flushed_through".as_slice(), day_ahead(2)),
+            (DELETED_THROUGH, day_ahead(3)),
+        ] {
+            let wal = Wal::open(dir.path(), 64).unwrap();
+            let meta = wal.db().cf_handle(CF_META).unwrap();
+            wal.db().put_cf(&meta, name, key.to_bytes()).unwrap();
+            wal.close();
+            drop(wal);
+            let wal = Wal::open(dir.path(), 64).unwrap();
+            let next = wal.append(&entry(1), |_| {}).await.unwrap();
+            assert!(
+                next > key,
+                "{}: {next} not above {key}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    /// RocksDB's file deletion includes its end key; a compacted file whose
+    /// newest entry is the oldest unflushed one must survive the drop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_flushed_transient_entries_keeps_a_file_ending_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 64).unwrap();
+        let mut keys = Vec::new();
+        for i in 0..3 {
+            let e = WalEntry {
+                kind: PayloadKind::DataRecordBatch,
+                ..entry(i)
+            };
+            keys.push(wal.append(&e, |_| {}).await.unwrap());
+        }
+        // One SST below L0 (the level file deletion works on) holding all three.
+        let cf = wal.db().cf_handle(CF_WAL_TRANSIENT).unwrap();
+        wal.db().flush_cf(&cf).unwrap();
+        wal.db().compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        // keys[2] is the oldest entry whose rows are not in a published file.
+        wal.drop_transient_before(keys[2]).unwrap();
+        let left: Vec<_> = wal.replay_after(None).map(|r| r.unwrap().0).collect();
+        assert_eq!(left, vec![keys[2]]);
     }
 
     /// A reused log file still holds older records behind the new ones.
