@@ -160,11 +160,25 @@ impl Flusher {
     /// Flushes every table that holds rows, after any flush in progress
     /// (which it hurries along); returns the files published.
     pub async fn flush_all(&self) -> Result<Vec<FileMeta>> {
+        self.flush_tenant(None).await
+    }
+
+    /// [`Flusher::flush_all`] limited to one tenant's tables when `tenant`
+    /// is given.
+    ///
+    /// Not cancel-safe: a flush dropped between freezing a memtable and
+    /// publishing its files leaves the frozen rows unpublished (held in
+    /// memory, pinning the WAL) until a restart. Callers that can be
+    /// cancelled (a request handler whose client goes away) spawn it.
+    pub async fn flush_tenant(&self, tenant: Option<&str>) -> Result<Vec<FileMeta>> {
         self.urgent_waiting.fetch_add(1, Ordering::Relaxed);
         let guard = self.lock.lock().await;
         self.urgent_waiting.fetch_sub(1, Ordering::Relaxed);
         let mut files = Vec::new();
         for table in self.catalog.tables_with_rows() {
+            if tenant.is_some_and(|t| *table.tenant != *t) {
+                continue;
+            }
             files.extend(self.flush_locked(&guard, &table, true).await?);
         }
         Ok(files)

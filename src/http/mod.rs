@@ -53,7 +53,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/apikeys/{id}", delete(delete_key))
         .merge(query::routes())
         .merge(otlp::routes())
+        .fallback(no_route)
         .with_state(state)
+}
+
+/// Unknown paths get the same JSON error body as every other error.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, format!("no route {}", uri.path()))
 }
 
 /// The principal behind an HTTP request's headers.
@@ -114,8 +120,16 @@ async fn flush(
     State(s): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    admin(&s, &headers).await?;
-    let files = s.flusher.flush_all().await.map_err(ApiError::from_err)?;
+    let p = admin(&s, &headers).await?;
+    // A tenant's admin key flushes (and learns the files of) its own tenant
+    // only; the operator's (tenant `default`) flushes every tenant.
+    let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
+    // Spawned: a client that goes away must not cancel a flush halfway.
+    let flusher = s.flusher.clone();
+    let files = tokio::spawn(async move { flusher.flush_tenant(only.as_deref()).await })
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(ApiError::from_err)?;
     let rows: u64 = files.iter().map(|f| f.rows).sum();
     Ok(Json(json!({"files": files, "rows": rows})))
 }

@@ -3,7 +3,8 @@
 //! Every route authenticates, requires the `read` scope, and queries only the
 //! credential's tenant (see `crate::query`).
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +16,7 @@ use super::{principal, AppState};
 use crate::error::{ApiError, ErrorKind};
 use crate::query::output;
 use crate::query::spans::ListParams;
+use crate::query::QueryResult;
 
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
@@ -81,13 +83,26 @@ fn body(content_type: &'static str, bytes: Vec<u8>) -> Response {
 async fn sql(
     State(s): State<AppState>,
     headers: HeaderMap,
-    req: Result<Json<SqlRequest>, JsonRejection>,
+    raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let p = principal(&s.auth, &headers).await?;
     let format = negotiate(&headers)?;
-    let Json(req) =
-        req.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    // The body is JSON whatever its Content-Type says (`curl -d` labels it
+    // a form).
+    let raw = raw.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let req: SqlRequest = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::invalid(format!(
+            "request body: expected a JSON object {{\"sql\": \"…\"}}: {e}"
+        ))
+    })?;
     let result = s.query.sql(&p, req.sql).await?;
+    // Encoding 100,000 rows takes a while: off the runtime that serves writes.
+    tokio::task::spawn_blocking(move || encode(format, &result))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+}
+
+fn encode(format: Format, result: &QueryResult) -> Result<Response, ApiError> {
     let encode_err =
         |e: arrow::error::ArrowError| ApiError::new(ErrorKind::Internal, e.to_string());
     Ok(match format {

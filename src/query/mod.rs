@@ -11,6 +11,7 @@
 //! Queries run on their own Tokio runtime so a heavy scan cannot starve the
 //! ingest path's tasks.
 
+mod amplify;
 pub mod output;
 pub mod spans;
 pub mod table;
@@ -60,6 +61,9 @@ impl Classify for Error {
             Self::Task(_) => ErrorKind::Internal,
             Self::DataFusion(e) => match e.find_root() {
                 DataFusionError::ResourcesExhausted(_) => ErrorKind::LimitExceeded,
+                DataFusionError::External(e) if e.is::<amplify::TooLarge>() => {
+                    ErrorKind::LimitExceeded
+                }
                 DataFusionError::SQL(..)
                 | DataFusionError::Plan(_)
                 | DataFusionError::SchemaError(..)
@@ -179,6 +183,7 @@ impl QueryEngine {
             .parquet
             .schema_force_view_types = false;
         let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        amplify::register(&ctx, self.cfg.memory);
         for name in self.tables_for(p) {
             let table = TableId::new(&p.tenant, &name);
             let Some(schema) = self.schemas.get(&table) else {
@@ -225,6 +230,7 @@ impl QueryEngine {
                 Err(Error::Timeout(timeout))
             }
         };
+
         METRICS.query_latency.observe_duration(started.elapsed());
         match result {
             Ok(r) => {

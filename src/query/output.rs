@@ -33,7 +33,8 @@ fn float(v: f64) -> Value {
 
 /// One cell as JSON.
 pub fn cell(col: &dyn Array, row: usize) -> Value {
-    if col.is_null(row) {
+    // A NullArray (an untyped NULL) has no validity buffer: is_null is false.
+    if col.is_null(row) || col.data_type() == &DataType::Null {
         return Value::Null;
     }
     match col.data_type() {
@@ -55,22 +56,27 @@ pub fn cell(col: &dyn Array, row: usize) -> Value {
         DataType::LargeBinary => hex::encode(col.as_binary::<i64>().value(row)).into(),
         DataType::BinaryView => hex::encode(col.as_binary_view().value(row)).into(),
         DataType::Timestamp(unit, _) => {
-            let ns = match unit {
-                TimeUnit::Second => col
-                    .as_primitive::<TimestampSecondType>()
-                    .value(row)
-                    .saturating_mul(1_000_000_000),
-                TimeUnit::Millisecond => col
-                    .as_primitive::<TimestampMillisecondType>()
-                    .value(row)
-                    .saturating_mul(1_000_000),
-                TimeUnit::Microsecond => col
-                    .as_primitive::<TimestampMicrosecondType>()
-                    .value(row)
-                    .saturating_mul(1_000),
-                TimeUnit::Nanosecond => col.as_primitive::<TimestampNanosecondType>().value(row),
+            let t = match unit {
+                TimeUnit::Second => chrono::DateTime::from_timestamp(
+                    col.as_primitive::<TimestampSecondType>().value(row),
+                    0,
+                ),
+                TimeUnit::Millisecond => chrono::DateTime::from_timestamp_millis(
+                    col.as_primitive::<TimestampMillisecondType>().value(row),
+                ),
+                TimeUnit::Microsecond => chrono::DateTime::from_timestamp_micros(
+                    col.as_primitive::<TimestampMicrosecondType>().value(row),
+                ),
+                TimeUnit::Nanosecond => Some(chrono::DateTime::from_timestamp_nanos(
+                    col.as_primitive::<TimestampNanosecondType>().value(row),
+                )),
             };
-            rfc3339_nanos(ns).into()
+            // Seconds and milliseconds reach past what nanoseconds since
+            // 1970 can hold (year 2262); beyond chrono's range, Arrow's text.
+            match t {
+                Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).into(),
+                None => display(col, row),
+            }
         }
         DataType::List(_) => list(col.as_list::<i32>().value(row)),
         DataType::LargeList(_) => list(col.as_list::<i64>().value(row)),
@@ -168,7 +174,10 @@ pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Float64Array, Int64Array, StringArray, TimestampNanosecondArray};
+    use arrow::array::{
+        Float64Array, Int64Array, NullArray, StringArray, TimestampNanosecondArray,
+        TimestampSecondArray,
+    };
     use std::sync::Arc;
 
     #[test]
@@ -192,6 +201,11 @@ mod tests {
         assert_eq!(cell(&i, 0), Value::from(i64::MIN));
         let ts = TimestampNanosecondArray::from(vec![0]).with_timezone("UTC");
         assert_eq!(cell(&ts, 0), Value::from("1970-01-01T00:00:00.000000000Z"));
+        // Past 2262 in seconds: the date itself, not the largest nanosecond.
+        let far = TimestampSecondArray::from(vec![32_503_680_000]);
+        assert_eq!(cell(&far, 0), Value::from("3000-01-01T00:00:00.000000000Z"));
+        // An untyped NULL (`SELECT NULL`) is null, not an empty string.
+        assert_eq!(cell(&NullArray::new(2), 1), Value::Null);
     }
 
     #[test]

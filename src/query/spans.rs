@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::flush::parquet::distinct_strings;
 use crate::ingest::otlp_trace::SPANS;
 use crate::memtable::TableId;
@@ -149,9 +149,15 @@ pub fn is_json_column(name: &str) -> bool {
 /// `"key":"value"`, quotes inside values escaped, so these cannot match inside a value).
 fn is_llm_span() -> Expr {
     let a = || col("attributes_json");
+    // A string attribute that is present and not empty (LIKE's `_` would
+    // also match the closing quote of `""`).
+    let non_empty = |key: &str| {
+        a().like(lit(format!(r#"%"{key}":"%"#)))
+            .and(a().not_like(lit(format!(r#"%"{key}":""%"#))))
+    };
     a().like(lit(r#"%"openinference.span.kind":"LLM"%"#))
-        .or(a().like(lit(r#"%"gen_ai.operation.name":"_%"#)))
-        .or(a().like(lit(r#"%"gen_ai.provider.name":"_%"#)))
+        .or(non_empty("gen_ai.operation.name"))
+        .or(non_empty("gen_ai.provider.name"))
 }
 
 impl QueryEngine {
@@ -168,7 +174,11 @@ impl QueryEngine {
     {
         p.require_endpoint("read", SPANS)?;
         let result = self.run(p, range, max_rows, build).await?;
-        Ok(json_objects(&result.batches, is_json_column))
+        // Parsing every JSON cell of a large trace takes a while: off the
+        // runtime that serves writes.
+        tokio::task::spawn_blocking(move || json_objects(&result.batches, is_json_column))
+            .await
+            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
     }
 
     /// `GET /otel/span-service-names`: sorted distinct service names.

@@ -105,11 +105,25 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
         assert!(claims.get(c).is_some(), "claim {c} missing: {claims}");
     }
 
+    // OTLP/HTTP takes Junjo's header too.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/traces", server.http()))
+        .header("x-junjo-api-key", &key)
+        .header("content-type", "application/x-protobuf")
+        .body(prost::Message::encode_to_vec(&request(
+            "auth",
+            vec![span(6, 6, None)],
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     // The data landed under tenant=acme only.
     server.flush().await;
     assert_eq!(
         strings(&read_table(&server.lake(), "acme", "spans"), "span_id").len(),
-        5
+        6
     );
     assert!(read_table(&server.lake(), "default", "spans").is_empty());
 
@@ -232,7 +246,7 @@ async fn scopes_endpoints_bad_credentials_and_bad_names() {
     )
     .await;
     assert_eq!(status, 403);
-    let (status, _) = create_key(
+    let (status, acme_writer) = create_key(
         &server,
         acme_admin,
         json!({"tenant": "acme", "scopes": ["write"]}),
@@ -249,6 +263,38 @@ async fn scopes_endpoints_bad_credentials_and_bad_names() {
         )
         .await;
     assert_eq!(r.status(), 403);
+
+    // A tenant's admin key flushes its own tenant's tables and hears of their
+    // files only; the operator's key flushes the rest.
+    export_ok(&mut server.trace_client().await, 40)
+        .await
+        .unwrap();
+    let mut c = server
+        .trace_client_with("x-api-key", acme_writer["key"].as_str().map(String::from))
+        .await;
+    export_ok(&mut c, 41).await.unwrap();
+    let flushed = |r: serde_json::Value| -> Vec<String> {
+        r["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["tenant"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = server
+        .post("/api/v1/admin/flush", Some(acme_admin), json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let tenants = flushed(r.json().await.unwrap());
+    assert!(
+        !tenants.is_empty() && tenants.iter().all(|t| t == "acme"),
+        "{tenants:?}"
+    );
+    let r = server
+        .post("/api/v1/admin/flush", Some(ADMIN_KEY), json!({}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(flushed(r.json().await.unwrap()).contains(&"default".to_string()));
 
     // Internal ValidateApiKey, as the Go service calls it.
     let ch = tonic::transport::Channel::from_shared(server.internal_url())
@@ -512,4 +558,37 @@ async fn cli_creates_lists_and_deletes_keys() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+/// `--no-auth`: no credential needed, every request is tenant `default`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_auth_mode_takes_requests_without_credentials_as_tenant_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--no-auth"]).await;
+    let mut c = server.trace_client_with("x-api-key", None).await;
+    export_ok(&mut c, 1).await.unwrap();
+    let health: serde_json::Value = reqwest::get(format!("{}/health", server.http()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["memtable_rows"], 1, "{health}");
+    assert!(health["memtable_bytes"].as_u64().unwrap() > 0, "{health}");
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/query", server.http()))
+        .json(&json!({"sql": "SELECT service_name FROM spans"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["rows"], json!([["auth"]]));
+    let r = server.post("/api/v1/admin/flush", None, json!({})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        read_table(&server.lake(), "default", "spans")[0].num_rows(),
+        1
+    );
 }

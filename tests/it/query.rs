@@ -197,6 +197,29 @@ async fn span_endpoints_read_files_and_memtables_and_survive_restart() {
         .await;
     assert_eq!(st, 200, "{llm}");
     assert_eq!(ids(&llm, "span_id"), [span_id_hex(50)]);
+
+    // A `gen_ai.*` attribute makes an LLM span only when it is not empty.
+    let llm_child = |trace, n, key, value| {
+        let mut s = span(trace, n, Some(n - 1));
+        s.attributes.push(kv(key, sv(value)));
+        s
+    };
+    c.export(request(
+        "svc-d",
+        vec![
+            root(6, 60, vec![]),
+            llm_child(6, 61, "gen_ai.operation.name", ""),
+            root(7, 70, vec![]),
+            llm_child(7, 71, "gen_ai.provider.name", "openai"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let (st, llm) = server
+        .get_json("/otel/service/svc-d/root-spans-filtered", k)
+        .await;
+    assert_eq!(st, 200, "{llm}");
+    assert_eq!(ids(&llm, "span_id"), [span_id_hex(70)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,6 +247,39 @@ async fn sql_formats_safety_and_tenant_isolation() {
     assert_eq!(v["rows"], json!([["svc-a", 3], ["svc-b", 1]]));
     let (_, v) = server.sql(&acme, "SELECT service_name FROM spans").await;
     assert_eq!(v["rows"], json!([["acme-svc"]]));
+    // The body is read as JSON whatever its Content-Type (`curl -d` sends a
+    // form type); a body that is not the JSON object is a 400 that says so.
+    for (body, status) in [
+        (r#"{"sql": "SELECT 1 AS one, NULL AS nothing"}"#, 200),
+        ("sql=SELECT 1", 400),
+    ] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/query", server.http()))
+            .header("x-api-key", ADMIN_KEY)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{body}");
+        let v: Value = r.json().await.unwrap();
+        if status == 200 {
+            assert_eq!(v["rows"], json!([[1, null]]), "{v}");
+        } else {
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("expected a JSON object"),
+                "{v}"
+            );
+        }
+    }
+    let (st, v) = server
+        .get_json("/api/v1/no-such-route", Some(ADMIN_KEY))
+        .await;
+    assert_eq!(st, 404);
+    assert_eq!(v["error"], "no route /api/v1/no-such-route", "{v}");
     let (_, v) = server
         .sql(
             &acme,
@@ -380,7 +436,7 @@ async fn sql_limits_fail_clearly() {
             "--query-memory",
             "2MiB",
             "--query-timeout",
-            "1s",
+            "10s",
         ],
     )
     .await;
@@ -409,6 +465,19 @@ async fn sql_limits_fail_clearly() {
         .await;
     assert_eq!(st, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("query result"), "{v}");
+    // A call that would build more than the whole budget is refused before
+    // it allocates (DataFusion folds constant calls while planning).
+    for sql in [
+        "SELECT repeat('ab', 1073741823)",
+        "SELECT cardinality(range(0, 1500000000))",
+    ] {
+        let (st, v) = server.sql(ADMIN_KEY, sql).await;
+        assert_eq!(st, 422, "{sql}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("--query-memory"),
+            "{sql}: {v}"
+        );
+    }
     let (st, v) = server
         .sql(ADMIN_KEY, "SELECT count(*) FROM range(1000000000000)")
         .await;
@@ -425,36 +494,60 @@ async fn queries_during_flush_see_every_row_exactly_once() {
     let server = Server::start(dir.path(), &[]).await;
     let mut c = server.trace_client().await;
     let mut total = 0;
-    for batch in 0..20u64 {
-        let spans = (0..500).map(|i| span(batch, i, None)).collect();
-        c.export(request("svc", spans)).await.unwrap();
-        total += 500;
+    // Rounds of write-then-flush until some query ran wholly inside a flush
+    // (a fast flush can finish before the first query does).
+    let (mut checks, mut during) = (0, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    for round in 0u64.. {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no query overlapped a flush in {round} rounds"
+        );
+        for batch in 0..20u64 {
+            let spans = (0..500)
+                .map(|i| span(round * 100 + batch, i, None))
+                .collect();
+            c.export(request("svc", spans)).await.unwrap();
+            total += 500;
+        }
+        let flush = {
+            let http = server.http();
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(format!("{http}/api/v1/admin/flush"))
+                    .header("x-api-key", ADMIN_KEY)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        };
+        while !flush.is_finished() {
+            let (st, v) = server
+                .sql(
+                    ADMIN_KEY,
+                    "SELECT count(*), count(DISTINCT span_id || trace_id) FROM spans",
+                )
+                .await;
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(v["rows"], json!([[total, total]]), "after {checks} checks");
+            checks += 1;
+            if !flush.is_finished() {
+                during += 1; // started and ended while the flush ran
+            }
+        }
+        assert_eq!(flush.await.unwrap(), 200);
+        if during > 0 {
+            break;
+        }
     }
-    let flush = {
-        let http = server.http();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{http}/api/v1/admin/flush"))
-                .header("x-api-key", ADMIN_KEY)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
-    };
-    let mut checks = 0;
-    while !flush.is_finished() || checks < 5 {
-        let (st, v) = server
-            .sql(
-                ADMIN_KEY,
-                "SELECT count(*), count(DISTINCT span_id || trace_id) FROM spans",
-            )
-            .await;
-        assert_eq!(st, 200, "{v}");
-        assert_eq!(v["rows"], json!([[total, total]]), "after {checks} checks");
-        checks += 1;
-    }
-    assert_eq!(flush.await.unwrap(), 200);
+    let (st, v) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT count(*), count(DISTINCT span_id || trace_id) FROM spans",
+        )
+        .await;
+    assert_eq!((st, &v["rows"]), (200, &json!([[total, total]])), "{v}");
 }
 
 async fn read_all(
