@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing lakewriter needs on a fresh Debian machine
-# with the Rust toolchain: clang/libclang (RocksDB bindings), protoc, and a
-# Python venv (.venv) for the Python tests. Idempotent; sourced by the other scripts.
+# with the Rust toolchain: clang/libclang (RocksDB bindings), protoc, curl (the
+# benchmark scripts), and a Python venv (.venv) for the Python tests. Idempotent; sourced by the other scripts.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 need_apt=()
-for pkg in clang libclang-dev protobuf-compiler python3-venv; do
+for pkg in clang libclang-dev protobuf-compiler python3-venv curl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -2,9 +2,9 @@
 //! acknowledged span is present exactly once.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -18,10 +18,11 @@ async fn kill9_under_load_loses_no_acked_span_and_duplicates_none() {
     let mut server = Server::start(dir.path(), &args).await;
     let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
     let next = Arc::new(AtomicU64::new(0));
-    for round in 0..3 {
+    for round in 0..3u64 {
+        let killed = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for _ in 0..8 {
-            let (acked, next) = (acked.clone(), next.clone());
+            let (acked, next, killed) = (acked.clone(), next.clone(), killed.clone());
             let mut client = server.trace_client().await;
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -29,15 +30,29 @@ async fn kill9_under_load_loses_no_acked_span_and_duplicates_none() {
                     let spans = (first..first + 50).map(|n| span(n / 50, n, None)).collect();
                     match client.export(request("crash", spans)).await {
                         Ok(_) => acked.lock().extend(first..first + 50),
-                        Err(_) => return, // the server died under us
+                        // The server died under us; before the kill, an error is a failure.
+                        Err(_) if killed.load(Ordering::SeqCst) => return Ok(()),
+                        Err(e) => return Err(e),
                     }
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
+        // Kill once this round has had a different amount of acked load (not
+        // after a fixed time: a slow machine would ack too little to test).
+        let target = acked.lock().len() + 2_000 + 1_500 * round as usize;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while acked.lock().len() < target {
+            assert!(
+                Instant::now() < deadline,
+                "exporters stalled: {} acked",
+                acked.lock().len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        killed.store(true, Ordering::SeqCst);
         server.kill9();
         for t in tasks {
-            t.await.unwrap();
+            t.await.unwrap().expect("export failed before the kill");
         }
         server.restart().await;
     }

@@ -199,14 +199,24 @@ impl Server {
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait (at most two minutes) for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status()
-                .unwrap();
-            let status = c.wait().unwrap();
+            // SAFETY: kill(2) on our own child's pid, which it still is: the
+            // child has not been waited for.
+            assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGTERM) }, 0);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            let status = loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("no exit within 2 min of SIGTERM: {}", self.log());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
             assert!(status.success(), "unclean exit {status}: {}", self.log());
         }
     }

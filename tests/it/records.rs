@@ -571,6 +571,10 @@ async fn write_stream_acks_in_order_and_stops_at_the_first_error() {
         tokens.push(ack.sequence_token);
     }
     assert_eq!(tokens.len(), 20);
+    // One WAL entry per batch: twenty distinct tokens (batches of one stream
+    // are appended concurrently, so their keys need not follow stream order).
+    let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+    assert_eq!(distinct.len(), 20);
     // Resending the whole stream: every ack is the original one.
     let mut again = c
         .write_stream(futures::stream::iter(reqs))

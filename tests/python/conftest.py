@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,12 +14,6 @@ import pytest
 
 ADMIN_KEY = "lw_test_admin_key_0123456789abcdefghij"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def binary() -> str:
@@ -68,6 +61,8 @@ class Server:
                 except OSError:
                     pass
             if self.proc.poll() is not None or time.time() > deadline:
+                self.proc.kill()
+                self.proc.wait(timeout=60)
                 raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
 
@@ -90,8 +85,19 @@ class Server:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
+    def create_key(self, tenant: str, scopes=("write", "read")) -> str:
+        """A new API key of `tenant` (made with the admin key)."""
+        return self.post("/api/v1/apikeys", {"tenant": tenant, "name": "py", "scopes": list(scopes)},
+                         headers={"X-API-Key": ADMIN_KEY})["key"]
+
     def flush(self) -> dict:
         return self.post("/api/v1/admin/flush", headers={"X-API-Key": ADMIN_KEY})
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled Prometheus metric of GET /metrics."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=30) as r:
+            line = next(l for l in r.read().decode().splitlines() if l.split(" ")[0] == name)
+        return float(line.split()[1])
 
     def kill9(self) -> None:
         self.proc.kill()
@@ -101,9 +107,16 @@ class Server:
         return self.post("/api/v1/query", {"sql": sql}, headers={"X-API-Key": ADMIN_KEY})["rows"]
 
     def stop(self) -> None:
+        """SIGTERM; the server must exit cleanly (it flushes first) within two minutes."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=60)
+                raise AssertionError(f"no exit within 2 min of SIGTERM:\n{self.log_path.read_text()}")
+            assert self.proc.returncode == 0, f"exit {self.proc.returncode}:\n{self.log_path.read_text()}"
 
 
 @pytest.fixture

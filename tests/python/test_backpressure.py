@@ -35,12 +35,6 @@ def retry_delay(status: status_pb2.Status) -> float:
     return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
 
 
-def rejected(server) -> int:
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=30) as r:
-        line = next(l for l in r.read().decode().splitlines() if l.startswith("lakewriter_ingest_rejected_total"))
-    return int(float(line.split()[1]))
-
-
 def test_refusals_over_budget_say_when_to_retry_and_the_exporter_delivers(tmp_path):
     server = Server(tmp_path / "data", "--memtable-budget", "1KiB")
     # A file where the tenant's lake directory would go: flushes fail (and
@@ -102,17 +96,26 @@ def test_refusals_over_budget_say_when_to_retry_and_the_exporter_delivers(tmp_pa
         # The official exporter is refused, waits the second it was told, and
         # retries; the lake comes back meanwhile, the flush frees the
         # memtable, and the export is acknowledged.
-        before = rejected(server)
+        before = server.metric("lakewriter_ingest_rejected_total")
         second = {}
-        sender = threading.Thread(target=lambda: second.update(export_spans(server, "second")))
+
+        def send():
+            try:
+                second.update(export_spans(server, "second"))
+            except BaseException as exc:  # re-raised below, in the test's thread
+                second["error"] = exc
+
+        sender = threading.Thread(target=send)
         sender.start()
         deadline = time.time() + 30
-        while rejected(server) == before:
+        while server.metric("lakewriter_ingest_rejected_total") == before:
             assert time.time() < deadline, "the exporter was never refused"
             time.sleep(0.05)
         blocker.unlink()
-        sender.join(timeout=60)
+        sender.join(timeout=120)
         assert not sender.is_alive()
+        if "error" in second:
+            raise second["error"]
 
         server.flush()
         rows = duckdb.connect().execute(

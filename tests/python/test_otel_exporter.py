@@ -5,17 +5,39 @@ import duckdb
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 
 from conftest import ADMIN_KEY
 
 
+class RecordingExporter(SpanExporter):
+    """The SDK's exporter, keeping the result of every export (force_flush
+    reports only whether the processor finished in time, not whether the
+    server took the spans)."""
+
+    def __init__(self, inner: SpanExporter):
+        self.inner, self.results = inner, []
+
+    def export(self, spans):
+        result = self.inner.export(spans)
+        self.results.append(result)
+        return result
+
+    def shutdown(self):
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
 def export_spans(server, service: str, headers=(("x-api-key", ADMIN_KEY),)) -> dict:
-    exporter = OTLPSpanExporter(endpoint=server.grpc_endpoint, insecure=True, headers=headers)
+    # timeout: how long the exporter keeps retrying a refusal (backpressure test)
+    exporter = RecordingExporter(OTLPSpanExporter(endpoint=server.grpc_endpoint, insecure=True,
+                                                  headers=headers, timeout=60))
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=90_000))
     tracer = provider.get_tracer("pytest-scope", "9.9")
     ids = {}
     with tracer.start_as_current_span("root", kind=SpanKind.SERVER) as root:
@@ -27,8 +49,9 @@ def export_spans(server, service: str, headers=(("x-api-key", ADMIN_KEY),)) -> d
             child.add_event("retry", {"attempt": 2})
             child.set_status(Status(StatusCode.ERROR, "upstream failed"))
             ids["child"] = format(child.get_span_context().span_id, "016x")
-    assert provider.force_flush(30_000)
+    assert provider.force_flush(90_000)
     provider.shutdown()
+    assert exporter.results and all(r == SpanExportResult.SUCCESS for r in exporter.results), exporter.results
     return ids
 
 

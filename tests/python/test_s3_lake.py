@@ -9,25 +9,26 @@ import duckdb
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import ADMIN_KEY, Server, free_port
+from conftest import ADMIN_KEY, Server
 from test_otel_exporter import export_spans
 
 
 @pytest.fixture
 def s3():
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: bound, then read
     moto.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
-    }
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")
-    client.create_bucket(Bucket="lake")
-    yield client, env
-    moto.stop()
+    try:
+        endpoint = "http://127.0.0.1:%d" % moto.get_host_and_port()[1]
+        env = {
+            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
+        }
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+        client.create_bucket(Bucket="lake")
+        yield client, env
+    finally:
+        moto.stop()
 
 
 def post_logs(server, n: int, start: int) -> None:

@@ -1,9 +1,14 @@
-"""An in-process stand-in for lakewriter's IngestionService and HTTP query API (unit tests only).
+"""An in-process stand-in for lakewriter's IngestionService and HTTP query API,
+for the client behaviour a real server cannot be made to show on cue.
 
-It implements the contract the client relies on: bearer-key auth, idempotent
-batch_ids (duplicate acks repeat the original), one response per stream request
-in order, typed errors with ``lw-retryable`` trailing metadata, and scripted
-faults (fail the next calls, lose an ack, break a stream).
+It injects scripted faults (fail the next calls with a given status and
+``lw-retryable`` flag, lose an ack after the write, break a stream at request
+N, hold a handler back) and keeps just enough of the contract for the client
+to work through them: bearer-key auth, idempotent batch_ids (a duplicate ack
+repeats the original), one response per stream request, in order. What the
+real server does with the same calls (storage, deduplication, schema and name
+errors, auth scopes, flush) is tested against the real binary in
+``tests/python/test_client.py``.
 """
 from __future__ import annotations
 
@@ -68,15 +73,13 @@ class FakeIngestion(ingestion_pb2_grpc.IngestionServiceServicer):
         return response
 
     def _write(self, request, context):
-        key = (request.tenant_id, request.endpoint_id, request.batch_id)
+        key = (request.endpoint_id, request.batch_id)
         with self.lock:
             if key in self.acks:
                 first = self.acks[key]
                 return ingestion_pb2.WriteBatchResponse(
                     records_accepted=first.records_accepted, duplicate=True, sequence_token=first.sequence_token
                 )
-        if request.endpoint_id.startswith("bad"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"endpoint `{request.endpoint_id}` rejected")
         if request.WhichOneof("payload") == "arrow_ipc_stream":
             try:
                 rows = decode_ipc(request.arrow_ipc_stream).to_pylist()
@@ -117,7 +120,7 @@ class FakeIngestion(ingestion_pb2_grpc.IngestionServiceServicer):
             yield self._handle(request, context)
 
     def batch_ids(self, endpoint: str | None = None) -> list:
-        return [k[2] for k in self.acks if endpoint is None or k[1] == endpoint]
+        return [k[1] for k in self.acks if endpoint is None or k[0] == endpoint]
 
 
 class FakeServer:
@@ -163,8 +166,6 @@ def _start_http(fake: FakeServer) -> http.server.ThreadingHTTPServer:
             if self.headers.get("Authorization") != f"Bearer {KEY}":
                 return self._send(401, json.dumps({"error": "unknown API key", "code": "Unauthenticated",
                                                    "retryable": False}).encode(), "application/json")
-            if self.path == "/api/v1/admin/flush":
-                return self._send(200, b'{"flushed": 0}', "application/json")
             words = body.get("sql", "").split()
             if words and words[0] == "error":
                 status = {"InvalidArgument": 400, "Unavailable": 503, "PermissionDenied": 403}.get(words[1], 500)

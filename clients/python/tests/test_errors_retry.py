@@ -19,6 +19,7 @@ from lakewriter_client import (
     from_http_error,
     is_retryable,
 )
+from lakewriter_client._errors import parse_retry_info, server_retry_delay
 
 
 class FakeRpcError(grpc.RpcError, grpc.Call):
@@ -150,3 +151,37 @@ def test_backoff_grows_is_capped_and_jittered():
         assert max(delays) - min(delays) > cap / 4  # actually jittered
     with pytest.raises(ValueError):
         RetryPolicy(max_retries=-1)
+
+
+def retry_info(seconds: int, nanos: int = 0) -> bytes:
+    """An encoded google.rpc.RetryInfo (field 1: a google.protobuf.Duration)."""
+    from google.protobuf.duration_pb2 import Duration
+
+    inner = Duration(seconds=seconds, nanos=nanos).SerializeToString()
+    return b"\x0a" + bytes([len(inner)]) + inner
+
+
+def test_server_pushback_is_read_from_retry_info_and_retry_after():
+    assert parse_retry_info(retry_info(1)) == 1.0
+    assert parse_retry_info(retry_info(0, 250_000_000)) == 0.25
+    assert parse_retry_info(b"\x0a\x05\x08") is None  # truncated
+    assert parse_retry_info(b"") is None
+    err = FakeRpcError(S.RESOURCE_EXHAUSTED, "memtable memory budget exhausted",
+                       trailing=(("lw-retryable", "true"), ("google.rpc.retryinfo-bin", retry_info(2))))
+    assert server_retry_delay(err) == 2.0
+    typed = from_grpc_error(err)
+    assert typed.retryable and typed.retry_after == 2.0 and server_retry_delay(typed) == 2.0
+    assert from_grpc_error(FakeRpcError(S.UNAVAILABLE)).retry_after is None
+    http = from_http_error(429, b'{"error": "budget", "code": "ResourceExhausted", "retryable": true}',
+                           "application/json", "1")
+    assert http.retry_after == 1.0 and http.retryable
+    assert from_http_error(429, b"", "", "Wed, 21 Oct 2015 07:28:00 GMT").retry_after is None
+
+
+def test_backoff_waits_at_least_what_the_server_asked():
+    policy = RetryPolicy(max_retries=5, initial_backoff=0.001, max_backoff=0.01)
+    rng = random.Random(2)
+    assert all(policy.delay(1, rng, pushback=1.0) == 1.0 for _ in range(50))
+    assert all(policy.delay(1, rng, pushback=None) <= 0.01 for _ in range(50))
+    slow = RetryPolicy(initial_backoff=4.0, max_backoff=8.0)
+    assert all(policy_delay >= 2.0 for policy_delay in (slow.delay(1, rng, pushback=1.0) for _ in range(50)))

@@ -1,4 +1,6 @@
-"""The client against an in-process fake IngestionService: batching, retries, idempotency, streaming."""
+"""The client against an in-process fake IngestionService: batching, retries and
+streaming through injected faults (the same calls against the real server:
+tests/python/test_client.py)."""
 import threading
 import time
 from datetime import datetime, timezone
@@ -229,6 +231,7 @@ def test_stream_with_prefix_is_idempotent_across_writers(fake):
 
 
 def test_stream_non_retryable_error_stops_the_writer(fake):
+    fake.service.faults = [Fault(S.INVALID_ARGUMENT, "endpoint `bad-endpoint` rejected")]
     with client(fake) as lw:
         writer = lw.stream("bad-endpoint", max_batch_records=5, flush_interval=0)
         writer.write([{"i": i} for i in range(12)])
@@ -269,8 +272,12 @@ def test_stream_backpressure_blocks_producers(fake):
             done.set()
 
         threading.Thread(target=produce, daemon=True).start()
-        assert not done.wait(0.3)  # blocked: 2 batches unacked
+        deadline = time.time() + 5
+        while len(writer.unacked_batch_ids) < 2 and time.time() < deadline:
+            time.sleep(0.01)
         assert len(writer.unacked_batch_ids) == 2
+        assert not done.wait(0.2)  # the producer is held back: 2 batches unacked, none acked
+        assert len(writer.unacked_batch_ids) == 2 and writer.result.records_accepted == 0
         gate.set()
         assert done.wait(5)
         assert writer.close().records_accepted == 5
@@ -318,7 +325,6 @@ def test_query_returns_arrow(fake):
         table = lw.query("rows orders")
         assert isinstance(table, pa.Table) and table.num_rows == 2
         assert table.column("sku").to_pylist() == ["a", "b"]
-        assert lw.flush() == {"flushed": 0}
 
 
 def test_query_errors_are_typed(fake):

@@ -23,6 +23,7 @@ from ._errors import (
     from_grpc_error,
     from_http_error,
     is_retryable,
+    server_retry_delay,
 )
 from ._ids import new_ulid
 from ._proto.storage import ingestion_pb2, ingestion_pb2_grpc
@@ -361,7 +362,7 @@ class LakewriterClient:
                 response = self._stub.WriteBatch(request, metadata=self._metadata, timeout=timeout)
             except grpc.RpcError as exc:
                 if is_retryable(exc) and attempt <= self.retry.max_retries:
-                    time.sleep(self.retry.delay(attempt))
+                    time.sleep(self.retry.delay(attempt, pushback=server_retry_delay(exc)))
                     continue
                 raise from_grpc_error(exc, batch_id=request.batch_id) from exc
             return make_ack(request.batch_id, count, response, attempt, generated_id)
@@ -383,7 +384,8 @@ class LakewriterClient:
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     return response.read(), response.headers.get("Content-Type", "")
             except urllib.error.HTTPError as exc:
-                err = from_http_error(exc.code, exc.read(), exc.headers.get("Content-Type", ""))
+                err = from_http_error(exc.code, exc.read(), exc.headers.get("Content-Type", ""),
+                                      exc.headers.get("Retry-After"))
                 cause: BaseException = exc
             except (socket.timeout, TimeoutError) as exc:
                 err, cause = DeadlineExceededError(f"no HTTP response within {timeout}s", retryable=True), exc
@@ -396,7 +398,7 @@ class LakewriterClient:
             except ConnectionError as exc:
                 err, cause = UnavailableError(f"cannot reach {self.http_url}: {exc}", retryable=True), exc
             if err.retryable and attempt <= self.retry.max_retries:
-                time.sleep(self.retry.delay(attempt))
+                time.sleep(self.retry.delay(attempt, pushback=err.retry_after))
                 continue
             raise err from cause
 

@@ -15,6 +15,10 @@ RETRYABLE_METADATA_KEY = "lw-retryable"
 #: Status codes that are retryable whatever the metadata says.
 ALWAYS_RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 
+#: Trailing metadata key of the encoded ``google.rpc.RetryInfo`` the server
+#: sends with a retryable refusal (how long to wait before retrying).
+RETRY_INFO_METADATA_KEY = "google.rpc.retryinfo-bin"
+
 
 class LakewriterError(Exception):
     """Base class of every error the server (or the client on its behalf) reports.
@@ -30,6 +34,8 @@ class LakewriterError(Exception):
         result: for :meth:`LakewriterClient.write`, what was acknowledged before
             the failure (earlier chunks are durable and are not rolled back).
         http_status: the HTTP status, for errors of the HTTP API.
+        retry_after: seconds the server asked the client to wait before
+            retrying (gRPC ``RetryInfo``, HTTP ``Retry-After``), if it did.
     """
 
     #: Default code of the class; instances carry their own in ``.code``.
@@ -43,6 +49,7 @@ class LakewriterError(Exception):
         retryable: bool = False,
         batch_id: str | None = None,
         http_status: int | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code: str = code or self.default_code
@@ -50,6 +57,7 @@ class LakewriterError(Exception):
         self.retryable: bool = retryable
         self.batch_id: str | None = batch_id
         self.http_status: int | None = http_status
+        self.retry_after: float | None = retry_after
         self.result: WriteResult | None = None
 
     @property
@@ -209,6 +217,77 @@ def is_retryable(err: BaseException) -> bool:
     return _metadata_retryable(_call_part(err, "trailing_metadata"))
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(data: bytes) -> Iterable[tuple[int, int | bytes]]:
+    """(field number, value) of a protobuf message: varints as ints, length-delimited as bytes."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+            yield number, value
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("truncated field")
+            yield number, data[pos:pos + length]
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def parse_retry_info(data: bytes) -> float | None:
+    """Seconds of an encoded ``google.rpc.RetryInfo`` (``retry_delay``), or ``None`` if unreadable."""
+    try:
+        for number, duration in _fields(data):
+            if number == 1 and isinstance(duration, bytes):
+                seconds = nanos = 0
+                for field, value in _fields(duration):
+                    if field == 1 and isinstance(value, int):
+                        seconds = value
+                    elif field == 2 and isinstance(value, int):
+                        nanos = value
+                delay = seconds + nanos / 1e9
+                return delay if 0 <= delay <= 3600 else None
+    except ValueError:
+        return None
+    return None
+
+
+def server_retry_delay(err: BaseException) -> float | None:
+    """How long the server asked to wait before retrying ``err``, if it said."""
+    if isinstance(err, LakewriterError):
+        return err.retry_after
+    for item in _call_part(err, "trailing_metadata") or ():
+        if str(item[0]).lower() == RETRY_INFO_METADATA_KEY and isinstance(item[1], bytes):
+            return parse_retry_info(item[1])
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """An HTTP ``Retry-After`` in seconds (the date form is not used by lakewriter: ``None``)."""
+    try:
+        delay = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return delay if delay is not None and 0 <= delay <= 3600 else None
+
+
 def from_grpc_error(err: BaseException, *, batch_id: str | None = None) -> LakewriterError:
     """Translate a :class:`grpc.RpcError` into the matching :class:`LakewriterError`."""
     if isinstance(err, LakewriterError):
@@ -217,13 +296,17 @@ def from_grpc_error(err: BaseException, *, batch_id: str | None = None) -> Lakew
     name = getattr(code, "name", None) or "UNKNOWN"
     details = _call_part(err, "details")
     message = details if isinstance(details, str) else str(err)  # the server's message, even if empty
-    out = make_error(name, message, retryable=is_retryable(err), batch_id=batch_id)
+    out = make_error(name, message, retryable=is_retryable(err), batch_id=batch_id,
+                     retry_after=server_retry_delay(err))
     out.__cause__ = err
     return out
 
 
-def from_http_error(status: int, body: bytes | str | None, content_type: str = "") -> LakewriterError:
-    """Translate an HTTP error response (JSON ``{"error", "code", "retryable"}``) into an exception."""
+def from_http_error(
+    status: int, body: bytes | str | None, content_type: str = "", retry_after: str | None = None
+) -> LakewriterError:
+    """Translate an HTTP error response (JSON ``{"error", "code", "retryable"}``, and its
+    ``Retry-After`` header) into an exception."""
     import json
 
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
@@ -242,4 +325,5 @@ def from_http_error(status: int, body: bytes | str | None, content_type: str = "
     if retryable is None:
         retryable = code in ALWAYS_RETRYABLE
     cls = _BY_CODE.get(code) or _BY_CODE.get(by_status, LakewriterError)
-    return cls(message, code=code, retryable=retryable, http_status=status)
+    return cls(message, code=code, retryable=retryable, http_status=status,
+               retry_after=parse_retry_after(retry_after))

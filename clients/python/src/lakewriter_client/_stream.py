@@ -20,6 +20,7 @@ from ._errors import (
     UnavailableError,
     from_grpc_error,
     is_retryable,
+    server_retry_delay,
 )
 from ._ids import new_ulid
 from ._proto.storage import ingestion_pb2
@@ -422,7 +423,8 @@ class StreamWriter:
                             batch_id=self._unacked[0].batch_id,
                         ))
                     return
-            if self._abort_event.wait(self._retry.delay(attempt)):
+            pushback = server_retry_delay(error) if error is not None else None
+            if self._abort_event.wait(self._retry.delay(attempt, pushback=pushback)):
                 return
 
     def _on_response(self, response: ingestion_pb2.WriteBatchResponse) -> None:
