@@ -123,7 +123,8 @@ pub struct FlushArgs {
 /// Write-ahead log and request limits.
 #[derive(Debug, Clone, Args)]
 pub struct WalArgs {
-    /// Keep flushed WAL entries this long for ReadSpans cursors.
+    /// Keep flushed trace entries in the WAL this long, for ReadSpans cursors
+    /// (log, metric and DataRecord entries go as soon as they are flushed).
     #[arg(long, env = "LAKEWRITER_WAL_RETENTION", default_value = "1h", value_parser = parse_duration)]
     pub wal_retention: Duration,
     /// Largest accepted request (gRPC message or HTTP body, after decompression).
@@ -180,7 +181,8 @@ pub struct QueryArgs {
     /// A query running longer than this is cancelled (HTTP 504, DEADLINE_EXCEEDED).
     #[arg(long, env = "LAKEWRITER_QUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub query_timeout: Duration,
-    /// Memory one query may hold (sorts, joins, aggregates); above it the query fails.
+    /// Memory all running queries may hold together (sorts, joins, aggregates,
+    /// the rows they return); a query that would go above it fails.
     #[arg(long, env = "LAKEWRITER_QUERY_MEMORY", default_value = "512MiB")]
     pub query_memory: ByteSize,
     /// Most rows a SQL result may have; larger results fail and ask for a LIMIT.
