@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -117,6 +118,43 @@ class Server:
                 self.proc.wait(timeout=60)
                 raise AssertionError(f"no exit within 2 min of SIGTERM:\n{self.log_path.read_text()}")
             assert self.proc.returncode == 0, f"exit {self.proc.returncode}:\n{self.log_path.read_text()}"
+
+
+def block_lake(server: Server) -> Path:
+    """A file where the default tenant's lake directory would go: flushes fail
+    (and are retried), so memtables stay over a small budget until the file
+    is removed. Returns its path."""
+    server.lake.mkdir(parents=True, exist_ok=True)
+    blocker = server.lake / "tenant=default"
+    blocker.write_text("not a directory")
+    return blocker
+
+
+def deliver_after_refusal(server: Server, blocker: Path, send):
+    """Runs `send()` on a thread, waits until the server has refused a write
+    (lakewriter_ingest_rejected_total grows), removes `blocker` so flushes
+    succeed again, and returns what `send` returned (re-raising its error)."""
+    before = server.metric("lakewriter_ingest_rejected_total")
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = send()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            outcome["error"] = exc
+
+    sender = threading.Thread(target=run)
+    sender.start()
+    deadline = time.time() + 60
+    while server.metric("lakewriter_ingest_rejected_total") == before:
+        assert time.time() < deadline, "the write was never refused"
+        time.sleep(0.05)
+    blocker.unlink()
+    sender.join(timeout=120)
+    assert not sender.is_alive(), "the write was not delivered within 2 min"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 clients to retry and when (gRPC `RetryInfo`, HTTP `Retry-After`), and the
 official exporter, retrying as told, delivers once the server has caught up."""
 import json
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -14,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from conftest import ADMIN_KEY, Server
+from conftest import ADMIN_KEY, Server, block_lake, deliver_after_refusal
 from test_otel_exporter import export_spans, spans_glob
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -37,11 +35,7 @@ def retry_delay(status: status_pb2.Status) -> float:
 
 def test_refusals_over_budget_say_when_to_retry_and_the_exporter_delivers(tmp_path):
     server = Server(tmp_path / "data", "--memtable-budget", "1KiB")
-    # A file where the tenant's lake directory would go: flushes fail (and
-    # are retried), so the memtable stays over its budget until it is removed.
-    server.lake.mkdir(parents=True, exist_ok=True)
-    blocker = server.lake / "tenant=default"
-    blocker.write_text("not a directory")
+    blocker = block_lake(server)
     try:
         first = export_spans(server, "first")  # memtables were empty: admitted
 
@@ -96,26 +90,7 @@ def test_refusals_over_budget_say_when_to_retry_and_the_exporter_delivers(tmp_pa
         # The official exporter is refused, waits the second it was told, and
         # retries; the lake comes back meanwhile, the flush frees the
         # memtable, and the export is acknowledged.
-        before = server.metric("lakewriter_ingest_rejected_total")
-        second = {}
-
-        def send():
-            try:
-                second.update(export_spans(server, "second"))
-            except BaseException as exc:  # re-raised below, in the test's thread
-                second["error"] = exc
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        deadline = time.time() + 30
-        while server.metric("lakewriter_ingest_rejected_total") == before:
-            assert time.time() < deadline, "the exporter was never refused"
-            time.sleep(0.05)
-        blocker.unlink()
-        sender.join(timeout=120)
-        assert not sender.is_alive()
-        if "error" in second:
-            raise second["error"]
+        second = deliver_after_refusal(server, blocker, lambda: export_spans(server, "second"))
 
         server.flush()
         rows = duckdb.connect().execute(

@@ -1,8 +1,6 @@
 """lakewriter_client (clients/python) against the real server: DataRecords and Arrow IPC over gRPC,
 Parquet read back with DuckDB and polars, idempotency, auth, tenancy, streaming, HTTP query."""
 import math
-import threading
-import time
 from datetime import date, datetime, timedelta, timezone
 
 import duckdb
@@ -11,7 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from conftest import ADMIN_KEY, Server
+from conftest import ADMIN_KEY, Server, block_lake, deliver_after_refusal
 from lakewriter_client import (
     AuthenticationError,
     InvalidArgumentError,
@@ -324,11 +322,7 @@ def test_query_needs_the_read_scope(server):
 
 def test_full_memtables_are_refused_as_retryable_and_the_client_retries_until_accepted(tmp_path):
     server = Server(tmp_path / "data", "--memtable-budget", "1KiB")
-    # A file where the tenant's lake directory would go: flushes fail (and
-    # are retried), so the memtables stay over budget until it is removed.
-    server.lake.mkdir(parents=True, exist_ok=True)
-    blocker = server.lake / "tenant=default"
-    blocker.write_text("not a directory")
+    blocker = block_lake(server)
     try:
         with connect(server, max_retries=0) as once:
             # memtables were empty: admitted, and now over the budget
@@ -339,28 +333,12 @@ def test_full_memtables_are_refused_as_retryable_and_the_client_retries_until_ac
         assert err.retryable and "memtable memory budget exhausted" in err.message
         assert err.retry_after == 1.0  # the server's google.rpc.RetryInfo
 
-        before = server.metric("lakewriter_ingest_rejected_total")
-        outcome = {}
-
         def write():
             with connect(server, max_retries=60) as lw:
-                try:
-                    outcome["result"] = lw.write("full", [{"event_id": "f2", "timestamp": BASE, "i": 2}])
-                except Exception as exc:  # re-raised below, in the test's thread
-                    outcome["error"] = exc
+                return lw.write("full", [{"event_id": "f2", "timestamp": BASE, "i": 2}])
 
-        sender = threading.Thread(target=write)
-        sender.start()
-        deadline = time.time() + 60
-        while server.metric("lakewriter_ingest_rejected_total") == before:
-            assert time.time() < deadline, "the client's write was never refused"
-            time.sleep(0.05)
-        blocker.unlink()
-        sender.join(timeout=120)
-        assert not sender.is_alive()
-        if "error" in outcome:
-            raise outcome["error"]
-        ack = outcome["result"].batches[0]
+        result = deliver_after_refusal(server, blocker, write)
+        ack = result.batches[0]
         assert ack.attempts > 1 and ack.records_accepted == 1 and not ack.duplicate
         server.flush()
         assert lake(server, "full", "event_id") == [("f0",), ("f2",)]

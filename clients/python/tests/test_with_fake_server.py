@@ -243,16 +243,6 @@ def test_stream_non_retryable_error_stops_the_writer(fake):
         writer.write({"i": 1})
 
 
-def test_stream_wrong_key(fake):
-    with client(fake, api_key="nope") as lw:
-        writer = lw.stream("s")
-        writer.write({"i": 1})
-        with pytest.raises(AuthenticationError):
-            writer.flush(timeout=10)
-        with pytest.raises(AuthenticationError):
-            writer.close()
-
-
 def test_stream_backpressure_blocks_producers(fake):
     gate = threading.Event()
     orig = fake.service._handle
