@@ -126,14 +126,17 @@ fn row_bytes(v: &ColumnarValue) -> Result<Vec<i128>> {
     Ok(vec![per_row; a.len()])
 }
 
-/// Σ over `rows` rows of `a[i] × b[i]`, an argument of one value repeating
-/// for every row.
-fn sum_of_products(a: &[i128], b: &[i128], rows: usize) -> i128 {
-    let at = |v: &[i128], i: usize| match v.len() {
+/// Row `i` of an argument's values; one value stands for every row.
+fn at(v: &[i128], i: usize) -> i128 {
+    match v.len() {
         0 => 0,
         1 => v[0],
         _ => v.get(i).copied().unwrap_or(0),
-    };
+    }
+}
+
+/// Σ over `rows` rows of `a[i] × b[i]`.
+fn sum_of_products(a: &[i128], b: &[i128], rows: usize) -> i128 {
     (0..rows)
         .map(|i| at(a, i).max(0).saturating_mul(at(b, i).max(0)))
         .fold(0i128, |acc, x| acc.saturating_add(x))
@@ -169,7 +172,6 @@ impl Checked {
                     [start, stop, step] => (start.clone(), stop.clone(), step.clone()),
                     _ => return Ok(None),
                 };
-                let at = |v: &[i128], i: usize| if v.len() == 1 { v[0] } else { v[i] };
                 let total = (0..rows)
                     .map(|i| {
                         let step = at(&step, i).abs().max(1);

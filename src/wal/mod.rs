@@ -212,11 +212,7 @@ impl Wal {
         // flushed and would be skipped.
         let floor = crate::flush::manifest::newest_watermark(&db)
             .map_err(|e| Error::Watermarks(e.to_string()))?;
-        let deleted = {
-            let meta = db.cf_handle(CF_META).expect("meta column family exists");
-            db.get_cf(&meta, DELETED_THROUGH)?
-                .and_then(|v| key_from_bytes(&v))
-        };
+        let deleted = deleted_through(&db)?;
         let last = last_key(&db)?
             .max(floor.unwrap_or_default())
             .max(deleted.unwrap_or_default());
@@ -475,14 +471,7 @@ impl Wal {
 
     /// The newest entry key ever deleted by retention, if any.
     pub fn deleted_through(&self) -> Result<Option<Ulid>> {
-        let meta = self
-            .db
-            .cf_handle(CF_META)
-            .expect("meta column family exists");
-        Ok(self
-            .db
-            .get_cf(&meta, DELETED_THROUGH)?
-            .and_then(|v| key_from_bytes(&v)))
+        deleted_through(&self.db)
     }
 
     /// Stops the writer after it has answered every queued append.
@@ -514,6 +503,13 @@ fn entry_cf(kind: PayloadKind) -> &'static str {
             CF_WAL_TRANSIENT
         }
     }
+}
+
+fn deleted_through(db: &DB) -> Result<Option<Ulid>> {
+    let meta = db.cf_handle(CF_META).expect("meta column family exists");
+    Ok(db
+        .get_cf(&meta, DELETED_THROUGH)?
+        .and_then(|v| key_from_bytes(&v)))
 }
 
 fn last_key(db: &DB) -> Result<Ulid> {
