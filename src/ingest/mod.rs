@@ -14,6 +14,7 @@
 
 pub mod batches;
 pub mod grpc;
+pub mod ipc_check;
 pub mod json;
 pub mod names;
 pub mod otlp_grpc;

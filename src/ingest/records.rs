@@ -27,7 +27,9 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::record_batch::RecordBatch;
 
-use crate::memtable::schema::{timestamp_type, ColType, Registry};
+use crate::memtable::schema::{
+    timestamp_type, ColType, Error as SchemaError, Registry, MAX_COLUMNS,
+};
 use crate::memtable::TableId;
 use crate::proto::storage::value::Kind;
 use crate::proto::storage::DataRecord;
@@ -72,6 +74,8 @@ pub enum Error {
     TooManyCells { records: usize, columns: usize },
     #[error("arrow_ipc_stream: {0}")]
     Ipc(String),
+    #[error("arrow_ipc_stream: {0}")]
+    IpcBounds(#[from] super::ipc_check::Error),
     #[error("arrow_ipc_stream: column `{0}` appears twice")]
     DuplicateColumn(String),
     #[error("arrow_ipc_stream: required column `{0}` is missing")]
@@ -253,6 +257,9 @@ pub fn from_records(
                 None => {
                     check_field_name(name)?;
                     types.insert(name, ty);
+                    if types.len() > MAX_COLUMNS {
+                        return Err(SchemaError::TooManyColumns(table.endpoint.to_string()).into());
+                    }
                 }
                 Some(slot) => match (*slot, ty) {
                     (Some(a), Some(b)) if a != b => {
@@ -470,6 +477,7 @@ pub fn from_arrow_ipc(
     table: &TableId,
     ipc: &[u8],
 ) -> Result<RecordBatch, Error> {
+    super::ipc_check::check(ipc)?;
     let reader =
         StreamReader::try_new(Cursor::new(ipc), None).map_err(|e| Error::Ipc(e.to_string()))?;
     let in_schema = reader.schema();

@@ -177,6 +177,11 @@ impl Registry {
         table: &TableId,
         incoming: &[(&str, ColType)],
     ) -> Result<SchemaRef, Error> {
+        // Callers pass distinct names: more than the limit can never fit, and
+        // `check` is quadratic in the names (a request may carry a million).
+        if incoming.len() > MAX_COLUMNS {
+            return Err(Error::TooManyColumns(table.endpoint.to_string()));
+        }
         if let Some(current) = self.records.read().get(table) {
             if check(current, incoming)?.is_empty() {
                 return Ok(current.clone());
@@ -344,5 +349,21 @@ mod tests {
         assert_eq!(again.get(&t), reg.get(&t));
         assert!(reg.get(&TableId::new("t", "spans")).is_some());
         assert!(is_reserved_endpoint("metrics_sum") && !is_reserved_endpoint("orders"));
+    }
+
+    #[test]
+    fn more_names_than_columns_are_refused_up_front() {
+        let (_dir, reg) = open();
+        let t = TableId::new("t", "wide");
+        let names: Vec<String> = (0..=MAX_COLUMNS).map(|i| format!("f{i}")).collect();
+        let incoming: Vec<(&str, ColType)> =
+            names.iter().map(|n| (n.as_str(), ColType::Int64)).collect();
+        let err = reg.evolve(&t, &incoming).unwrap_err();
+        assert!(
+            matches!(err, Error::TooManyColumns(ref e) if e == "wide"),
+            "{err}"
+        );
+        assert!(reg.get(&t).is_none());
+        reg.evolve(&t, &incoming[..MAX_COLUMNS]).unwrap();
     }
 }

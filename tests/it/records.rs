@@ -309,6 +309,142 @@ async fn arrow_ipc_batches_map_types_and_reject_bad_columns() {
     );
 }
 
+fn ipc_compressed(batch: &RecordBatch, codec: arrow::ipc::CompressionType) -> Vec<u8> {
+    let opts = arrow::ipc::writer::IpcWriteOptions::default()
+        .try_with_compression(Some(codec))
+        .unwrap();
+    let mut w =
+        arrow::ipc::writer::StreamWriter::try_new_with_options(Vec::new(), &batch.schema(), opts)
+            .unwrap();
+    w.write(batch).unwrap();
+    w.finish().unwrap();
+    w.into_inner().unwrap()
+}
+
+/// Compressed Arrow IPC is read; a stream whose lengths ask for more than it
+/// holds (arrow-ipc allocated them as declared: a 1 TiB body length aborted
+/// the process) or decompresses past the bound is refused, and the server
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrow_ipc_compression_is_read_and_bounded() {
+    use arrow::array::{DictionaryArray, Int32Array as Keys};
+    use arrow::datatypes::Int32Type;
+    use arrow::ipc::CompressionType;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut c = client(&server, ADMIN_KEY).await;
+    let req = |ipc: Vec<u8>, id: &str| WriteBatchRequest {
+        endpoint_id: "packed".into(),
+        tenant_id: "default".into(),
+        batch_id: id.into(),
+        payload: Some(Payload::ArrowIpcStream(ipc)),
+    };
+    let n = 5_000;
+    let good = |from: i64| {
+        RecordBatch::try_from_iter([
+            (
+                "event_id",
+                Arc::new(StringArray::from_iter_values(
+                    (from..from + n).map(|i| format!("ev-{i}")),
+                )) as _,
+            ),
+            (
+                "timestamp",
+                Arc::new(Int64Array::from_iter_values(from..from + n)) as _,
+            ),
+            (
+                "qty",
+                Arc::new(Int64Array::from_iter_values(from..from + n)) as _,
+            ),
+        ])
+        .unwrap()
+    };
+    for (i, codec) in [CompressionType::ZSTD, CompressionType::LZ4_FRAME]
+        .into_iter()
+        .enumerate()
+    {
+        let ipc = ipc_compressed(&good(i as i64 * n), codec);
+        let ack = c
+            .write_batch(req(ipc, &format!("ok{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ack.records_accepted, n as u64, "{codec:?}");
+    }
+
+    // 16 M rows of zeros in three columns (320 MiB as Arrow) compress to a
+    // few hundred kilobytes and declare their true size.
+    let rows = 16 << 20;
+    let bomb = RecordBatch::try_from_iter([
+        (
+            "event_id",
+            Arc::new(DictionaryArray::<Int32Type>::new(
+                Keys::from(vec![0; rows]),
+                Arc::new(StringArray::from(vec!["x"])),
+            )) as _,
+        ),
+        (
+            "timestamp",
+            Arc::new(Int64Array::from(vec![0i64; rows])) as _,
+        ),
+        ("qty", Arc::new(Int64Array::from(vec![0i64; rows])) as _),
+    ])
+    .unwrap();
+    let bomb = ipc_compressed(&bomb, CompressionType::ZSTD);
+    assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+    let err = c.write_batch(req(bomb, "bomb")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with(
+            "arrow_ipc_stream: compressed buffers decode to more than 268435456 bytes"
+        ),
+        "{}",
+        err.message()
+    );
+
+    // A record batch message whose body length is 1 TiB, in a stream of a
+    // few hundred bytes.
+    let mut hostile = ipc(&good(0));
+    let meta_at = 8 + i32::from_le_bytes(hostile[4..8].try_into().unwrap()) as usize;
+    let meta_at = meta_at
+        + arrow::ipc::root_as_message(&hostile[8..meta_at])
+            .unwrap()
+            .bodyLength() as usize
+        + 8;
+    let meta_len = i32::from_le_bytes(hostile[meta_at - 4..meta_at].try_into().unwrap()) as usize;
+    let body_len = arrow::ipc::root_as_message(&hostile[meta_at..meta_at + meta_len])
+        .unwrap()
+        .bodyLength();
+    let at = (meta_at..meta_at + meta_len - 8)
+        .find(|&i| i64::from_le_bytes(hostile[i..i + 8].try_into().unwrap()) == body_len)
+        .unwrap();
+    hostile[at..at + 8].copy_from_slice(&(1i64 << 40).to_le_bytes());
+    assert_eq!(
+        arrow::ipc::root_as_message(&hostile[meta_at..meta_at + meta_len])
+            .unwrap()
+            .bodyLength(),
+        1 << 40
+    );
+    let err = c.write_batch(req(hostile, "huge")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("arrow_ipc_stream: message 1: body length 1099511627776 with"),
+        "{}",
+        err.message()
+    );
+
+    // The server is still up, and holds exactly the two good batches.
+    let (_, v) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT count(*), count(DISTINCT event_id), sum(qty) FROM packed",
+        )
+        .await;
+    let sum: i64 = (0..2 * n).sum();
+    assert_eq!(v["rows"], json!([[2 * n, 2 * n, sum]]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_evolves_across_restart_and_conflicts_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
