@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // DataRecord fields: a BTreeMap decodes without hashing, and iterates
         // in name order, which the record conversion's fast path relies on.
         .btree_map(".")
+        // Bounds what a request may decode into before prost decodes it.
+        .codec_path("crate::ingest::budget::CheckedCodec")
         .build_client(true)
         .build_server(true)
         .compile_protos(

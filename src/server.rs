@@ -13,8 +13,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +25,8 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
-use crate::ingest::grpc::{fix_status, AuthGrpc, IngestionGrpc, OtlpService};
-use crate::ingest::otlp_grpc::TraceGrpc;
+use crate::ingest::grpc::{fix_status, AuthGrpc, Authenticated, IngestionGrpc, OtlpService};
+use crate::ingest::otlp_grpc::{CheckedOtlp, Logs, Metrics, TraceGrpc};
 use crate::ingest::read_spans::ReadSpansService;
 use crate::ingest::{rows_for_entry, Ingestor};
 use crate::memtable::schema::Registry;
@@ -209,7 +207,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
 
     let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
     // Every ingest service takes gzip/zstd and the same request size limit
-    // (`TraceGrpc` sets the same itself).
+    // (the OTLP services, `TraceGrpc` and `CheckedOtlp`, set the same
+    // themselves).
     macro_rules! ingest_service {
         ($server:expr) => {
             $server
@@ -228,22 +227,28 @@ pub async fn start(cfg: Config) -> Result<Running> {
             Ok(req)
         }
     };
+    // Every write service authenticates before its body is read (see
+    // `Authenticated`); the handlers take the principal it found.
     macro_rules! otlp_service {
         ($server:expr) => {
-            InterceptedService::new(ingest_service!($server), admit(ingestor.clone()))
+            InterceptedService::new(
+                Authenticated::new($server, auth.clone()),
+                admit(ingestor.clone()),
+            )
         };
     }
     let otlp = OtlpService::new(ingestor.clone(), auth.clone());
-    let trace = InterceptedService::new(
-        TraceGrpc::new(otlp.clone(), cfg.max_request_size),
-        admit(ingestor.clone()),
+    let max = cfg.max_request_size;
+    let trace = otlp_service!(TraceGrpc::new(otlp.clone(), max));
+    let logs = otlp_service!(CheckedOtlp::<Logs>::new(otlp.clone(), max));
+    let metrics = otlp_service!(CheckedOtlp::<Metrics>::new(otlp, max));
+    let records = Authenticated::new(
+        ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(
+            ingestor.clone(),
+            auth.clone()
+        ))),
+        auth.clone(),
     );
-    let logs = otlp_service!(LogsServiceServer::new(otlp.clone()));
-    let metrics = otlp_service!(MetricsServiceServer::new(otlp));
-    let records = ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(
-        ingestor.clone(),
-        auth.clone()
-    )));
     let public = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             fix_status::<tonic::body::Body>,

@@ -34,7 +34,7 @@ use serde_json::Value;
 use super::AppState;
 use crate::auth::Principal;
 use crate::error::{rpc_status, ApiError, RETRY_DELAY_SECS, RETRY_INFO_TYPE_URL};
-use crate::ingest::{otlp_logs, otlp_trace, Ingestor};
+use crate::ingest::{budget, otlp_logs, otlp_trace, Ingestor};
 use crate::metrics::METRICS;
 
 const PROTOBUF: &str = "application/x-protobuf";
@@ -293,13 +293,33 @@ trait Payload: Sized {
 
 impl Payload for ExportLogsServiceRequest {
     fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
+        within_budget::<Self>(&bytes, enc)?;
         decode(&bytes, enc)
     }
 }
 
 impl Payload for ExportMetricsServiceRequest {
     fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
+        within_budget::<Self>(&bytes, enc)?;
         decode(&bytes, enc)
+    }
+}
+
+/// A protobuf body that would decode into too much is refused before prost
+/// decodes it ([`budget`]).
+fn within_budget<R: budget::Shaped>(bytes: &[u8], enc: Encoding) -> Result<(), Failure> {
+    if matches!(enc, Encoding::Json) {
+        return Ok(());
+    }
+    match budget::check::<R>(bytes) {
+        Ok(()) => Ok(()),
+        Err(e @ budget::Error::TooLarge) => Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            tonic::Code::ResourceExhausted,
+            e.to_string(),
+            enc,
+        )),
+        Err(e) => Err(Failure::invalid(e.to_string(), enc)),
     }
 }
 

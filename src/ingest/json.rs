@@ -19,7 +19,7 @@ pub enum ValueError {
     #[error("attribute value nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
     /// See [`MAX_REPEATED_BYTES`].
-    #[error("resource and scope fields are stored on every item, and this request's copies come to more than {MAX_REPEATED_BYTES} bytes; send fewer items per resource or smaller resource attributes")]
+    #[error("resource and scope fields are stored on every item (and a span's service and junjo.id on each of its set_state patches), and this request's copies come to more than {MAX_REPEATED_BYTES} bytes; send fewer items per request or smaller repeated values")]
     Repeated,
     /// Only values read straight from protobuf bytes can be malformed.
     #[error("{0}")]

@@ -13,6 +13,7 @@
 //! tables section.
 
 pub mod batches;
+pub mod budget;
 pub mod grpc;
 pub mod ipc_check;
 pub mod json;

@@ -552,6 +552,10 @@ pub(super) fn hex_into(buf: &mut String, bytes: &[u8]) {
     json::push_hex(buf, bytes);
 }
 
+/// The fixed part of a `state_patches` row: hex trace and span ids, patch id,
+/// timestamp and offsets.
+const PATCH_ROW_BYTES: usize = 32 + 16 + 64 + 8 + 6 * 4;
+
 impl SpanBuilders {
     /// Validates a span and, unless `refused`, appends its row and its
     /// `set_state` patches.
@@ -599,11 +603,16 @@ impl SpanBuilders {
         // Events once: their JSON, and a patch row for each `set_state`.
         self.events.clear();
         let (trace_hex, span_hex) = (&self.trace_hex, &self.span_hex);
+        let repeated = &mut self.repeated;
         events_json(&mut self.events, span, |i, ev| {
             if refused || ev.name != "set_state" {
                 return Ok(());
             }
             let junjo_id = text[0].as_deref();
+            // Each patch row copies the span's service and junjo id (a
+            // 13-byte event would otherwise repeat a 150 KB id).
+            let copied = PATCH_ROW_BYTES + ctx.service.len() + junjo_id.map_or(0, str::len);
+            json::repeat_bytes(repeated, copied, 1)?;
             patches.append(trace_hex, span_hex, ctx.service, junjo_id, i, ev)
         })?;
         self.links.clear();
@@ -1277,6 +1286,25 @@ mod tests {
             convert(&[0x08, 0x01]).err().unwrap().to_string(),
             "malformed protobuf request: resource_spans[0]: ExportTraceServiceRequest.resource_spans: wire type is not length-delimited"
         );
+    }
+
+    #[test]
+    fn set_state_patches_count_their_copies_of_the_junjo_id() {
+        let mut sp = span(0xcd, 1, None);
+        sp.attributes = vec![kv_str("junjo.id", &"A".repeat(150_000))];
+        let ev = Event {
+            name: "set_state".into(),
+            ..Default::default()
+        };
+        // 2,000 patches × a 150 KB id: 300 MB of copies from a 300 KB request.
+        sp.events = vec![ev; 2_000];
+        let Err(err) = convert_message(&request(vec![sp.clone()], Some("svc"))) else {
+            panic!("2,000 copies of a 150 KB id were accepted");
+        };
+        assert!(err.to_string().contains("set_state patches"), "{err}");
+        sp.events.truncate(100);
+        let rows = convert_message(&request(vec![sp], Some("svc"))).unwrap();
+        assert_eq!(rows.state_patches.num_rows(), 100);
     }
 
     #[test]

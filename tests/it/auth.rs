@@ -592,3 +592,68 @@ async fn no_auth_mode_takes_requests_without_credentials_as_tenant_default() {
         1
     );
 }
+
+/// Peak resident memory of a process, from `/proc/<pid>/status`.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kb * 1024
+}
+
+/// A request without a valid credential is refused before its body is
+/// decoded, and one with a valid credential before it decodes into too
+/// much. This one is 14 MB of empty log records (a 2-byte message each),
+/// ~14 KB gzip'd; decoded, prost makes a ~200-byte struct of each: 1.4 GB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_refused_before_they_decode_into_gigabytes() {
+    use tonic::codec::CompressionEncoding;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let ld = |field: u8, inner: &[u8]| {
+        let mut out = vec![field << 3 | 2];
+        let mut n = inner.len() as u64;
+        while n >= 0x80 {
+            out.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(inner);
+        out
+    };
+    // ExportLogsServiceRequest.resource_logs[0].scope_logs[0].log_records × 7 M.
+    let records = [0x12u8, 0x00].repeat(7_000_000);
+    let body = ld(1, &ld(2, &records));
+    let before = peak_rss_bytes(server.pid());
+    for key in ["lw_not_a_key_of_this_server_000000", "", ADMIN_KEY] {
+        let mut grpc = tonic::client::Grpc::new(server.channel().await)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_encoding_message_size(usize::MAX);
+        grpc.ready().await.unwrap();
+        let mut req = tonic::Request::new(body.clone());
+        if !key.is_empty() {
+            req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+        }
+        let path = http::uri::PathAndQuery::from_static(
+            "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        );
+        let err = grpc.unary(req, path, RawCodec).await.unwrap_err();
+        if key == ADMIN_KEY {
+            assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+            assert!(
+                err.message().contains("would decode into more than"),
+                "{err}"
+            );
+        } else {
+            assert_eq!(err.code(), Code::Unauthenticated, "{key:?}: {err}");
+        }
+    }
+    let after = peak_rss_bytes(server.pid());
+    assert!(
+        after < before + (512 << 20),
+        "peak RSS went from {before} to {after} bytes"
+    );
+}
