@@ -35,6 +35,9 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    pub fn add(&self, v: i64) {
+        self.0.fetch_add(v, Ordering::Relaxed);
+    }
 }
 
 /// A histogram with fixed upper bounds (seconds or counts).
@@ -111,6 +114,8 @@ pub struct Metrics {
     pub queries: Counter,
     pub query_errors: Counter,
     pub query_latency: Histogram,
+    pub query_memory_bytes: Gauge,
+    pub queries_busy: Counter,
     pub duplicate_batches: Counter,
 }
 
@@ -134,6 +139,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     queries: Counter::default(),
     query_errors: Counter::default(),
     query_latency: Histogram::new(LATENCY_BUCKETS),
+    query_memory_bytes: Gauge::default(),
+    queries_busy: Counter::default(),
     duplicate_batches: Counter::default(),
 });
 
@@ -168,6 +175,18 @@ pub fn render() -> String {
         &mut o,
         "lakewriter_query_seconds",
         "Query duration, planning to last row.",
+    );
+    gauge(
+        &mut o,
+        "lakewriter_query_memory_bytes",
+        "Bytes running queries and their results hold of --query-memory.",
+        m.query_memory_bytes.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_queries_busy_total",
+        "Queries refused as retryable because other queries held the query memory.",
+        m.queries_busy.get(),
     );
     counter(
         &mut o,

@@ -5,14 +5,17 @@
 //! [`table::LakeTable`] built from one catalog snapshot. There is no other
 //! catalog, no URL tables, no file table functions: a query cannot name
 //! another tenant's data or a local file. SQL is planned with DDL, DML and
-//! statements disabled. Limits: a per-query memory pool (no spilling), a
-//! wall-clock timeout that cancels the plan, and a result row cap.
+//! statements disabled. Limits: one memory pool for all running queries (no
+//! spilling; a query that would fit alone but finds the pool held by others
+//! is told to retry, see [`pool`]), a wall-clock timeout that cancels the
+//! plan, and a result row cap.
 //!
 //! Queries run on their own Tokio runtime so a heavy scan cannot starve the
 //! ingest path's tasks.
 
 mod amplify;
 pub mod output;
+mod pool;
 pub mod spans;
 pub mod table;
 
@@ -25,9 +28,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::DataFusionError;
 use datafusion::common::TableReference;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{
-    GreedyMemoryPool, MemoryConsumer, MemoryPool, MemoryReservation,
-};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
@@ -51,12 +52,15 @@ pub enum Error {
     TooManyRows(usize),
     #[error("query task failed: {0}")]
     Task(String),
+    #[error("the query memory (--query-memory, {0} bytes) is held by other running queries; retry shortly")]
+    Busy(usize),
 }
 
 impl Classify for Error {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::Timeout(_) => ErrorKind::Timeout,
+            Self::Busy(_) => ErrorKind::ResourceExhausted,
             Self::TooManyRows(_) => ErrorKind::LimitExceeded,
             Self::Task(_) => ErrorKind::Internal,
             Self::DataFusion(e) => match e.find_root() {
@@ -108,7 +112,11 @@ pub struct QueryEngine {
     lake: Lake,
     /// Shared object store registry, Parquet metadata cache and memory pool
     /// (`--query-memory` bounds every running query and result together).
+    /// Each query runs in a copy whose pool is a [`pool::QueryPool`] view of
+    /// the shared one.
     runtime: Arc<RuntimeEnv>,
+    /// The runtime's memory pool, which each query's pool draws from.
+    memory: Arc<pool::SharedPool>,
     cfg: QueryConfig,
     rt: Option<tokio::runtime::Runtime>,
 }
@@ -128,8 +136,9 @@ impl QueryEngine {
         lake: Lake,
         cfg: QueryConfig,
     ) -> anyhow::Result<Self> {
+        let memory = Arc::new(pool::SharedPool::new(cfg.memory));
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(GreedyMemoryPool::new(cfg.memory)))
+            .with_memory_pool(memory.clone())
             .with_disk_manager_builder(
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )
@@ -147,6 +156,7 @@ impl QueryEngine {
             schemas,
             lake,
             runtime,
+            memory,
             cfg,
             rt: Some(rt),
         })
@@ -172,8 +182,14 @@ impl QueryEngine {
             .collect()
     }
 
-    /// A session over the principal's tables at this instant.
-    pub fn context(&self, p: &Principal, range: TimeRange) -> Result<SessionContext, Error> {
+    /// A session over the principal's tables at this instant, drawing on
+    /// `pool` for memory.
+    fn context(
+        &self,
+        p: &Principal,
+        range: TimeRange,
+        pool: Arc<pool::QueryPool>,
+    ) -> Result<SessionContext, Error> {
         let mut config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("lakewriter", "public");
@@ -182,7 +198,13 @@ impl QueryEngine {
             .execution
             .parquet
             .schema_force_view_types = false;
-        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        let runtime = Arc::new(RuntimeEnv {
+            memory_pool: pool,
+            disk_manager: self.runtime.disk_manager.clone(),
+            cache_manager: self.runtime.cache_manager.clone(),
+            object_store_registry: self.runtime.object_store_registry.clone(),
+        });
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         amplify::register(&ctx, self.cfg.memory);
         for name in self.tables_for(p) {
             let table = TableId::new(&p.tenant, &name);
@@ -210,7 +232,10 @@ impl QueryEngine {
         Fut: std::future::Future<Output = Result<DataFrame, DataFusionError>> + Send,
     {
         let started = Instant::now();
-        let ctx = self.context(p, range).map_err(ApiError::from_err)?;
+        let pool = Arc::new(pool::QueryPool::new(self.memory.clone()));
+        let ctx = self
+            .context(p, range, pool.clone())
+            .map_err(ApiError::from_err)?;
         let timeout = self.cfg.timeout;
         let task = self
             .rt
@@ -230,6 +255,16 @@ impl QueryEngine {
                 Err(Error::Timeout(timeout))
             }
         };
+        let result = result.map_err(|e| match e {
+            Error::DataFusion(ref d)
+                if matches!(d.find_root(), DataFusionError::ResourcesExhausted(_))
+                    && pool.crowded_out() =>
+            {
+                METRICS.queries_busy.inc();
+                Error::Busy(self.cfg.memory)
+            }
+            e => e,
+        });
 
         METRICS.query_latency.observe_duration(started.elapsed());
         match result {

@@ -470,6 +470,9 @@ async fn sql_limits_fail_clearly() {
     for sql in [
         "SELECT repeat('ab', 1073741823)",
         "SELECT cardinality(range(0, 1500000000))",
+        "SELECT array_resize(make_array(1), 2147483647, 7)",
+        "SELECT range(TIMESTAMP '2000-01-01', TIMESTAMP '2100-01-01', INTERVAL '1 nanosecond')",
+        "SELECT replace(repeat('a', 100000), 'a', repeat('b', 100000))",
     ] {
         let (st, v) = server.sql(ADMIN_KEY, sql).await;
         assert_eq!(st, 422, "{sql}: {v}");
@@ -478,6 +481,15 @@ async fn sql_limits_fail_clearly() {
             "{sql}: {v}"
         );
     }
+    // Planning-time work the timeout cannot interrupt is refused by size.
+    let (st, v) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT levenshtein(repeat('a', 100000), repeat('b', 100000))",
+        )
+        .await;
+    assert_eq!(st, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("steps"), "{v}");
     let (st, v) = server
         .sql(ADMIN_KEY, "SELECT count(*) FROM range(1000000000000)")
         .await;
@@ -486,6 +498,76 @@ async fn sql_limits_fail_clearly() {
     // The server is still fine.
     let (st, _) = server.sql(ADMIN_KEY, "SELECT 1").await;
     assert_eq!(st, 200);
+}
+
+/// A query that would fit the query memory alone, but finds it held by
+/// another running query, is told to retry (429), not that it is too big.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_crowded_out_of_memory_may_retry() {
+    // A hash join holds its build side, a stable amount, while it probes.
+    // Measured on this build: 1 M build rows need at most 22 MiB, 2 M at
+    // most 46 MiB and hold 43.9 MB while they probe.
+    const HOG_HOLDS: f64 = 40e6;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--query-memory", "56MiB", "--query-timeout", "6s"],
+    )
+    .await;
+    let join = |build: u64, probe: u64| {
+        format!(
+            "SELECT count(*) FROM (SELECT value AS a FROM range({build})) t1 \
+             JOIN (SELECT value AS b FROM range({probe})) t2 ON a = b"
+        )
+    };
+    let probe = join(1_000_000, 3_000_000);
+    let (st, v) = server.sql(ADMIN_KEY, &probe).await;
+    assert_eq!(st, 200, "alone it fits: {v}");
+    assert_eq!(v["rows"], json!([[1_000_000]]), "{v}");
+    assert_eq!(server.metric("lakewriter_query_memory_bytes").await, 0.0);
+
+    // Twice the build rows, probed without end: it holds its memory until
+    // the time limit cancels it, and leaves less than the probe needs.
+    let hog = {
+        let (http, sql) = (server.http(), join(2_000_000, 1_000_000_000_000));
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{http}/api/v1/query"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&json!({ "sql": sql }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    while server.metric("lakewriter_query_memory_bytes").await < HOG_HOLDS {
+        assert!(
+            !hog.is_finished(),
+            "the long query ended before holding {HOG_HOLDS} bytes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = server
+        .post("/api/v1/query", Some(ADMIN_KEY), json!({ "sql": probe }))
+        .await;
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["retryable"], json!(true), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("held by other running queries"),
+        "{v}"
+    );
+    assert_eq!(server.metric("lakewriter_queries_busy_total").await, 1.0);
+    assert_eq!(hog.await.unwrap(), 504);
+    // Memory is given back, and the same query passes again.
+    let (st, v) = server.sql(ADMIN_KEY, &probe).await;
+    assert_eq!(st, 200, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
