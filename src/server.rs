@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::flush::lake::Lake;
 use crate::flush::{manifest, Flusher};
 use crate::ingest::grpc::{fix_status, AuthGrpc, Authenticated, IngestionGrpc, OtlpService};
-use crate::ingest::otlp_grpc::{CheckedOtlp, Logs, Metrics, TraceGrpc};
+use crate::ingest::otlp_grpc::{Logs, Metrics, OtlpGrpc, Traces};
 use crate::ingest::read_spans::ReadSpansService;
 use crate::ingest::{rows_for_entry, Ingestor};
 use crate::memtable::schema::Registry;
@@ -207,8 +207,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
 
     let (grpc_addr, listener) = bind(cfg.grpc_addr).await?;
     // Every ingest service takes gzip/zstd and the same request size limit
-    // (the OTLP services, `TraceGrpc` and `CheckedOtlp`, set the same
-    // themselves).
+    // (the OTLP services, `OtlpGrpc`, set the same themselves).
     macro_rules! ingest_service {
         ($server:expr) => {
             $server
@@ -239,9 +238,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
     }
     let otlp = OtlpService::new(ingestor.clone(), auth.clone());
     let max = cfg.max_request_size;
-    let trace = otlp_service!(TraceGrpc::new(otlp.clone(), max));
-    let logs = otlp_service!(CheckedOtlp::<Logs>::new(otlp.clone(), max));
-    let metrics = otlp_service!(CheckedOtlp::<Metrics>::new(otlp, max));
+    let trace = otlp_service!(OtlpGrpc::<Traces>::new(otlp.clone(), max));
+    let logs = otlp_service!(OtlpGrpc::<Logs>::new(otlp.clone(), max));
+    let metrics = otlp_service!(OtlpGrpc::<Metrics>::new(otlp, max));
     let records = Authenticated::new(
         ingest_service!(IngestionServiceServer::new(IngestionGrpc::new(
             ingestor.clone(),

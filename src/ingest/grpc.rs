@@ -158,7 +158,7 @@ impl MetricsService for OtlpService {
 }
 
 impl OtlpService {
-    /// `TraceService/Export`, served by [`super::otlp_grpc::TraceGrpc`] (the
+    /// `TraceService/Export`, served by [`super::otlp_grpc::Traces`] (the
     /// WAL keeps the received protobuf bytes).
     pub async fn export_traces(
         &self,

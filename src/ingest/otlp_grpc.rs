@@ -8,8 +8,9 @@
 //! same bytes, so it sees exactly what was validated.
 //!
 //! `LogsService` and `MetricsService` decode with prost, after
-//! [`super::budget`] has bounded what the decode may allocate
-//! ([`CheckedOtlp`]); the generated servers would decode first.
+//! [`super::budget`] has bounded what the decode may allocate; the
+//! generated servers would decode first. One service, [`OtlpGrpc`], serves
+//! each [`Signal`] with its codec.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -33,13 +34,17 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::Status;
 use tonic_prost::ProstEncoder;
 
-use super::budget::{CheckedCodec, Shaped};
+use super::budget::CheckedCodec;
 use super::grpc::OtlpService;
 
-const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
 /// Receives raw (decompressed) message bytes; encodes responses `R` with prost.
-struct BytesCodec<R>(PhantomData<fn() -> R>);
+pub struct BytesCodec<R>(PhantomData<fn() -> R>);
+
+impl<R> Default for BytesCodec<R> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
 
 impl<R: Message + Send + 'static> Codec for BytesCodec<R> {
     type Encode = R;
@@ -56,7 +61,7 @@ impl<R: Message + Send + 'static> Codec for BytesCodec<R> {
     }
 }
 
-struct BytesDecoder;
+pub struct BytesDecoder;
 
 impl Decoder for BytesDecoder {
     type Item = Bytes;
@@ -67,101 +72,39 @@ impl Decoder for BytesDecoder {
     }
 }
 
-/// `opentelemetry.proto.collector.trace.v1.TraceService` (gzip and zstd
-/// accepted, requests up to `max_request_size` decoded).
-#[derive(Clone)]
-pub struct TraceGrpc {
-    otlp: OtlpService,
-    max_request_size: usize,
-}
-
-impl TraceGrpc {
-    pub fn new(otlp: OtlpService, max_request_size: usize) -> Self {
-        Self {
-            otlp,
-            max_request_size,
-        }
-    }
-}
-
-impl NamedService for TraceGrpc {
-    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
-}
-
-struct Export(OtlpService);
-
-impl UnaryService<Bytes> for Export {
-    type Response = ExportTraceServiceResponse;
-    type Future = BoxFuture<tonic::Response<ExportTraceServiceResponse>, Status>;
-
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let otlp = self.0.clone();
-        Box::pin(async move { otlp.export_traces(request).await })
-    }
-}
-
-impl<B> Service<http::Request<B>> for TraceGrpc
-where
-    B: HttpBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<http::Response<Body>, Infallible>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (otlp, max) = (self.otlp.clone(), self.max_request_size);
-        serve(EXPORT, req, BytesCodec(PhantomData), Export(otlp), max)
-    }
-}
-
-/// Serves `req` with one unary method at `path` (gzip and zstd accepted,
-/// requests up to `max` decoded).
-fn serve<B, C, S>(
-    path: &'static str,
-    req: http::Request<B>,
-    codec: C,
-    method: S,
-    max: usize,
-) -> BoxFuture<http::Response<Body>, Infallible>
-where
-    B: HttpBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-    C: Codec + Send + 'static,
-    S: UnaryService<C::Decode, Response = C::Encode> + Send + 'static,
-    S::Future: Send,
-{
-    if req.uri().path() != path {
-        let path = req.uri().path().to_string();
-        return Box::pin(async move {
-            Ok(Status::unimplemented(format!("no method {path}")).into_http())
-        });
-    }
-    Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(codec)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .max_decoding_message_size(max);
-        Ok(grpc.unary(method, req).await)
-    })
-}
-
-/// An OTLP signal decoded with prost (see [`CheckedOtlp`]).
+/// An OTLP signal: its service, its `Export` method and how its requests
+/// are read (see [`OtlpGrpc`]).
 pub trait Signal: Send + Sync + 'static {
     const NAME: &'static str;
     const EXPORT: &'static str;
-    type Request: Message + Default + Shaped + Send + 'static;
-    type Response: Message + Send + 'static;
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    type Codec: Codec<Encode = Self::Response, Decode = Self::Request> + Default + Send + 'static;
     fn export(
         otlp: OtlpService,
         req: tonic::Request<Self::Request>,
     ) -> BoxFuture<tonic::Response<Self::Response>, Status>;
 }
 
+/// Traces are read as their protobuf bytes (see the module docs).
+pub struct Traces;
+
+impl Signal for Traces {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const EXPORT: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    type Request = Bytes;
+    type Response = ExportTraceServiceResponse;
+    type Codec = BytesCodec<Self::Response>;
+    fn export(
+        otlp: OtlpService,
+        req: tonic::Request<Bytes>,
+    ) -> BoxFuture<tonic::Response<Self::Response>, Status> {
+        Box::pin(async move { otlp.export_traces(req).await })
+    }
+}
+
+/// Logs and metrics decode with prost once [`super::budget`] has bounded
+/// what the decode may allocate.
 pub struct Logs;
 
 impl Signal for Logs {
@@ -169,6 +112,7 @@ impl Signal for Logs {
     const EXPORT: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
     type Request = ExportLogsServiceRequest;
     type Response = ExportLogsServiceResponse;
+    type Codec = CheckedCodec<Self::Response, Self::Request>;
     fn export(
         otlp: OtlpService,
         req: tonic::Request<Self::Request>,
@@ -184,6 +128,7 @@ impl Signal for Metrics {
     const EXPORT: &'static str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
     type Request = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
+    type Codec = CheckedCodec<Self::Response, Self::Request>;
     fn export(
         otlp: OtlpService,
         req: tonic::Request<Self::Request>,
@@ -192,21 +137,21 @@ impl Signal for Metrics {
     }
 }
 
-/// The `Export` method of an OTLP signal, with the request's decoded size
-/// bounded before prost decodes it ([`super::budget`]).
-pub struct CheckedOtlp<S> {
+/// The service of an OTLP signal: its `Export` method, gzip and zstd
+/// accepted, requests up to `max_request_size` decompressed.
+pub struct OtlpGrpc<S> {
     otlp: OtlpService,
     max_request_size: usize,
     signal: PhantomData<fn() -> S>,
 }
 
-impl<S> Clone for CheckedOtlp<S> {
+impl<S> Clone for OtlpGrpc<S> {
     fn clone(&self) -> Self {
         Self::new(self.otlp.clone(), self.max_request_size)
     }
 }
 
-impl<S> CheckedOtlp<S> {
+impl<S> OtlpGrpc<S> {
     pub fn new(otlp: OtlpService, max_request_size: usize) -> Self {
         Self {
             otlp,
@@ -216,7 +161,7 @@ impl<S> CheckedOtlp<S> {
     }
 }
 
-impl<S: Signal> NamedService for CheckedOtlp<S> {
+impl<S: Signal> NamedService for OtlpGrpc<S> {
     const NAME: &'static str = S::NAME;
 }
 
@@ -231,7 +176,7 @@ impl<S: Signal> UnaryService<S::Request> for SignalExport<S> {
     }
 }
 
-impl<S: Signal, B> Service<http::Request<B>> for CheckedOtlp<S>
+impl<S: Signal, B> Service<http::Request<B>> for OtlpGrpc<S>
 where
     B: HttpBody + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
@@ -245,8 +190,20 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != S::EXPORT {
+            let path = req.uri().path().to_string();
+            return Box::pin(async move {
+                Ok(Status::unimplemented(format!("no method {path}")).into_http())
+            });
+        }
         let method = SignalExport::<S>(self.otlp.clone(), PhantomData);
-        let codec = CheckedCodec::<S::Response, S::Request>::default();
-        serve(S::EXPORT, req, codec, method, self.max_request_size)
+        let max = self.max_request_size;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(S::Codec::default())
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .max_decoding_message_size(max);
+            Ok(grpc.unary(method, req).await)
+        })
     }
 }
