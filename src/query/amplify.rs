@@ -205,12 +205,32 @@ fn sum_of_products(a: &[i128], b: &[i128], rows: usize) -> i128 {
         .fold(0i128, |acc, x| acc.saturating_add(x))
 }
 
+/// Whether every argument is a scalar: a call on constants (folded while
+/// planning), made once for the whole query.
+fn constant(args: &ScalarFunctionArgs) -> bool {
+    args.args
+        .iter()
+        .all(|v| matches!(v, ColumnarValue::Scalar(_)))
+}
+
+/// The rows a call computes: one for a call on constants.
+fn rows(args: &ScalarFunctionArgs) -> usize {
+    match constant(args) {
+        true => 1,
+        false => args.number_rows,
+    }
+}
+
+/// Bytes per list element: its value's and [`ELEMENT_OVERHEAD`].
+fn per_element(value_bytes: Vec<i128>) -> Vec<i128> {
+    value_bytes.iter().map(|b| b + ELEMENT_OVERHEAD).collect()
+}
+
 impl Checked {
     /// The bytes this call would produce, if it can tell.
     fn output_bytes(&self, args: &ScalarFunctionArgs) -> Result<Option<i128>> {
         let a = &args.args;
-        let all_scalar = a.iter().all(|v| matches!(v, ColumnarValue::Scalar(_)));
-        let rows = if all_scalar { 1 } else { args.number_rows };
+        let rows = rows(args);
         Ok(match self.growth {
             Growth::Repeat if a.len() == 2 => match (byte_lengths(&a[0])?, ints(&a[1])?) {
                 (Some(len), Some(n)) => Some(sum_of_products(&len, &n, rows)),
@@ -218,13 +238,7 @@ impl Checked {
             },
             Growth::Pad if a.len() >= 2 => ints(&a[1])?.map(|n| sum_of_products(&[4], &n, rows)),
             Growth::ArrayRepeat if a.len() == 2 => match ints(&a[1])? {
-                Some(n) => {
-                    let element: Vec<i128> = row_bytes(&a[0])?
-                        .iter()
-                        .map(|b| b + ELEMENT_OVERHEAD)
-                        .collect();
-                    Some(sum_of_products(&element, &n, rows))
-                }
+                Some(n) => Some(sum_of_products(&per_element(row_bytes(&a[0])?), &n, rows)),
                 None => None,
             },
             Growth::Series if (1..=3).contains(&a.len()) => {
@@ -259,11 +273,10 @@ impl Checked {
                 Some(total)
             }
             Growth::Resize if a.len() >= 2 => {
-                let element = match a.get(2) {
+                let element = per_element(match a.get(2) {
                     Some(fill) => row_bytes(fill)?,
                     None => vec![8],
-                };
-                let element: Vec<i128> = element.iter().map(|b| b + ELEMENT_OVERHEAD).collect();
+                });
                 ints(&a[1])?.map(|n| sum_of_products(&element, &n, rows))
             }
             Growth::Replace if a.len() == 3 => {
@@ -324,10 +337,8 @@ impl Checked {
         if self.growth != Growth::Quadratic || a.len() != 2 {
             return Ok(None);
         }
-        let all_scalar = a.iter().all(|v| matches!(v, ColumnarValue::Scalar(_)));
-        let rows = if all_scalar { 1 } else { args.number_rows };
         Ok(match (byte_lengths(&a[0])?, byte_lengths(&a[1])?) {
-            (Some(x), Some(y)) => Some(sum_of_products(&x, &y, rows)),
+            (Some(x), Some(y)) => Some(sum_of_products(&x, &y, rows(args))),
             _ => None,
         })
     }
@@ -363,14 +374,13 @@ fn steps_ns(v: &ColumnarValue) -> Result<Option<Vec<i128>>> {
         &DataType::Interval(arrow::datatypes::IntervalUnit::MonthDayNano),
     )?;
     let a = a.as_primitive::<IntervalMonthDayNanoType>();
-    const DAY: i128 = DAY_NS;
     Ok(Some(
         a.values()
             .iter()
             .map(|i| {
                 let parts = [
-                    i.months as i128 * 28 * DAY,
-                    i.days as i128 * DAY,
+                    i.months as i128 * 28 * DAY_NS,
+                    i.days as i128 * DAY_NS,
                     i.nanoseconds as i128,
                 ];
                 let mixed = parts.iter().any(|p| *p > 0) && parts.iter().any(|p| *p < 0);
@@ -427,11 +437,7 @@ impl ScalarUDFImpl for Checked {
                     limit,
                 });
             }
-            let constant = args
-                .args
-                .iter()
-                .all(|v| matches!(v, ColumnarValue::Scalar(_)));
-            if constant {
+            if constant(&args) {
                 let bytes = bytes.max(0) as u64;
                 let total = self.constants.0.fetch_add(bytes, Ordering::Relaxed) + bytes;
                 if total > limit as u64 {
