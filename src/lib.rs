@@ -20,6 +20,9 @@ pub mod query;
 pub mod server;
 pub mod wal;
 
+#[cfg(test)]
+mod test_alloc;
+
 /// Generated code of `proto/storage/*.proto`.
 pub mod proto {
     pub mod storage {

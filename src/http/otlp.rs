@@ -29,7 +29,6 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
 
 use super::AppState;
 use crate::auth::Principal;
@@ -221,54 +220,42 @@ fn inflate(dec: impl Read, name: &str, limit: usize, enc: Encoding) -> Result<By
     Ok(Bytes::from(out))
 }
 
-/// snake_case object keys → lowerCamelCase, in place (OTLP/JSON receivers
-/// accept both; OTLP JSON never uses data as object keys, so every key is a
-/// field name).
-fn camel_keys(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            if map.keys().any(|k| k.contains('_')) {
-                let old = std::mem::take(map);
-                for (k, v) in old {
-                    map.insert(camel(&k), v);
-                }
-            }
-            map.values_mut().for_each(camel_keys);
-        }
-        Value::Array(items) => items.iter_mut().for_each(camel_keys),
-        _ => {}
-    }
-}
-
-fn camel(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    let mut upper = false;
-    for c in key.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
+/// Decodes a request body after [`budget`] has bounded what decoding it
+/// would allocate (too much is `413`).
 fn decode<R>(bytes: &Bytes, enc: Encoding) -> Result<R, Failure>
 where
-    R: prost::Message + Default + DeserializeOwned,
+    R: prost::Message + Default + DeserializeOwned + budget::Shaped,
 {
+    let refused = |e: budget::Error| match e {
+        budget::Error::TooLarge => Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            tonic::Code::ResourceExhausted,
+            e.to_string(),
+            enc,
+        ),
+        budget::Error::Malformed(m) => Failure::invalid(
+            match enc {
+                Encoding::Protobuf => format!("malformed protobuf request: {m}"),
+                Encoding::Json => format!("malformed JSON request: {m}"),
+            },
+            enc,
+        ),
+    };
     match enc {
-        Encoding::Protobuf => R::decode(bytes.clone())
-            .map_err(|e| Failure::invalid(format!("malformed protobuf request: {e}"), enc)),
+        Encoding::Protobuf => {
+            budget::check::<R>(bytes).map_err(refused)?;
+            R::decode(bytes.clone())
+                .map_err(|e| Failure::invalid(format!("malformed protobuf request: {e}"), enc))
+        }
         Encoding::Json => {
-            let mut v: Value = serde_json::from_slice(bytes)
-                .map_err(|e| Failure::invalid(format!("malformed JSON request: {e}"), enc))?;
-            camel_keys(&mut v);
-            serde_json::from_value(v)
-                .map_err(|e| Failure::invalid(format!("invalid OTLP/JSON request: {e}"), enc))
+            let body = budget::json::check::<R>(bytes).map_err(refused)?;
+            serde_json::from_slice(&body).map_err(|e| {
+                let what = match e.classify() {
+                    serde_json::error::Category::Data => "invalid OTLP/JSON request",
+                    _ => "malformed JSON request",
+                };
+                Failure::invalid(format!("{what}: {e}"), enc)
+            })
         }
     }
 }
@@ -293,33 +280,13 @@ trait Payload: Sized {
 
 impl Payload for ExportLogsServiceRequest {
     fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
-        within_budget::<Self>(&bytes, enc)?;
         decode(&bytes, enc)
     }
 }
 
 impl Payload for ExportMetricsServiceRequest {
     fn decode(bytes: Bytes, enc: Encoding) -> Result<Self, Failure> {
-        within_budget::<Self>(&bytes, enc)?;
         decode(&bytes, enc)
-    }
-}
-
-/// A protobuf body that would decode into too much is refused before prost
-/// decodes it ([`budget`]).
-fn within_budget<R: budget::Shaped>(bytes: &[u8], enc: Encoding) -> Result<(), Failure> {
-    if matches!(enc, Encoding::Json) {
-        return Ok(());
-    }
-    match budget::check::<R>(bytes) {
-        Ok(()) => Ok(()),
-        Err(e @ budget::Error::TooLarge) => Err(Failure::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            tonic::Code::ResourceExhausted,
-            e.to_string(),
-            enc,
-        )),
-        Err(e) => Err(Failure::invalid(e.to_string(), enc)),
     }
 }
 
@@ -407,24 +374,6 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap, body: Body) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn snake_case_keys_become_camel_case() {
-        let mut v: Value = serde_json::json!({
-            "resource_spans": [{"scope_spans": [{"spans": [
-                {"trace_id": "ab", "attributes": [{"key": "a_b", "value": {"string_value": "x_y"}}]}
-            ]}]}]
-        });
-        camel_keys(&mut v);
-        assert_eq!(
-            v,
-            serde_json::json!({
-                "resourceSpans": [{"scopeSpans": [{"spans": [
-                    {"traceId": "ab", "attributes": [{"key": "a_b", "value": {"stringValue": "x_y"}}]}
-                ]}]}]
-            })
-        );
-    }
 
     #[test]
     fn otlp_json_decodes_hex_ids_and_string_integers() {

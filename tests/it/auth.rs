@@ -606,8 +606,9 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 
 /// A request without a valid credential is refused before its body is
 /// decoded, and one with a valid credential before it decodes into too
-/// much. This one is 14 MB of empty log records (a 2-byte message each),
-/// ~14 KB gzip'd; decoded, prost makes a ~200-byte struct of each: 1.4 GB.
+/// much, over OTLP/gRPC and OTLP/HTTP. This one is 14 MB of empty log
+/// records (a 2-byte message each), ~14 KB gzip'd; decoded, prost makes a
+/// ~200-byte struct of each: 1.4 GB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_refused_before_they_decode_into_gigabytes() {
     use tonic::codec::CompressionEncoding;
@@ -650,6 +651,29 @@ async fn requests_are_refused_before_they_decode_into_gigabytes() {
         } else {
             assert_eq!(err.code(), Code::Unauthenticated, "{key:?}: {err}");
         }
+    }
+    // The same over OTLP/HTTP, as protobuf and as JSON (5.5 M empty
+    // records in 16.5 MB, ~16 KB gzip'd: ~1.2 GB as structs).
+    let json = format!(
+        r#"{{"resourceLogs":[{{"scopeLogs":[{{"logRecords":[{}]}}]}}]}}"#,
+        vec!["{}"; 5_500_000].join(",")
+    );
+    for (ct, body) in [
+        ("application/x-protobuf", body),
+        ("application/json", json.into_bytes()),
+    ] {
+        let body = crate::otlp::gzip(&body);
+        let post =
+            |key| crate::otlp::otlp_post(&server, "/v1/logs", ct, Some("gzip"), key, body.clone());
+        let (st, _, _) = post(Some("lw_not_a_key_of_this_server_000000")).await;
+        assert_eq!(st, 401, "{ct}");
+        let (st, _, reply) = post(Some(ADMIN_KEY)).await;
+        let reply = String::from_utf8_lossy(&reply);
+        assert_eq!(st, 413, "{ct}: {reply}");
+        assert!(
+            reply.contains("would decode into more than"),
+            "{ct}: {reply}"
+        );
     }
     let after = peak_rss_bytes(server.pid());
     assert!(

@@ -386,7 +386,7 @@ fn sv_any(s: &str) -> AnyValue {
     }
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     e.write_all(data).unwrap();
     e.finish().unwrap()
@@ -394,7 +394,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// `POST path` with a body, content type and optional encoding; status,
 /// content type and body.
-async fn otlp_post(
+pub(crate) async fn otlp_post(
     server: &Server,
     path: &str,
     content_type: &str,

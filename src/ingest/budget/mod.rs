@@ -8,14 +8,18 @@
 //! would pass [`MAX_DECODED_BYTES`], before anything is allocated.
 //!
 //! The estimate is an upper bound: each element of a repeated message field
-//! counts its struct's size twice (a `Vec` doubles as it grows; a singular
+//! counts its struct's size twice, the first four times (a `Vec` starts
+//! with four slots and doubles as it grows; a singular
 //! message lives inside its parent, and prost merges a repeated occurrence
 //! into it), each string or bytes field its length (and an element of a
 //! repeated string its header, twice), packed varints 16 bytes per byte,
 //! and every other field 8 bytes (it may be one element of a repeated
 //! scalar). Real exports decode to 2–8 times their size, below the bound.
 //! Traces never reach prost (they are converted from the bytes, see
-//! [`super::wire`]).
+//! [`super::wire`]). OTLP/JSON requests have their own walk over the same
+//! shapes ([`json`]).
+
+pub mod json;
 
 use std::marker::PhantomData;
 use std::mem::size_of;
@@ -28,6 +32,7 @@ use tonic_prost::ProstEncoder;
 
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{
     AnyValue, ArrayValue, EntityRef, InstrumentationScope, KeyValue, KeyValueList,
 };
@@ -40,6 +45,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
     SummaryDataPoint,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status as SpanStatus,
+};
 
 use super::wire::{self, Value};
 use crate::proto::ingestion::{
@@ -54,6 +63,9 @@ pub const MAX_DECODED_BYTES: u64 = 256 << 20;
 
 /// Messages nested deeper than prost's own recursion limit are malformed.
 const MAX_DEPTH: usize = 100;
+
+/// The most child message fields of one [`Shape`].
+const MAX_CHILDREN: usize = 8;
 
 /// What is wrong with a request, before it is decoded.
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -72,28 +84,48 @@ pub struct Shape {
     packed_varints: &'static [u32],
     /// Repeated string fields (a `String` header per element).
     repeated_strings: &'static [u32],
+    /// Whether the OTLP/JSON decoder buffers the object's keys that are not
+    /// child messages (serde's `flatten` of a oneof, see [`json`]).
+    buffers_other_keys: bool,
 }
 
 /// A field that holds messages.
 pub struct Child {
     number: u32,
+    /// Its OTLP/JSON (lowerCamelCase) name.
+    name: &'static str,
     shape: &'static Shape,
     repeated: bool,
+    /// Part of a oneof that serde buffers before decoding ([`json`]).
+    buffered: bool,
 }
 
-const fn many(number: u32, shape: &'static Shape) -> Child {
+const fn many(number: u32, name: &'static str, shape: &'static Shape) -> Child {
     Child {
         number,
+        name,
         shape,
         repeated: true,
+        buffered: false,
     }
 }
 
-const fn once(number: u32, shape: &'static Shape) -> Child {
+const fn once(number: u32, name: &'static str, shape: &'static Shape) -> Child {
     Child {
         number,
+        name,
         shape,
         repeated: false,
+        buffered: false,
+    }
+}
+
+/// A message field of a oneof that the OTLP/JSON decoder buffers whole
+/// (serde's `flatten`) before it decodes it.
+const fn oneof(number: u32, name: &'static str, shape: &'static Shape) -> Child {
+    Child {
+        buffered: true,
+        ..once(number, name, shape)
     }
 }
 
@@ -103,11 +135,13 @@ impl Shape {
     }
 
     const fn of(size: usize, children: &'static [Child]) -> Self {
+        assert!(children.len() <= MAX_CHILDREN);
         Shape {
             size,
             children,
             packed_varints: &[],
             repeated_strings: &[],
+            buffers_other_keys: false,
         }
     }
 }
@@ -125,20 +159,37 @@ pub fn check<T: Shaped>(buf: &[u8]) -> Result<(), Error> {
     walk(buf, T::SHAPE, 0, &mut total)
 }
 
+/// What the `n`th item (from 0) of a vector of `size`-byte items adds to
+/// its allocation: four slots at the first (a `Vec`'s smallest), none until
+/// the fourth is full, then two per item (it doubles).
+fn vec_slot(n: usize, size: u64) -> u64 {
+    match n {
+        0 => 4 * size,
+        1..=3 => 0,
+        _ => 2 * size,
+    }
+}
+
 fn walk(buf: &[u8], shape: &Shape, depth: usize, total: &mut u64) -> Result<(), Error> {
     if depth > MAX_DEPTH {
         return Err(Error::Malformed(format!(
             "messages nested deeper than {MAX_DEPTH}"
         )));
     }
+    // Elements so far of each repeated child field.
+    let mut elements = [0usize; MAX_CHILDREN];
     for field in wire::fields(buf) {
         let (number, value) = field.map_err(|e| Error::Malformed(e.to_string()))?;
         let bytes = match value {
             Value::Len(inner) => {
-                if let Some(child) = shape.children.iter().find(|c| c.number == number) {
+                if let Some(i) = shape.children.iter().position(|c| c.number == number) {
+                    let child = &shape.children[i];
                     walk(inner, child.shape, depth + 1, total)?;
                     match child.repeated {
-                        true => 2 * child.shape.size as u64,
+                        true => {
+                            elements[i] += 1;
+                            vec_slot(elements[i] - 1, child.shape.size as u64)
+                        }
                         false => 0,
                     }
                 } else if shape.packed_varints.contains(&number) {
@@ -159,48 +210,109 @@ fn walk(buf: &[u8], shape: &Shape, depth: usize, total: &mut u64) -> Result<(), 
     Ok(())
 }
 
-static ANY_VALUE: Shape = Shape::of(
+/// A message whose object the OTLP/JSON decoder buffers, but for its child
+/// messages (a flattened oneof beside ordinary fields).
+const fn flattened(size: usize, children: &'static [Child]) -> Shape {
+    Shape {
+        buffers_other_keys: true,
+        ..Shape::of(size, children)
+    }
+}
+
+static ANY_VALUE: Shape = flattened(
     size_of::<AnyValue>(),
-    &[once(5, &ARRAY_VALUE), once(6, &KV_LIST)],
+    &[
+        oneof(5, "arrayValue", &ARRAY_VALUE),
+        oneof(6, "kvlistValue", &KV_LIST),
+    ],
 );
-static ARRAY_VALUE: Shape = Shape::of(size_of::<ArrayValue>(), &[many(1, &ANY_VALUE)]);
-static KV_LIST: Shape = Shape::of(size_of::<KeyValueList>(), &[many(1, &KEY_VALUE)]);
-static KEY_VALUE: Shape = Shape::of(size_of::<KeyValue>(), &[once(2, &ANY_VALUE)]);
-static SCOPE: Shape = Shape::of(size_of::<InstrumentationScope>(), &[many(3, &KEY_VALUE)]);
+static ARRAY_VALUE: Shape = Shape::of(size_of::<ArrayValue>(), &[many(1, "values", &ANY_VALUE)]);
+static KV_LIST: Shape = Shape::of(size_of::<KeyValueList>(), &[many(1, "values", &KEY_VALUE)]);
+static KEY_VALUE: Shape = Shape::of(size_of::<KeyValue>(), &[once(2, "value", &ANY_VALUE)]);
+static SCOPE: Shape = Shape::of(
+    size_of::<InstrumentationScope>(),
+    &[many(3, "attributes", &KEY_VALUE)],
+);
 static ENTITY_REF: Shape = Shape {
     repeated_strings: &[3, 4],
     ..Shape::leaf(size_of::<EntityRef>())
 };
 static RESOURCE: Shape = Shape::of(
     size_of::<Resource>(),
-    &[many(1, &KEY_VALUE), many(3, &ENTITY_REF)],
+    &[
+        many(1, "attributes", &KEY_VALUE),
+        many(3, "entityRefs", &ENTITY_REF),
+    ],
+);
+
+static STATUS: Shape = Shape::leaf(size_of::<SpanStatus>());
+static EVENT: Shape = Shape::of(size_of::<Event>(), &[many(3, "attributes", &KEY_VALUE)]);
+static LINK: Shape = Shape::of(size_of::<Link>(), &[many(4, "attributes", &KEY_VALUE)]);
+static SPAN: Shape = Shape::of(
+    size_of::<Span>(),
+    &[
+        many(9, "attributes", &KEY_VALUE),
+        many(11, "events", &EVENT),
+        many(13, "links", &LINK),
+        once(15, "status", &STATUS),
+    ],
+);
+static SCOPE_SPANS: Shape = Shape::of(
+    size_of::<ScopeSpans>(),
+    &[once(1, "scope", &SCOPE), many(2, "spans", &SPAN)],
+);
+static RESOURCE_SPANS: Shape = Shape::of(
+    size_of::<ResourceSpans>(),
+    &[
+        once(1, "resource", &RESOURCE),
+        many(2, "scopeSpans", &SCOPE_SPANS),
+    ],
+);
+static TRACES_REQUEST: Shape = Shape::of(
+    size_of::<ExportTraceServiceRequest>(),
+    &[many(1, "resourceSpans", &RESOURCE_SPANS)],
 );
 
 static LOG_RECORD: Shape = Shape::of(
     size_of::<LogRecord>(),
-    &[once(5, &ANY_VALUE), many(6, &KEY_VALUE)],
+    &[
+        once(5, "body", &ANY_VALUE),
+        many(6, "attributes", &KEY_VALUE),
+    ],
 );
 static SCOPE_LOGS: Shape = Shape::of(
     size_of::<ScopeLogs>(),
-    &[once(1, &SCOPE), many(2, &LOG_RECORD)],
+    &[once(1, "scope", &SCOPE), many(2, "logRecords", &LOG_RECORD)],
 );
 static RESOURCE_LOGS: Shape = Shape::of(
     size_of::<ResourceLogs>(),
-    &[once(1, &RESOURCE), many(2, &SCOPE_LOGS)],
+    &[
+        once(1, "resource", &RESOURCE),
+        many(2, "scopeLogs", &SCOPE_LOGS),
+    ],
 );
 static LOGS_REQUEST: Shape = Shape::of(
     size_of::<ExportLogsServiceRequest>(),
-    &[many(1, &RESOURCE_LOGS)],
+    &[many(1, "resourceLogs", &RESOURCE_LOGS)],
 );
 
-static EXEMPLAR: Shape = Shape::of(size_of::<Exemplar>(), &[many(7, &KEY_VALUE)]);
-static NUMBER_POINT: Shape = Shape::of(
+static EXEMPLAR: Shape = flattened(
+    size_of::<Exemplar>(),
+    &[many(7, "filteredAttributes", &KEY_VALUE)],
+);
+static NUMBER_POINT: Shape = flattened(
     size_of::<NumberDataPoint>(),
-    &[many(7, &KEY_VALUE), many(5, &EXEMPLAR)],
+    &[
+        many(7, "attributes", &KEY_VALUE),
+        many(5, "exemplars", &EXEMPLAR),
+    ],
 );
 static HISTOGRAM_POINT: Shape = Shape::of(
     size_of::<HistogramDataPoint>(),
-    &[many(9, &KEY_VALUE), many(8, &EXEMPLAR)],
+    &[
+        many(9, "attributes", &KEY_VALUE),
+        many(8, "exemplars", &EXEMPLAR),
+    ],
 );
 static BUCKETS: Shape = Shape {
     packed_varints: &[2],
@@ -209,58 +321,80 @@ static BUCKETS: Shape = Shape {
 static EXP_HISTOGRAM_POINT: Shape = Shape::of(
     size_of::<ExponentialHistogramDataPoint>(),
     &[
-        many(1, &KEY_VALUE),
-        once(8, &BUCKETS),
-        once(9, &BUCKETS),
-        many(11, &EXEMPLAR),
+        many(1, "attributes", &KEY_VALUE),
+        once(8, "positive", &BUCKETS),
+        once(9, "negative", &BUCKETS),
+        many(11, "exemplars", &EXEMPLAR),
     ],
 );
 static QUANTILE: Shape = Shape::leaf(size_of::<ValueAtQuantile>());
 static SUMMARY_POINT: Shape = Shape::of(
     size_of::<SummaryDataPoint>(),
-    &[many(7, &KEY_VALUE), many(6, &QUANTILE)],
+    &[
+        many(7, "attributes", &KEY_VALUE),
+        many(6, "quantileValues", &QUANTILE),
+    ],
 );
-static GAUGE: Shape = Shape::of(size_of::<Gauge>(), &[many(1, &NUMBER_POINT)]);
-static SUM: Shape = Shape::of(size_of::<Sum>(), &[many(1, &NUMBER_POINT)]);
-static HISTOGRAM: Shape = Shape::of(size_of::<Histogram>(), &[many(1, &HISTOGRAM_POINT)]);
+static GAUGE: Shape = Shape::of(size_of::<Gauge>(), &[many(1, "dataPoints", &NUMBER_POINT)]);
+static SUM: Shape = Shape::of(size_of::<Sum>(), &[many(1, "dataPoints", &NUMBER_POINT)]);
+static HISTOGRAM: Shape = Shape::of(
+    size_of::<Histogram>(),
+    &[many(1, "dataPoints", &HISTOGRAM_POINT)],
+);
 static EXP_HISTOGRAM: Shape = Shape::of(
     size_of::<ExponentialHistogram>(),
-    &[many(1, &EXP_HISTOGRAM_POINT)],
+    &[many(1, "dataPoints", &EXP_HISTOGRAM_POINT)],
 );
-static SUMMARY: Shape = Shape::of(size_of::<Summary>(), &[many(1, &SUMMARY_POINT)]);
-static METRIC: Shape = Shape::of(
+static SUMMARY: Shape = Shape::of(
+    size_of::<Summary>(),
+    &[many(1, "dataPoints", &SUMMARY_POINT)],
+);
+static METRIC: Shape = flattened(
     size_of::<Metric>(),
     &[
-        once(5, &GAUGE),
-        once(7, &SUM),
-        once(9, &HISTOGRAM),
-        once(10, &EXP_HISTOGRAM),
-        once(11, &SUMMARY),
-        many(12, &KEY_VALUE),
+        oneof(5, "gauge", &GAUGE),
+        oneof(7, "sum", &SUM),
+        oneof(9, "histogram", &HISTOGRAM),
+        oneof(10, "exponentialHistogram", &EXP_HISTOGRAM),
+        oneof(11, "summary", &SUMMARY),
+        many(12, "metadata", &KEY_VALUE),
     ],
 );
 static SCOPE_METRICS: Shape = Shape::of(
     size_of::<ScopeMetrics>(),
-    &[once(1, &SCOPE), many(2, &METRIC)],
+    &[once(1, "scope", &SCOPE), many(2, "metrics", &METRIC)],
 );
 static RESOURCE_METRICS: Shape = Shape::of(
     size_of::<ResourceMetrics>(),
-    &[once(1, &RESOURCE), many(2, &SCOPE_METRICS)],
+    &[
+        once(1, "resource", &RESOURCE),
+        many(2, "scopeMetrics", &SCOPE_METRICS),
+    ],
 );
 static METRICS_REQUEST: Shape = Shape::of(
     size_of::<ExportMetricsServiceRequest>(),
-    &[many(1, &RESOURCE_METRICS)],
+    &[many(1, "resourceMetrics", &RESOURCE_METRICS)],
 );
 
 /// A `map<string, Value>` entry: key, value and the map's node overhead.
 static FIELD_ENTRY: Shape = Shape::of(
     size_of::<String>() + size_of::<RecordValue>() + 32,
-    &[once(2, &RECORD_VALUE)],
+    &[once(2, "value", &RECORD_VALUE)],
 );
 static RECORD_VALUE: Shape = Shape::leaf(size_of::<RecordValue>());
-static DATA_RECORD: Shape = Shape::of(size_of::<DataRecord>(), &[many(4, &FIELD_ENTRY)]);
-static DATA_RECORDS: Shape = Shape::of(size_of::<DataRecords>(), &[many(1, &DATA_RECORD)]);
-static WRITE_BATCH: Shape = Shape::of(size_of::<WriteBatchRequest>(), &[once(4, &DATA_RECORDS)]);
+static DATA_RECORD: Shape = Shape::of(size_of::<DataRecord>(), &[many(4, "fields", &FIELD_ENTRY)]);
+static DATA_RECORDS: Shape = Shape::of(
+    size_of::<DataRecords>(),
+    &[many(1, "records", &DATA_RECORD)],
+);
+static WRITE_BATCH: Shape = Shape::of(
+    size_of::<WriteBatchRequest>(),
+    &[once(4, "records", &DATA_RECORDS)],
+);
+
+impl Shaped for ExportTraceServiceRequest {
+    const SHAPE: &'static Shape = &TRACES_REQUEST;
+}
 
 impl Shaped for ExportLogsServiceRequest {
     const SHAPE: &'static Shape = &LOGS_REQUEST;
