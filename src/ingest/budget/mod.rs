@@ -70,7 +70,7 @@ const MAX_CHILDREN: usize = 8;
 /// What is wrong with a request, before it is decoded.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum Error {
-    #[error("the request would decode into more than {MAX_DECODED_BYTES} bytes of messages (it holds very many small items); split it")]
+    #[error("the request would decode into more than {MAX_DECODED_BYTES} bytes of messages (very many small items, or values nested deep); split it")]
     TooLarge,
     #[error("malformed protobuf request: {0}")]
     Malformed(String),
