@@ -45,7 +45,9 @@ fn estimate<T: Shaped>(body: &[u8]) -> Result<(u64, Cow<'_, [u8]>), Error> {
     let mut w = Walk {
         buf: body,
         pos: 0,
-        structs: 0,
+        // serde_json's scratch buffer for strings with escapes (at most
+        // twice the longest) and the renamed copy of the body.
+        structs: 3 * body.len() as u64,
         buffered: 0,
         peak_buffered: 0,
         renamed: None,
@@ -68,12 +70,7 @@ fn estimate<T: Shaped>(body: &[u8]) -> Result<(u64, Cow<'_, [u8]>), Error> {
         }
         Err(e) => return Err(e),
     }
-    // serde_json's scratch buffer for strings with escapes (at most twice
-    // the longest) and the renamed copy of the body.
-    let bound = w.structs + w.peak_buffered + 3 * body.len() as u64;
-    if bound > MAX_DECODED_BYTES {
-        return Err(Error::TooLarge);
-    }
+    let bound = w.structs + w.peak_buffered;
     let body = match w.renamed {
         None => Cow::Borrowed(body),
         Some(mut out) => {
@@ -98,7 +95,7 @@ enum Slot {
 struct Walk<'a> {
     buf: &'a [u8],
     pos: usize,
-    /// The decoded structs, strings and vectors.
+    /// The decoded structs, strings and vectors (and serde_json's scratch).
     structs: u64,
     /// serde's buffers alive at this point of the walk, and their most.
     buffered: u64,
