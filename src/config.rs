@@ -182,9 +182,14 @@ pub struct QueryArgs {
     #[arg(long, env = "LAKEWRITER_QUERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub query_timeout: Duration,
     /// Memory all running queries may hold together (sorts, joins, aggregates,
-    /// the rows they return); a query that would go above it fails.
+    /// the rows they return). Sorts, aggregations and repartitions spill past
+    /// their part of it; a query that needs more that cannot spill fails.
     #[arg(long, env = "LAKEWRITER_QUERY_MEMORY", default_value = "512MiB")]
     pub query_memory: ByteSize,
+    /// Disk all running queries may spill to together, in
+    /// `<data-dir>/query-spill` (emptied at start); 0 turns spilling off.
+    #[arg(long, env = "LAKEWRITER_QUERY_SPILL_LIMIT", default_value = "8GiB")]
+    pub query_spill_limit: ByteSize,
     /// Most rows a SQL result may have; larger results fail and ask for a LIMIT.
     #[arg(long, env = "LAKEWRITER_QUERY_MAX_ROWS", default_value_t = 100_000)]
     pub query_max_rows: usize,
@@ -194,6 +199,8 @@ pub struct QueryArgs {
 pub struct QueryConfig {
     pub timeout: Duration,
     pub memory: usize,
+    /// Bytes of spill files all running queries may hold (0: no spilling).
+    pub spill_limit: u64,
     pub max_rows: usize,
 }
 
@@ -202,6 +209,7 @@ impl Default for QueryConfig {
         Self {
             timeout: Duration::from_secs(30),
             memory: 512 << 20,
+            spill_limit: 8 << 30,
             max_rows: 100_000,
         }
     }
@@ -310,6 +318,7 @@ impl Config {
             query: QueryConfig {
                 timeout: args.query.query_timeout,
                 memory: args.query.query_memory.0 as usize,
+                spill_limit: args.query.query_spill_limit.0,
                 max_rows: args.query.query_max_rows,
             },
         }

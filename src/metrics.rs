@@ -116,6 +116,8 @@ pub struct Metrics {
     pub query_latency: Histogram,
     pub query_memory_bytes: Gauge,
     pub queries_busy: Counter,
+    pub query_spills: Counter,
+    pub query_spilled_bytes: Counter,
     pub duplicate_batches: Counter,
 }
 
@@ -141,6 +143,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     query_latency: Histogram::new(LATENCY_BUCKETS),
     query_memory_bytes: Gauge::default(),
     queries_busy: Counter::default(),
+    query_spills: Counter::default(),
+    query_spilled_bytes: Counter::default(),
     duplicate_batches: Counter::default(),
 });
 
@@ -187,6 +191,18 @@ pub fn render() -> String {
         "lakewriter_queries_busy_total",
         "Queries refused as retryable because other queries held the query memory.",
         m.queries_busy.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_query_spills_total",
+        "Times query operators spilled (sorts, aggregations, repartitions past their part of --query-memory).",
+        m.query_spills.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_query_spilled_bytes_total",
+        "Bytes of the spill files queries wrote (LZ4; within --query-spill-limit at any moment).",
+        m.query_spilled_bytes.get(),
     );
     counter(
         &mut o,

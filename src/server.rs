@@ -287,6 +287,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             schemas.clone(),
             flusher.lake().clone(),
             cfg.query.clone(),
+            &cfg.data_dir.join("query-spill"),
         )
         .map_err(|e| Error::Query(e.to_string()))?,
     );

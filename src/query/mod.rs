@@ -5,10 +5,11 @@
 //! [`table::LakeTable`] built from one catalog snapshot. There is no other
 //! catalog, no URL tables, no file table functions: a query cannot name
 //! another tenant's data or a local file. SQL is planned with DDL, DML and
-//! statements disabled. Limits: one memory pool for all running queries (no
-//! spilling; a query that would fit alone but finds the pool held by others
-//! is told to retry, see [`pool`]), a wall-clock timeout that cancels the
-//! plan, and a result row cap.
+//! statements disabled. Limits: one memory pool for all running queries (a
+//! query that would fit alone but finds the pool held by others is told to
+//! retry, see [`pool`]), a bounded spill directory that sorts, aggregations
+//! and repartitions write to when their part of the pool is full, a
+//! wall-clock timeout that cancels the plan, and a result row cap.
 //!
 //! Queries run on their own Tokio runtime so a heavy scan cannot starve the
 //! ingest path's tasks.
@@ -25,11 +26,13 @@ use std::time::Instant;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::config::SpillCompression;
 use datafusion::common::DataFusionError;
 use datafusion::common::TableReference;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 
@@ -54,6 +57,10 @@ pub enum Error {
     Task(String),
     #[error("the query memory (--query-memory, {0} bytes) is held by other running queries; retry shortly")]
     Busy(usize),
+    #[error("the query spilled more than the spill directory may hold (--query-spill-limit, {0} bytes, shared by all running queries)")]
+    SpillFull(u64),
+    #[error("the query needs more than the query memory (--query-memory, {0} bytes) and spilling is off (--query-spill-limit 0)")]
+    NoSpill(usize),
 }
 
 impl Classify for Error {
@@ -61,6 +68,7 @@ impl Classify for Error {
         match self {
             Self::Timeout(_) => ErrorKind::Timeout,
             Self::Busy(_) => ErrorKind::ResourceExhausted,
+            Self::SpillFull(_) | Self::NoSpill(_) => ErrorKind::LimitExceeded,
             Self::TooManyRows(_) => ErrorKind::LimitExceeded,
             Self::Task(_) => ErrorKind::Internal,
             Self::DataFusion(e) => match e.find_root() {
@@ -130,18 +138,34 @@ impl Drop for QueryEngine {
 }
 
 impl QueryEngine {
+    /// `spill_dir` is emptied (what a killed server left there) and holds
+    /// this server's spill files, up to `cfg.spill_limit` bytes (0: queries
+    /// do not spill).
     pub fn new(
         catalog: Arc<Catalog>,
         schemas: Arc<Registry>,
         lake: Lake,
         cfg: QueryConfig,
+        spill_dir: &std::path::Path,
     ) -> anyhow::Result<Self> {
-        let memory = Arc::new(pool::SharedPool::new(cfg.memory));
+        let memory = Arc::new(pool::SharedPool::new(cfg.memory, cfg.spill_limit > 0));
+        match std::fs::remove_dir_all(spill_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot empty {}: {e}", spill_dir.display()),
+        }
+        let disk = if cfg.spill_limit == 0 {
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled)
+        } else {
+            std::fs::create_dir_all(spill_dir)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", spill_dir.display()))?;
+            DiskManagerBuilder::default()
+                .with_mode(DiskManagerMode::Directories(vec![spill_dir.to_path_buf()]))
+                .with_max_temp_directory_size(cfg.spill_limit)
+        };
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(memory.clone())
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
+            .with_disk_manager_builder(disk)
             .build_arc()?;
         let (url, store) = lake.scan_store();
         runtime.register_object_store(url, store.clone());
@@ -198,6 +222,9 @@ impl QueryEngine {
             .execution
             .parquet
             .schema_force_view_types = false;
+        // Spill files are written and read back once: LZ4 halves the disk
+        // traffic the WAL's fsyncs share, for little CPU.
+        config.options_mut().execution.spill_compression = SpillCompression::Lz4Frame;
         let runtime = Arc::new(RuntimeEnv {
             memory_pool: pool,
             disk_manager: self.runtime.disk_manager.clone(),
@@ -263,6 +290,17 @@ impl QueryEngine {
                 METRICS.queries_busy.inc();
                 Error::Busy(self.cfg.memory)
             }
+            Error::DataFusion(ref d) if spill_full(d) => Error::SpillFull(self.cfg.spill_limit),
+            // An operator that would have spilled says "DiskManager is
+            // disabled", which names no setting.
+            Error::DataFusion(ref d)
+                if self.cfg.spill_limit == 0
+                    && d.find_root()
+                        .to_string()
+                        .contains("DiskManager is disabled") =>
+            {
+                Error::NoSpill(self.cfg.memory)
+            }
             e => e,
         });
 
@@ -304,23 +342,53 @@ async fn collect_limited(
 ) -> Result<QueryResult, Error> {
     let schema = Arc::new(df.schema().as_arrow().clone());
     let memory = MemoryConsumer::new("query result").register(pool);
-    let mut stream = df.execute_stream().await?;
+    let task = Arc::new(df.task_ctx());
+    let plan = df.create_physical_plan().await?;
+    let mut stream = datafusion::physical_plan::execute_stream(plan.clone(), task)?;
     let mut batches = Vec::new();
     let mut rows = 0;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        rows += batch.num_rows();
-        if rows > max_rows {
-            return Err(Error::TooManyRows(max_rows));
+    let collected = async {
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            rows += batch.num_rows();
+            if rows > max_rows {
+                return Err(Error::TooManyRows(max_rows));
+            }
+            if batch.num_rows() > 0 {
+                memory.try_grow(batch.get_array_memory_size())?;
+                batches.push(batch);
+            }
         }
-        if batch.num_rows() > 0 {
-            memory.try_grow(batch.get_array_memory_size())?;
-            batches.push(batch);
-        }
+        Ok(())
     }
+    .await;
+    drop(stream);
+    let (spills, spilled) = spilled(plan.as_ref());
+    METRICS.query_spills.add(spills as u64);
+    METRICS.query_spilled_bytes.add(spilled as u64);
+    collected?;
     Ok(QueryResult {
         schema,
         batches,
         _memory: memory,
     })
+}
+
+/// Spill files and their bytes written by `plan`'s operators so far.
+fn spilled(plan: &dyn ExecutionPlan) -> (usize, usize) {
+    let own = plan.metrics().map_or((0, 0), |m| {
+        (m.spill_count().unwrap_or(0), m.spilled_bytes().unwrap_or(0))
+    });
+    plan.children().into_iter().fold(own, |(n, b), child| {
+        let (cn, cb) = spilled(child.as_ref());
+        (n + cn, b + cb)
+    })
+}
+
+/// Whether DataFusion failed because the spill files would have grown past
+/// `--query-spill-limit` (it says so only in an I/O error's words).
+fn spill_full(e: &DataFusionError) -> bool {
+    e.find_root()
+        .to_string()
+        .contains("exceeded the allowable limit")
 }

@@ -14,12 +14,84 @@
 //! reservations on other tasks. Once one refusal finds the query too big,
 //! later ones (another partition of the same query, refused while the first
 //! released its memory) do not make it retryable.
+//!
+//! Consumers that can spill (sorts, aggregations, repartition queues) share
+//! fairly: each may hold at most its part of what the unspillable ones
+//! (hash-join build sides, results) leave, as in DataFusion's
+//! `FairSpillPool`. A refusal makes such a consumer write its state to the
+//! spill directory and go on; one big sort therefore does not take the whole
+//! pool from every other query. With spilling off (`--query-spill-limit 0`)
+//! a refusal fails the query, so there is no part: each takes what is free.
+//!
+//! A refusal's verdict asks the same of the query's own reservations and
+//! spilling consumers alone: had no other query been running, would it have
+//! been refused too?
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use datafusion::common::{resources_datafusion_err, Result};
-use datafusion::execution::memory_pool::{MemoryLimit, MemoryPool, MemoryReservation};
+use datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
+
+/// What the shared pool's lock guards.
+#[derive(Debug, Default)]
+struct State {
+    /// Bytes every reservation holds.
+    used: usize,
+    /// Of which held by consumers that cannot spill.
+    unspillable: usize,
+    /// Registered consumers that can spill.
+    spillers: usize,
+}
+
+impl State {
+    fn add(&mut self, reservation: &MemoryReservation, delta: usize) {
+        self.used += delta;
+        if !reservation.consumer().can_spill() {
+            self.unspillable += delta;
+        }
+    }
+
+    fn sub(&mut self, reservation: &MemoryReservation, delta: usize) {
+        self.used = self.used.saturating_sub(delta);
+        if !reservation.consumer().can_spill() {
+            self.unspillable = self.unspillable.saturating_sub(delta);
+        }
+    }
+
+    /// Whether `additional` more bytes may go to `reservation`: they fit
+    /// the pool, and (`fair`) a spilling consumer stays within its part.
+    fn admits(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+        limit: usize,
+        fair: bool,
+    ) -> bool {
+        if self.used.saturating_add(additional) > limit {
+            return false;
+        }
+        if !fair || !reservation.consumer().can_spill() {
+            return true;
+        }
+        let share = limit.saturating_sub(self.unspillable) / self.spillers.max(1);
+        reservation.size().saturating_add(additional) <= share
+    }
+
+    fn register(&mut self, consumer: &MemoryConsumer) {
+        if consumer.can_spill() {
+            self.spillers += 1;
+        }
+    }
+
+    fn unregister(&mut self, consumer: &MemoryConsumer) {
+        if consumer.can_spill() {
+            self.spillers = self.spillers.saturating_sub(1);
+        }
+    }
+}
 
 /// The `--query-memory` bytes all running queries share. Queries reserve
 /// through their own [`QueryPool`]; the lock makes each refusal and its
@@ -27,21 +99,25 @@ use datafusion::execution::memory_pool::{MemoryLimit, MemoryPool, MemoryReservat
 #[derive(Debug)]
 pub struct SharedPool {
     limit: usize,
-    used: Mutex<usize>,
+    /// Whether spilling consumers are held to their part (queries spill);
+    /// with spilling off they fail when refused, and take what is free.
+    fair: bool,
+    state: Mutex<State>,
 }
 
 impl SharedPool {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, fair: bool) -> Self {
         Self {
             limit,
-            used: Mutex::new(0),
+            fair,
+            state: Mutex::new(State::default()),
         }
     }
 
-    fn used(&self) -> MutexGuard<'_, usize> {
-        // A panic while holding the lock leaves a consistent count (every
-        // update is one assignment).
-        self.used.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent count (no
+        // update can panic halfway).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -63,26 +139,33 @@ impl MemoryPool for SharedPool {
         "query memory"
     }
 
-    fn grow(&self, _: &MemoryReservation, additional: usize) {
-        *self.used() += additional;
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.state().register(consumer);
     }
 
-    fn shrink(&self, _: &MemoryReservation, shrink: usize) {
-        let mut used = self.used();
-        *used = used.saturating_sub(shrink);
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.state().unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.state().add(reservation, additional);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.state().sub(reservation, shrink);
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
-        let mut used = self.used();
-        if used.saturating_add(additional) > self.limit {
-            return Err(refusal(reservation, additional, *used, self.limit));
+        let mut state = self.state();
+        if !state.admits(reservation, additional, self.limit, self.fair) {
+            return Err(refusal(reservation, additional, state.used, self.limit));
         }
-        *used += additional;
+        state.add(reservation, additional);
         Ok(())
     }
 
     fn reserved(&self) -> usize {
-        *self.used()
+        self.state().used
     }
 
     fn memory_limit(&self) -> MemoryLimit {
@@ -106,8 +189,10 @@ fn refusal(
 #[derive(Debug)]
 pub struct QueryPool {
     shared: Arc<SharedPool>,
-    /// Bytes this query's reservations hold (changed under the shared lock).
-    own: AtomicUsize,
+    /// This query's part of the shared state: what its reservations hold
+    /// and its spilling consumers (changed under the shared lock, and
+    /// locked after it).
+    mine: Mutex<State>,
     /// Whether a reservation of this query was refused.
     refused: AtomicBool,
     /// Whether a refused reservation would not have fit even had this query
@@ -119,7 +204,7 @@ impl QueryPool {
     pub fn new(shared: Arc<SharedPool>) -> Self {
         Self {
             shared,
-            own: AtomicUsize::new(0),
+            mine: Mutex::new(State::default()),
             refused: AtomicBool::new(false),
             too_big: AtomicBool::new(false),
         }
@@ -131,17 +216,13 @@ impl QueryPool {
         self.refused.load(Ordering::Acquire) && !self.too_big.load(Ordering::Acquire)
     }
 
-    /// Bytes this query holds now.
-    pub fn own(&self) -> usize {
-        self.own.load(Ordering::Acquire)
+    fn mine(&self) -> MutexGuard<'_, State> {
+        self.mine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `delta` to the shared total and this query's count, under the
-    /// shared lock `used`.
-    fn add(&self, used: &mut usize, delta: usize) {
-        *used += delta;
-        self.own.fetch_add(delta, Ordering::AcqRel);
-        crate::metrics::METRICS.query_memory_bytes.add(delta as i64);
+    /// Bytes this query holds now.
+    pub fn own(&self) -> usize {
+        self.mine().used
     }
 }
 
@@ -161,36 +242,62 @@ impl MemoryPool for QueryPool {
         "query"
     }
 
-    fn grow(&self, _: &MemoryReservation, additional: usize) {
-        self.add(&mut self.shared.used(), additional);
+    fn register(&self, consumer: &MemoryConsumer) {
+        let mut state = self.shared.state();
+        state.register(consumer);
+        self.mine().register(consumer);
     }
 
-    fn shrink(&self, _: &MemoryReservation, shrink: usize) {
-        let mut used = self.shared.used();
-        let shrink = shrink.min(self.own());
-        *used = used.saturating_sub(shrink);
-        self.own.fetch_sub(shrink, Ordering::AcqRel);
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        let mut state = self.shared.state();
+        state.unregister(consumer);
+        self.mine().unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        let mut state = self.shared.state();
+        state.add(reservation, additional);
+        self.mine().add(reservation, additional);
+        crate::metrics::METRICS
+            .query_memory_bytes
+            .add(additional as i64);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        let mut state = self.shared.state();
+        let mut mine = self.mine();
+        let shrink = shrink.min(mine.used);
+        state.sub(reservation, shrink);
+        mine.sub(reservation, shrink);
         crate::metrics::METRICS
             .query_memory_bytes
             .add(-(shrink as i64));
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> Result<()> {
-        let limit = self.shared.limit;
-        let mut used = self.shared.used();
-        if used.saturating_add(additional) <= limit {
-            self.add(&mut used, additional);
+        let (limit, fair) = (self.shared.limit, self.shared.fair);
+        let mut state = self.shared.state();
+        let mut mine = self.mine();
+        if state.admits(reservation, additional, limit, fair) {
+            state.add(reservation, additional);
+            mine.add(reservation, additional);
+            crate::metrics::METRICS
+                .query_memory_bytes
+                .add(additional as i64);
             return Ok(());
         }
-        if self.own().saturating_add(additional) > limit {
+        // The same rules on this query's part alone: would it have been
+        // refused with no other query running? A spilling consumer usually
+        // spills and goes on; should it fail anyway, the same verdict holds.
+        if !mine.admits(reservation, additional, limit, fair) {
             self.too_big.store(true, Ordering::Release);
         }
         self.refused.store(true, Ordering::Release);
-        Err(refusal(reservation, additional, *used, limit))
+        Err(refusal(reservation, additional, state.used, limit))
     }
 
     fn reserved(&self) -> usize {
-        *self.shared.used()
+        self.shared.state().used
     }
 
     fn memory_limit(&self) -> MemoryLimit {
@@ -206,7 +313,7 @@ mod tests {
 
     #[test]
     fn tells_too_big_from_crowded_out() {
-        let shared = Arc::new(SharedPool::new(1000));
+        let shared = Arc::new(SharedPool::new(1000, true));
         let a: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(shared.clone()));
         let query = |pool: &Arc<QueryPool>| -> Arc<dyn MemoryPool> { pool.clone() };
 
@@ -242,5 +349,80 @@ mod tests {
         assert!(!c.crowded_out());
         drop((rc, other));
         assert_eq!(shared.reserved(), 0);
+    }
+
+    #[test]
+    fn spilling_consumers_share_what_the_others_leave() {
+        let shared = Arc::new(SharedPool::new(1000, true));
+        let pool = |p: &Arc<QueryPool>| -> Arc<dyn MemoryPool> { p.clone() };
+        let a = Arc::new(QueryPool::new(shared.clone()));
+        let b = Arc::new(QueryPool::new(shared.clone()));
+        let join = MemoryConsumer::new("build").register(&pool(&a));
+        join.try_grow(200).unwrap();
+        // Alone, a sort may take everything the join leaves.
+        let sort_a = MemoryConsumer::new("sort a")
+            .with_can_spill(true)
+            .register(&pool(&a));
+        sort_a.try_grow(800).unwrap();
+        sort_a.shrink(500);
+        // A second spiller halves the part: 400 each.
+        let sort_b = MemoryConsumer::new("sort b")
+            .with_can_spill(true)
+            .register(&pool(&b));
+        sort_b.try_grow(400).unwrap();
+        let err = sort_b.try_grow(1).unwrap_err();
+        assert!(err.to_string().contains("--query-memory"), "{err}");
+        assert!(b.crowded_out());
+        sort_a.try_grow(100).unwrap();
+        sort_a.try_grow(1).unwrap_err();
+        sort_a.shrink(100);
+        sort_b.shrink(150);
+        // Unspillable consumers are held to the pool only.
+        let result = MemoryConsumer::new("result").register(&pool(&b));
+        result.try_grow(250).unwrap();
+        result.try_grow(1).unwrap_err();
+        result.shrink(200);
+        // The part shrinks as unspillable memory grows: (1000 - 250) / 2,
+        // though the pool has room.
+        sort_a.try_grow(75).unwrap();
+        sort_a.try_grow(1).unwrap_err();
+        assert_eq!(shared.reserved(), 200 + 375 + 250 + 50);
+        drop((sort_a, join, result));
+        // Alone again, with no unspillable memory: the whole pool.
+        sort_b.try_grow(750).unwrap();
+        assert_eq!(shared.reserved(), 1000);
+        drop(sort_b);
+        assert_eq!((shared.reserved(), a.own(), b.own()), (0, 0, 0));
+        assert_eq!(shared.state().spillers, 0);
+    }
+
+    #[test]
+    fn a_query_refused_by_its_own_spillers_is_too_big() {
+        let pool = |p: &Arc<QueryPool>| -> Arc<dyn MemoryPool> { p.clone() };
+        let shared = Arc::new(SharedPool::new(1000, true));
+        let q = Arc::new(QueryPool::new(shared.clone()));
+        let sorts = [0, 1].map(|i| {
+            MemoryConsumer::new(format!("sort {i}"))
+                .with_can_spill(true)
+                .register(&pool(&q))
+        });
+        sorts[0].try_grow(500).unwrap();
+        sorts[0].try_grow(1).unwrap_err();
+        assert!(!q.crowded_out(), "alone it would be refused the same");
+        drop(sorts);
+
+        // With spilling off there are no parts: a refusal fails the query,
+        // so a spilling consumer takes what is free.
+        let shared = Arc::new(SharedPool::new(1000, false));
+        let q = Arc::new(QueryPool::new(shared.clone()));
+        let sorts = [0, 1].map(|i| {
+            MemoryConsumer::new(format!("sort {i}"))
+                .with_can_spill(true)
+                .register(&pool(&q))
+        });
+        sorts[0].try_grow(900).unwrap();
+        sorts[1].try_grow(100).unwrap();
+        sorts[1].try_grow(1).unwrap_err();
+        assert!(!q.crowded_out());
     }
 }
