@@ -118,6 +118,11 @@ pub struct FlushArgs {
     /// ZSTD level of Parquet pages (1 = fastest).
     #[arg(long, env = "LAKEWRITER_ZSTD_LEVEL", default_value_t = 1)]
     pub zstd_level: i32,
+    /// How often small Parquet files of one partition (tenant, endpoint,
+    /// hour) are merged into one, up to --flush-rows rows and a quarter of
+    /// --flush-bytes of Parquet per merge; 0 turns compaction off.
+    #[arg(long, env = "LAKEWRITER_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub compact_interval: Duration,
 }
 
 /// Write-ahead log and request limits.
@@ -225,6 +230,8 @@ pub struct FlushConfig {
     pub zstd_level: i32,
     /// How often the flusher looks at ages and memory.
     pub check_interval: Duration,
+    /// How often small files are merged (zero: never).
+    pub compact_interval: Duration,
 }
 
 impl Default for FlushConfig {
@@ -237,6 +244,7 @@ impl Default for FlushConfig {
             row_group_rows: 65_536,
             zstd_level: 1,
             check_interval: Duration::from_millis(500),
+            compact_interval: Duration::from_secs(300),
         }
     }
 }
@@ -300,6 +308,7 @@ impl Config {
                 memtable_budget: args.flush.memtable_budget.0,
                 row_group_rows: args.flush.row_group_rows,
                 zstd_level: args.flush.zstd_level,
+                compact_interval: args.flush.compact_interval,
                 ..FlushConfig::default()
             },
             wal: WalConfig {

@@ -111,6 +111,8 @@ pub struct Metrics {
     pub flush_bytes: Counter,
     pub flush_seconds: Histogram,
     pub flush_errors: Counter,
+    pub compactions: Counter,
+    pub compacted_files: Counter,
     pub queries: Counter,
     pub query_errors: Counter,
     pub query_latency: Histogram,
@@ -138,6 +140,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     flush_bytes: Counter::default(),
     flush_seconds: Histogram::new(LATENCY_BUCKETS),
     flush_errors: Counter::default(),
+    compactions: Counter::default(),
+    compacted_files: Counter::default(),
     queries: Counter::default(),
     query_errors: Counter::default(),
     query_latency: Histogram::new(LATENCY_BUCKETS),
@@ -296,8 +300,20 @@ pub fn render() -> String {
     counter(
         &mut o,
         "lakewriter_flush_errors_total",
-        "Failed flush attempts.",
+        "Failed flush and compaction attempts.",
         m.flush_errors.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_compactions_total",
+        "Parquet files written by compaction (each merged from a partition's small files).",
+        m.compactions.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_compacted_files_total",
+        "Small Parquet files merged away by compaction.",
+        m.compacted_files.get(),
     );
     o
 }

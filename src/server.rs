@@ -179,6 +179,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
 
     let cancel = CancellationToken::new();
     let flusher_task = tokio::spawn(flusher.clone().run(cancel.clone()));
+    if !cfg.flush.compact_interval.is_zero() {
+        tokio::spawn(flusher.clone().run_compaction(cancel.clone()));
+    }
     let ingestor = Arc::new(Ingestor::new(
         wal.clone(),
         catalog.clone(),

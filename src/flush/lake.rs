@@ -157,6 +157,11 @@ impl Lake {
         Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
     }
 
+    /// The whole object.
+    pub async fn get(&self, path: &str) -> Result<Bytes> {
+        Ok(self.store.get(&ObjPath::from(path)).await?.bytes().await?)
+    }
+
     pub async fn delete(&self, path: &str) -> Result<()> {
         self.store.delete(&ObjPath::from(path)).await?;
         Ok(())

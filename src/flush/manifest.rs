@@ -88,11 +88,7 @@ pub fn record(
     for f in files {
         let mut value = vec![MANIFEST_VERSION];
         value.extend(serde_json::to_vec(f).expect("FileMeta serializes"));
-        batch.put_cf(
-            &manifest,
-            format!("{}/{}/{}", f.tenant, f.endpoint, f.id),
-            value,
-        );
+        batch.put_cf(&manifest, key(f), value);
     }
     batch.put_cf(&meta, table_key(table), table_wm.to_bytes());
     batch.put_cf(&meta, FLUSHED_THROUGH, flushed_through.to_bytes());
@@ -100,6 +96,29 @@ pub fn record(
     sync.set_sync(true);
     db.write_opt(batch, &sync)?;
     Ok(())
+}
+
+/// Records `merged` and forgets the files it was merged from, in one synced
+/// write batch (watermarks do not move: the rows are the same).
+pub fn replace(db: &DB, merged: &FileMeta, old: &[std::sync::Arc<FileMeta>]) -> Result<()> {
+    let manifest = db
+        .cf_handle(CF_MANIFEST)
+        .expect("manifest column family exists");
+    let mut batch = WriteBatch::default();
+    let mut value = vec![MANIFEST_VERSION];
+    value.extend(serde_json::to_vec(merged).expect("FileMeta serializes"));
+    batch.put_cf(&manifest, key(merged), value);
+    for f in old {
+        batch.delete_cf(&manifest, key(f));
+    }
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    Ok(())
+}
+
+fn key(f: &FileMeta) -> String {
+    format!("{}/{}/{}", f.tenant, f.endpoint, f.id)
 }
 
 /// What startup needs: files per table, table watermarks, the global watermark.

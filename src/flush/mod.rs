@@ -20,6 +20,7 @@
 //! Touch together: `memtable` (freeze/publish), `manifest` (layout), README
 //! (layout and flush settings).
 
+pub mod compact;
 pub mod lake;
 pub mod manifest;
 pub mod parquet;
@@ -84,6 +85,11 @@ pub struct Flusher {
     /// Files this node wrote and did not record whose delete failed: retried
     /// before every flush (and startup's reconcile removes them anyway).
     orphans: parking_lot::Mutex<Vec<String>>,
+    /// One compaction pass at a time.
+    compact_lock: tokio::sync::Mutex<()>,
+    /// Files merged away, deleted once no query snapshot lists them
+    /// ([`Flusher::reap`]).
+    graveyard: parking_lot::Mutex<Vec<Arc<FileMeta>>>,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
 }
@@ -114,6 +120,8 @@ impl Flusher {
             urgent_waiting,
             lock: tokio::sync::Mutex::new(()),
             orphans: parking_lot::Mutex::new(Vec::new()),
+            compact_lock: tokio::sync::Mutex::new(()),
+            graveyard: parking_lot::Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
         })
     }
@@ -146,6 +154,9 @@ impl Flusher {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
                 _ = self.wake.notified() => {}
+            }
+            if self.unreaped() > 0 {
+                self.reap().await;
             }
             for table in self.catalog.due_tables(Instant::now()) {
                 if let Err(e) = self.flush_table(&table).await {

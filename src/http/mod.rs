@@ -3,6 +3,7 @@
 //! Open routes: `GET /health`, `GET /metrics`, `GET /.well-known/jwks.json`,
 //! `POST /api/v1/otel/token` (takes the API key itself).
 //! Admin routes (an `admin`-scope credential): `POST /api/v1/admin/flush`,
+//! `POST /api/v1/admin/compact`,
 //! `POST /api/v1/admin/keys/rotate`, and API keys under `/api/v1/apikeys`.
 //! Admin keys of tenant `default` are operator keys and manage every tenant's
 //! keys; an admin key of another tenant manages only its own tenant's keys.
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/api/v1/otel/token", post(token))
         .route("/api/v1/admin/flush", post(flush))
+        .route("/api/v1/admin/compact", post(compact))
         .route("/api/v1/admin/keys/rotate", post(rotate))
         .route("/api/v1/apikeys", post(create_key).get(list_keys))
         .route("/api/v1/apikeys/{id}", delete(delete_key))
@@ -132,6 +134,21 @@ async fn flush(
         .map_err(ApiError::from_err)?;
     let rows: u64 = files.iter().map(|f| f.rows).sum();
     Ok(Json(json!({"files": files, "rows": rows})))
+}
+
+async fn compact(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<crate::flush::compact::Compacted>, ApiError> {
+    let p = admin(&s, &headers).await?;
+    // Scoped as a flush is: a tenant's admin key compacts its own tenant.
+    let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
+    let flusher = s.flusher.clone();
+    let done = tokio::spawn(async move { flusher.compact(only.as_deref()).await })
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(ApiError::from_err)?;
+    Ok(Json(done))
 }
 
 async fn rotate(

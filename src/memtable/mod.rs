@@ -215,6 +215,45 @@ impl Catalog {
         publish_gauges(&inner);
     }
 
+    /// Swaps published files for the file they were merged into (by id),
+    /// atomically for readers. False, and nothing changed, when one of
+    /// `old` is no longer published.
+    pub fn replace_files(
+        &self,
+        table: &TableId,
+        old: &[Arc<FileMeta>],
+        new: Arc<FileMeta>,
+    ) -> bool {
+        let mut inner = self.inner.write();
+        let Some(state) = inner.tables.get_mut(table) else {
+            return false;
+        };
+        let gone: std::collections::HashSet<&str> = old.iter().map(|f| f.id.as_str()).collect();
+        if state
+            .files
+            .iter()
+            .filter(|f| gone.contains(f.id.as_str()))
+            .count()
+            != gone.len()
+        {
+            return false;
+        }
+        state.files.retain(|f| !gone.contains(f.id.as_str()));
+        state.files.push(new);
+        true
+    }
+
+    /// Every table's published files.
+    pub fn published(&self) -> Vec<(TableId, Vec<Arc<FileMeta>>)> {
+        let inner = self.inner.read();
+        inner
+            .tables
+            .iter()
+            .filter(|(_, s)| !s.files.is_empty())
+            .map(|(t, s)| (t.clone(), s.files.clone()))
+            .collect()
+    }
+
     /// Puts a frozen memtable whose flush failed back in front of the active
     /// one, so the next flush of the table retries its rows.
     pub fn refreeze_failed(&self, frozen: &Frozen) {

@@ -40,6 +40,7 @@ use crate::auth::Principal;
 use crate::config::QueryConfig;
 use crate::error::{ApiError, Classify, ErrorKind};
 use crate::flush::lake::Lake;
+use crate::flush::manifest::FileMeta;
 use crate::memtable::schema::{Registry, BUILTIN_TABLES};
 use crate::memtable::{Catalog, TableId};
 use crate::metrics::METRICS;
@@ -207,13 +208,15 @@ impl QueryEngine {
     }
 
     /// A session over the principal's tables at this instant, drawing on
-    /// `pool` for memory.
+    /// `pool` for memory, and the files its snapshots list: held until the
+    /// query ends, they keep compaction from deleting files it reads
+    /// ([`crate::flush::Flusher::reap`]).
     fn context(
         &self,
         p: &Principal,
         range: TimeRange,
         pool: Arc<pool::QueryPool>,
-    ) -> Result<SessionContext, Error> {
+    ) -> Result<(SessionContext, Vec<Arc<FileMeta>>), Error> {
         let mut config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("lakewriter", "public");
@@ -233,16 +236,18 @@ impl QueryEngine {
         });
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         amplify::register(&ctx, self.cfg.memory);
+        let mut pins = Vec::new();
         for name in self.tables_for(p) {
             let table = TableId::new(&p.tenant, &name);
             let Some(schema) = self.schemas.get(&table) else {
                 continue;
             };
             let snapshot = self.catalog.snapshot(&table);
+            pins.extend(snapshot.files.iter().cloned());
             let provider = LakeTable::new(schema, snapshot, &self.lake, range)?;
             ctx.register_table(TableReference::bare(name), Arc::new(provider))?;
         }
-        Ok(ctx)
+        Ok((ctx, pins))
     }
 
     /// Runs `build` (which plans on the context) and collects at most
@@ -260,7 +265,7 @@ impl QueryEngine {
     {
         let started = Instant::now();
         let pool = Arc::new(pool::QueryPool::new(self.memory.clone()));
-        let ctx = self
+        let (ctx, pins) = self
             .context(p, range, pool.clone())
             .map_err(ApiError::from_err)?;
         let timeout = self.cfg.timeout;
@@ -269,6 +274,7 @@ impl QueryEngine {
             .as_ref()
             .expect("query runtime lives as long as the engine")
             .spawn(async move {
+                let _pins = pins;
                 let pool = ctx.runtime_env().memory_pool.clone();
                 let df = build(ctx).await?;
                 collect_limited(df, max_rows, &pool).await

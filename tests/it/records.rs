@@ -525,6 +525,31 @@ async fn schema_evolves_across_restart_and_conflicts_write_nothing() {
         .unwrap()
         .into_inner();
     assert!(!ack.duplicate);
+
+    // Compaction merges files of different schemas: `price` only, then
+    // `sku` only, become one file with both.
+    server.flush().await;
+    let files = || parquet_files(&server.lake().join("tenant=default/endpoint=ev"));
+    assert_eq!(files().len(), 2);
+    let all = "SELECT event_id, price, sku FROM ev ORDER BY event_id";
+    let r = server
+        .post("/api/v1/admin/compact", Some(ADMIN_KEY), json!({}))
+        .await;
+    let done: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(done, json!({"merged": 2, "written": 1, "rows": 3}));
+    let (_, v) = server.sql(ADMIN_KEY, all).await;
+    assert_eq!(
+        v["rows"],
+        json!([["a", 1.5, null], ["b", null, "x"], ["c", null, "y"]])
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while files().len() > 1 {
+        assert!(std::time::Instant::now() < deadline, "inputs never deleted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let batches = read_table(&server.lake(), "default", "ev");
+    assert!(batches[0].schema().index_of("price").is_ok());
+    assert!(batches[0].schema().index_of("sku").is_ok());
 }
 
 async fn c_fresh(server: &Server) -> Client {

@@ -666,3 +666,104 @@ async fn start_removes_own_unrecorded_and_staging_files_and_keeps_the_rest() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Small files of one hour become one file: same rows, sorted, recorded
+/// across a restart; the inputs are deleted only once no running query
+/// reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_of_an_hour_are_compacted_into_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &["--compact-interval", "0", "--query-timeout", "3s"],
+    )
+    .await;
+    let mut client = server.trace_client().await;
+    // Six flushes, services out of order across them: six files, each
+    // sorted on its own.
+    for round in 0..6u64 {
+        let service = ["svc-c", "svc-a", "svc-b"][round as usize % 3];
+        let spans = (0..50).map(|n| span(round * 7 + n % 5, round * 100 + n, None));
+        client
+            .export(request(service, spans.collect()))
+            .await
+            .unwrap();
+        server.flush().await;
+    }
+    let spans_dir = server.lake().join("tenant=default/endpoint=spans");
+    assert_eq!(parquet_files(&spans_dir).len(), 6);
+    let all = "SELECT * FROM spans ORDER BY span_id";
+    let (st, before) = server.sql(ADMIN_KEY, all).await;
+    assert_eq!((st, before["rows"].as_array().unwrap().len()), (200, 300));
+
+    // A long query reading the files: the inputs must outlive it.
+    let reader = {
+        let http = server.http();
+        tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{http}/api/v1/query"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&serde_json::json!({
+                    "sql": "SELECT count(*) FROM spans, range(1000000000000)"
+                }))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = server
+        .post(
+            "/api/v1/admin/compact",
+            Some(ADMIN_KEY),
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let done: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        done,
+        serde_json::json!({"merged": 6, "written": 1, "rows": 300})
+    );
+    assert!(
+        !reader.is_finished(),
+        "the long query ended too soon: no test"
+    );
+    // Queries see the merged file only, and every row once.
+    let (_, after) = server.sql(ADMIN_KEY, all).await;
+    assert_eq!(after, before);
+    assert_eq!(parquet_files(&spans_dir).len(), 7, "inputs still read");
+    assert_eq!(reader.await.unwrap(), 504);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while parquet_files(&spans_dir).len() > 1 {
+        assert!(std::time::Instant::now() < deadline, "inputs never deleted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.metric("lakewriter_compacted_files_total").await, 6.0);
+
+    // One file, sorted like a flush's: by service, then trace.
+    let batches = read_table(&server.lake(), "default", "spans");
+    let keys: Vec<(String, String)> = strings(&batches, "service_name")
+        .into_iter()
+        .zip(strings(&batches, "trace_id"))
+        .map(|(s, t)| (s.unwrap(), t.unwrap()))
+        .collect();
+    assert_eq!(keys.len(), 300);
+    assert!(keys.windows(2).all(|w| w[0] <= w[1]));
+
+    // Recorded: a restart reads the same rows, and nothing is left to merge.
+    server.restart().await;
+    let (_, restarted) = server.sql(ADMIN_KEY, all).await;
+    assert_eq!(restarted, before);
+    let r = server
+        .post(
+            "/api/v1/admin/compact",
+            Some(ADMIN_KEY),
+            serde_json::json!({}),
+        )
+        .await;
+    let again: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(again["merged"], 0);
+    assert_eq!(parquet_files(&spans_dir).len(), 1);
+}

@@ -1,7 +1,9 @@
 """An s3:// lake on an S3-compatible server (moto, in process): flush publishes
 Parquet objects, the SQL endpoint reads them back through DataFusion, DuckDB
-reads the downloaded objects, and acked data survives kill -9."""
+reads the downloaded objects, acked data survives kill -9, and compaction
+merges objects."""
 import json
+import time
 import urllib.request
 
 import boto3
@@ -77,6 +79,24 @@ def test_s3_lake_publish_query_and_crash(s3, tmp_path):
         assert server.sql("SELECT count(*), count(DISTINCT body) FROM logs") == [[8, 8]]
         server.flush()
         assert server.sql("SELECT count(*), count(DISTINCT body) FROM logs") == [[8, 8]]
+
+        # Compaction merges the two log objects of that hour into one, on S3
+        # too; the inputs are deleted once no query reads them.
+        def log_keys():
+            listed = client.list_objects_v2(Bucket="lake", Prefix="prod/tenant=default/endpoint=logs/")
+            return [o["Key"] for o in listed.get("Contents", [])]
+
+        assert len(log_keys()) == 2
+        done = server.post("/api/v1/admin/compact", headers={"X-API-Key": ADMIN_KEY})
+        assert done == {"merged": 2, "written": 1, "rows": 8}
+        assert server.sql("SELECT count(*), count(DISTINCT body) FROM logs") == [[8, 8]]
+        deadline = time.time() + 10
+        while len(log_keys()) > 1:
+            assert time.time() < deadline, log_keys()
+            time.sleep(0.1)
+        dest = tmp_path / "merged.parquet"
+        client.download_file("lake", log_keys()[0], str(dest))
+        assert duckdb.connect().execute(f"SELECT count(*) FROM '{dest}'").fetchone()[0] == 8
     finally:
         server.stop()
 

@@ -1,0 +1,332 @@
+//! Compaction: the small files of one partition become one file.
+//!
+//! Every flush of a table writes one file per UTC hour its rows fall in, so a
+//! quiet table flushed by age (`--flush-age`) leaves a file a minute in each
+//! hour, and every query opens them all. Every `--compact-interval`, the
+//! files of one partition (tenant, endpoint, date, hour) written by this
+//! node are merged, oldest first, into groups of at most `--flush-rows` rows
+//! and a quarter of `--flush-bytes` of Parquet (what a flush holds in memory,
+//! decoded); a group of two or more becomes one file, sorted and encoded like
+//! a flush's, on the flush encode threads at idle priority.
+//!
+//! Order, like a flush: put the merged file → in one synced RocksDB batch
+//! record it and forget its inputs in the manifest → swap them in the
+//! catalog, atomically for queries → delete the inputs once no running
+//! query holds a snapshot that lists them (a query pins its snapshot's
+//! files until it ends; see [`Flusher::reap`]). A crash before the manifest
+//! batch leaves the merged file unrecorded (startup's reconcile deletes
+//! it); a crash after it leaves the inputs unrecorded (deleted the same
+//! way). Watermarks do not move: the rows are the same rows.
+//!
+//! Readers that glob the lake directly (DuckDB) can see a partition's rows
+//! twice between the merged file's put and the inputs' delete: milliseconds
+//! when no query of ours is reading the inputs, at most the longest such
+//! query (`--query-timeout`) otherwise.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use ulid::Ulid;
+
+use super::manifest::{self, FileMeta};
+use super::{lake, now_ms, parquet as pq, threads, Error, Flusher, Result};
+use crate::memtable::TableId;
+use crate::metrics::METRICS;
+
+/// What one compaction pass did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Compacted {
+    /// Files merged away.
+    pub merged: usize,
+    /// Files written in their place.
+    pub written: usize,
+    /// Rows in the files written.
+    pub rows: u64,
+}
+
+/// Groups of files to merge: per (date, hour), this node's files oldest
+/// first, cut at `max_rows` rows and `max_bytes` of Parquet; groups of one
+/// are left alone.
+pub fn plan(
+    files: &[Arc<FileMeta>],
+    node: &str,
+    max_rows: u64,
+    max_bytes: u64,
+) -> Vec<Vec<Arc<FileMeta>>> {
+    let suffix = format!("-{node}.parquet");
+    let mut partitions: BTreeMap<(&str, u8), Vec<&Arc<FileMeta>>> = BTreeMap::new();
+    for f in files {
+        if f.path.ends_with(&suffix) && f.rows < max_rows && f.bytes < max_bytes {
+            partitions.entry((&f.date, f.hour)).or_default().push(f);
+        }
+    }
+    let mut groups = Vec::new();
+    for (_, mut small) in partitions {
+        small.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        let mut group: Vec<Arc<FileMeta>> = Vec::new();
+        let (mut rows, mut bytes) = (0, 0);
+        for f in small {
+            if !group.is_empty() && (rows + f.rows > max_rows || bytes + f.bytes > max_bytes) {
+                if group.len() > 1 {
+                    groups.push(std::mem::take(&mut group));
+                }
+                group.clear();
+                (rows, bytes) = (0, 0);
+            }
+            rows += f.rows;
+            bytes += f.bytes;
+            group.push(f.clone());
+        }
+        if group.len() > 1 {
+            groups.push(group);
+        }
+    }
+    groups
+}
+
+impl Flusher {
+    /// Merges the small files of every table (of `tenant`'s tables when
+    /// given); see the module contract. One pass at a time.
+    pub async fn compact(&self, tenant: Option<&str>) -> Result<Compacted> {
+        let _one = self.compact_lock.lock().await;
+        self.reap().await;
+        let mut done = Compacted::default();
+        let max_rows = self.cfg.rows as u64;
+        let max_bytes = (self.cfg.bytes / 4).max(1);
+        for (table, files) in self.catalog.published() {
+            if tenant.is_some_and(|t| *table.tenant != *t) {
+                continue;
+            }
+            for group in plan(&files, &self.node_id, max_rows, max_bytes) {
+                let merged = self.merge(&table, group).await?;
+                done.merged += merged.0;
+                done.written += 1;
+                done.rows += merged.1;
+            }
+        }
+        self.reap().await;
+        Ok(done)
+    }
+
+    /// Merges one group; returns how many files went and the rows.
+    #[tracing::instrument(skip_all, fields(table = %table))]
+    async fn merge(&self, table: &TableId, group: Vec<Arc<FileMeta>>) -> Result<(usize, u64)> {
+        let started = Instant::now();
+        let mut inputs = Vec::with_capacity(group.len());
+        for f in &group {
+            let bytes = self
+                .lake
+                .get(&f.path)
+                .await
+                .map_err(|source| Error::Publish {
+                    path: f.path.clone(),
+                    source,
+                })?;
+            inputs.push(bytes);
+        }
+        let inputs: Arc<Vec<Bytes>> = Arc::new(inputs);
+        let endpoint = table.endpoint.to_string();
+        let opts = pq::EncodeOptions {
+            row_group_rows: self.cfg.row_group_rows,
+            zstd_level: self.cfg.zstd_level,
+        };
+        let start: threads::Start = Arc::new(move || {
+            let mut batches = Vec::new();
+            for bytes in inputs.iter() {
+                let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?
+                    .with_batch_size(8192)
+                    .build()?;
+                for batch in reader {
+                    batches.push(batch?);
+                }
+            }
+            pq::Encoder::new(&endpoint, &batches, opts.clone())
+        });
+        let encoded = self
+            .encode
+            .encode(start, false)
+            .await
+            .map_err(|source| Error::Encode {
+                table: table.clone(),
+                source,
+            })?;
+        // The inputs share one hour, so their rows make one file.
+        let [enc] = <[pq::Encoded; 1]>::try_from(encoded).map_err(|v| Error::Encode {
+            table: table.clone(),
+            source: pq::Error::Parquet(::parquet::errors::ParquetError::General(format!(
+                "files of one hour encoded into {} files",
+                v.len()
+            ))),
+        })?;
+        let input_rows: u64 = group.iter().map(|f| f.rows).sum();
+        if enc.rows as u64 != input_rows {
+            return Err(Error::Encode {
+                table: table.clone(),
+                source: pq::Error::Parquet(::parquet::errors::ParquetError::General(format!(
+                    "merged file has {} rows, its inputs {input_rows}",
+                    enc.rows
+                ))),
+            });
+        }
+        let id = Ulid::new().to_string();
+        let first = &group[0];
+        let path = format!(
+            "tenant={}/endpoint={}/date={}/hour={:02}/part-{}-{}.parquet",
+            table.tenant, table.endpoint, first.date, first.hour, id, self.node_id
+        );
+        let bytes = enc.bytes.len() as u64;
+        if let Err(source) = self.lake.put(&path, enc.bytes).await {
+            self.discard(vec![path.clone()]).await;
+            return Err(Error::Publish { path, source });
+        }
+        let merged = FileMeta {
+            id,
+            tenant: table.tenant.to_string(),
+            endpoint: table.endpoint.to_string(),
+            path,
+            date: first.date.clone(),
+            hour: first.hour,
+            rows: enc.rows as u64,
+            bytes,
+            min_time_ns: enc.min_time_ns,
+            max_time_ns: enc.max_time_ns,
+            min_seq: seq_bound(&group, |f| &f.min_seq, std::cmp::min),
+            max_seq: seq_bound(&group, |f| &f.max_seq, std::cmp::max),
+            created_at_ms: now_ms(),
+            service_names: Some(enc.service_names),
+        };
+        // A failure keeps the merged file until startup's reconcile, as a
+        // failed flush record does (the write may still come back).
+        manifest::replace(self.wal.db(), &merged, &group).map_err(|source| Error::Record {
+            table: table.clone(),
+            source,
+        })?;
+        let swapped = self
+            .catalog
+            .replace_files(table, &group, Arc::new(merged.clone()));
+        debug_assert!(swapped, "only compaction removes published files");
+        let n = group.len();
+        self.graveyard.lock().extend(group);
+        METRICS.compactions.inc();
+        METRICS.compacted_files.add(n as u64);
+        tracing::info!(
+            files = n,
+            rows = merged.rows,
+            bytes = merged.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "compacted"
+        );
+        Ok((n, merged.rows))
+    }
+
+    /// Deletes merged-away files that no query snapshot lists any more
+    /// (the graveyard holds the last reference then). A delete that fails is
+    /// retried at the next pass; startup's reconcile deletes them anyway.
+    pub async fn reap(&self) {
+        let free: Vec<Arc<FileMeta>> = {
+            let mut graveyard = self.graveyard.lock();
+            let (free, held) = std::mem::take(&mut *graveyard)
+                .into_iter()
+                .partition(|f| Arc::strong_count(f) == 1);
+            *graveyard = held;
+            free
+        };
+        for f in free {
+            match self.lake.delete(&f.path).await {
+                Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {}
+                Err(e) => {
+                    tracing::warn!(path = %f.path, error = %e, "could not delete a merged-away file; retrying");
+                    self.graveyard.lock().push(f);
+                }
+            }
+        }
+    }
+
+    /// Background loop: a compaction pass every `--compact-interval` until
+    /// cancelled (not started when it is zero).
+    pub async fn run_compaction(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.cfg.compact_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.compact(None).await {
+                METRICS.flush_errors.inc();
+                tracing::error!(error = %e, "compaction failed; the files stay as they are");
+            }
+        }
+    }
+
+    /// Files merged away and not yet deleted.
+    pub fn unreaped(&self) -> usize {
+        self.graveyard.lock().len()
+    }
+}
+
+/// The smallest or largest WAL key string of the group (ULID strings order
+/// as their keys do).
+fn seq_bound(
+    group: &[Arc<FileMeta>],
+    get: impl Fn(&FileMeta) -> &String,
+    pick: fn(String, String) -> String,
+) -> String {
+    group
+        .iter()
+        .map(|f| get(f).clone())
+        .reduce(pick)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(id: &str, hour: u8, rows: u64, node: &str) -> Arc<FileMeta> {
+        Arc::new(FileMeta {
+            id: id.into(),
+            tenant: "t".into(),
+            endpoint: "spans".into(),
+            path: format!(
+                "tenant=t/endpoint=spans/date=2026-11-23/hour={hour:02}/part-{id}-{node}.parquet"
+            ),
+            date: "2026-11-23".into(),
+            hour,
+            rows,
+            bytes: rows * 10,
+            min_time_ns: 0,
+            max_time_ns: 0,
+            min_seq: String::new(),
+            max_seq: String::new(),
+            created_at_ms: id.as_bytes()[0] as u64,
+            service_names: None,
+        })
+    }
+
+    #[test]
+    fn plans_groups_per_hour_within_the_limits() {
+        let ids = |g: &Vec<Arc<FileMeta>>| g.iter().map(|f| f.id.clone()).collect::<Vec<_>>();
+        let files = vec![
+            file("a", 1, 40, "n"),
+            file("b", 1, 40, "n"),
+            file("c", 1, 40, "n"), // would pass 100 rows with a and b
+            file("d", 1, 30, "n"),
+            file("e", 2, 10, "n"),    // alone in its hour
+            file("f", 1, 100, "n"),   // full already
+            file("g", 1, 5, "other"), // another node's
+            file("h", 3, 10, "n"),
+            file("i", 3, 10, "n"),
+        ];
+        let groups = plan(&files, "n", 100, 1 << 20);
+        let got: Vec<Vec<String>> = groups.iter().map(ids).collect();
+        assert_eq!(got, vec![vec!["a", "b"], vec!["c", "d"], vec!["h", "i"]]);
+        // The byte limit cuts too (10 bytes a row).
+        let got: Vec<Vec<String>> = plan(&files, "n", 100, 750).iter().map(ids).collect();
+        assert_eq!(got, vec![vec!["c", "d"], vec!["h", "i"]]);
+    }
+}
