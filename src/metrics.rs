@@ -117,6 +117,7 @@ pub struct Metrics {
     pub query_errors: Counter,
     pub query_latency: Histogram,
     pub query_memory_bytes: Gauge,
+    pub queries_running: Gauge,
     pub queries_busy: Counter,
     pub query_spills: Counter,
     pub query_spilled_bytes: Counter,
@@ -146,6 +147,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     query_errors: Counter::default(),
     query_latency: Histogram::new(LATENCY_BUCKETS),
     query_memory_bytes: Gauge::default(),
+    queries_running: Gauge::default(),
     queries_busy: Counter::default(),
     query_spills: Counter::default(),
     query_spilled_bytes: Counter::default(),
@@ -189,6 +191,12 @@ pub fn render() -> String {
         "lakewriter_query_memory_bytes",
         "Bytes running queries and their results hold of --query-memory.",
         m.query_memory_bytes.get(),
+    );
+    gauge(
+        &mut o,
+        "lakewriter_queries_running",
+        "Queries planned or running now.",
+        m.queries_running.get(),
     );
     counter(
         &mut o,

@@ -5,9 +5,10 @@
 //! hour, and every query opens them all. Every `--compact-interval`, the
 //! files of one partition (tenant, endpoint, date, hour) written by this
 //! node are merged, oldest first, into groups of at most `--flush-rows` rows
-//! and a quarter of `--flush-bytes` of Parquet (what a flush holds in memory,
-//! decoded); a group of two or more becomes one file, sorted and encoded like
-//! a flush's, on the flush encode threads at idle priority.
+//! and `--flush-bytes` decoded (their row groups' uncompressed size: about
+//! what a flush holds in memory); a group of two or more becomes one file,
+//! sorted and encoded like a flush's, on the idle-priority encode thread
+//! (never hurried: flushes that fall behind keep the other one).
 //!
 //! Order, like a flush: put the merged file → in one synced RocksDB batch
 //! record it and forget its inputs in the manifest → swap them in the
@@ -24,6 +25,7 @@
 //! query (`--query-timeout`) otherwise.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,33 +91,73 @@ pub fn plan(
 
 impl Flusher {
     /// Merges the small files of every table (of `tenant`'s tables when
-    /// given); see the module contract. One pass at a time.
-    pub async fn compact(&self, tenant: Option<&str>) -> Result<Compacted> {
+    /// given); see the module contract. One pass at a time. `urgent` (an
+    /// admin call waits) encodes at normal priority, otherwise on the idle
+    /// thread. A group that fails is logged and counted, and the pass goes
+    /// on; the first error is returned at the end.
+    pub async fn compact(&self, tenant: Option<&str>, urgent: bool) -> Result<Compacted> {
         let _one = self.compact_lock.lock().await;
         self.reap().await;
         let mut done = Compacted::default();
+        if self.compaction_halted.load(Ordering::Acquire) {
+            return Err(Error::CompactionHalted);
+        }
         let max_rows = self.cfg.rows as u64;
-        let max_bytes = (self.cfg.bytes / 4).max(1);
+        let max_bytes = self.cfg.bytes.max(1);
+        let mut first_error = None;
         for (table, files) in self.catalog.published() {
             if tenant.is_some_and(|t| *table.tenant != *t) {
                 continue;
             }
             for group in plan(&files, &self.node_id, max_rows, max_bytes) {
-                let merged = self.merge(&table, group).await?;
-                done.merged += merged.0;
-                done.written += 1;
-                done.rows += merged.1;
+                match self.merge(&table, group, urgent).await {
+                    Ok((0, _)) => {}
+                    Ok((n, rows)) => {
+                        done.merged += n;
+                        done.written += 1;
+                        done.rows += rows;
+                    }
+                    Err(e) => {
+                        METRICS.flush_errors.inc();
+                        tracing::error!(%table, error = %e, "compaction of a partition failed; its files stay as they are");
+                        let halt = matches!(e, Error::Record { .. });
+                        first_error.get_or_insert(e);
+                        if halt {
+                            // The manifest may or may not hold the merged
+                            // file (a failed synced write can come back):
+                            // merging the same inputs again could record
+                            // their rows twice. Startup's reconcile sorts
+                            // it out; until then, no more compaction.
+                            self.compaction_halted.store(true, Ordering::Release);
+                            break;
+                        }
+                    }
+                }
+            }
+            if self.compaction_halted.load(Ordering::Acquire) {
+                break;
             }
         }
         self.reap().await;
-        Ok(done)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     /// Merges one group; returns how many files went and the rows.
     #[tracing::instrument(skip_all, fields(table = %table))]
-    async fn merge(&self, table: &TableId, group: Vec<Arc<FileMeta>>) -> Result<(usize, u64)> {
+    async fn merge(
+        &self,
+        table: &TableId,
+        mut group: Vec<Arc<FileMeta>>,
+        urgent: bool,
+    ) -> Result<(usize, u64)> {
         let started = Instant::now();
+        // Decoded, the inputs must fit what one flush holds (--flush-bytes):
+        // their footers tell the uncompressed size; the group is cut there.
         let mut inputs = Vec::with_capacity(group.len());
+        let mut decoded = 0u64;
         for f in &group {
             let bytes = self
                 .lake
@@ -125,7 +167,19 @@ impl Flusher {
                     path: f.path.clone(),
                     source,
                 })?;
+            let size = uncompressed(&bytes).map_err(|source| Error::Encode {
+                table: table.clone(),
+                source,
+            })?;
+            if !inputs.is_empty() && decoded + size > self.cfg.bytes {
+                break;
+            }
+            decoded += size;
             inputs.push(bytes);
+        }
+        group.truncate(inputs.len());
+        if group.len() < 2 {
+            return Ok((0, 0));
         }
         let inputs: Arc<Vec<Bytes>> = Arc::new(inputs);
         let endpoint = table.endpoint.to_string();
@@ -145,14 +199,14 @@ impl Flusher {
             }
             pq::Encoder::new(&endpoint, &batches, opts.clone())
         });
-        let encoded = self
-            .encode
-            .encode(start, false)
-            .await
-            .map_err(|source| Error::Encode {
-                table: table.clone(),
-                source,
-            })?;
+        let encoded = match urgent {
+            true => self.encode.encode(start, true).await,
+            false => self.encode.encode_idle(start).await,
+        }
+        .map_err(|source| Error::Encode {
+            table: table.clone(),
+            source,
+        })?;
         // The inputs share one hour, so their rows make one file.
         let [enc] = <[pq::Encoded; 1]>::try_from(encoded).map_err(|v| Error::Encode {
             table: table.clone(),
@@ -204,12 +258,18 @@ impl Flusher {
             table: table.clone(),
             source,
         })?;
-        let swapped = self
-            .catalog
-            .replace_files(table, &group, Arc::new(merged.clone()));
-        debug_assert!(swapped, "only compaction removes published files");
         let n = group.len();
-        self.graveyard.lock().extend(group);
+        if self
+            .catalog
+            .replace_files(table, &group, Arc::new(merged.clone()))
+        {
+            self.graveyard.lock().extend(group);
+        } else {
+            // Only compaction removes published files, one pass at a time:
+            // not reached. Should it be, the catalog keeps the inputs (and
+            // queries read them), and startup reads the manifest.
+            tracing::error!(%table, "compacted files were no longer published; they stay until restart");
+        }
         METRICS.compactions.inc();
         METRICS.compacted_files.add(n as u64);
         tracing::info!(
@@ -256,10 +316,8 @@ impl Flusher {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.compact(None).await {
-                METRICS.flush_errors.inc();
-                tracing::error!(error = %e, "compaction failed; the files stay as they are");
-            }
+            // Errors are logged and counted where they happen.
+            let _ = self.compact(None, false).await;
         }
     }
 
@@ -267,6 +325,18 @@ impl Flusher {
     pub fn unreaped(&self) -> usize {
         self.graveyard.lock().len()
     }
+}
+
+/// What a Parquet file's row groups hold uncompressed (about what they
+/// decode to).
+fn uncompressed(bytes: &Bytes) -> Result<u64, pq::Error> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
+    Ok(reader
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|rg| rg.total_byte_size().max(0) as u64)
+        .sum())
 }
 
 /// The smallest or largest WAL key string of the group (ULID strings order

@@ -61,6 +61,8 @@ pub enum Error {
     Wal(#[from] crate::wal::Error),
     #[error("starting the flush encode threads: {0}")]
     Thread(std::io::Error),
+    #[error("compaction stopped after a failed manifest write; it resumes after a restart")]
+    CompactionHalted,
 }
 
 impl Classify for Error {
@@ -87,6 +89,8 @@ pub struct Flusher {
     orphans: parking_lot::Mutex<Vec<String>>,
     /// One compaction pass at a time.
     compact_lock: tokio::sync::Mutex<()>,
+    /// Set when recording a merged file failed (see [`compact`]).
+    compaction_halted: std::sync::atomic::AtomicBool,
     /// Files merged away, deleted once no query snapshot lists them
     /// ([`Flusher::reap`]).
     graveyard: parking_lot::Mutex<Vec<Arc<FileMeta>>>,
@@ -121,6 +125,7 @@ impl Flusher {
             lock: tokio::sync::Mutex::new(()),
             orphans: parking_lot::Mutex::new(Vec::new()),
             compact_lock: tokio::sync::Mutex::new(()),
+            compaction_halted: std::sync::atomic::AtomicBool::new(false),
             graveyard: parking_lot::Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
         })

@@ -103,6 +103,13 @@ impl EncodeThreads {
         }
     }
 
+    /// Encodes on the idle-priority thread to the end, never hurried:
+    /// for work nothing waits on (compaction), which must not take the
+    /// normal-priority thread from flushes that fell behind.
+    pub async fn encode_idle(&self, start: Start) -> Result<Vec<Encoded>> {
+        self.submit(&self.background, start).1.await
+    }
+
     fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Arc<Ticket>, Reply) {
         let (reply, rx) = oneshot::channel();
         let ticket = Arc::new(Ticket {

@@ -144,7 +144,7 @@ async fn compact(
     // Scoped as a flush is: a tenant's admin key compacts its own tenant.
     let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
     let flusher = s.flusher.clone();
-    let done = tokio::spawn(async move { flusher.compact(only.as_deref()).await })
+    let done = tokio::spawn(async move { flusher.compact(only.as_deref(), true).await })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
         .map_err(ApiError::from_err)?;

@@ -264,6 +264,8 @@ impl QueryEngine {
         Fut: std::future::Future<Output = Result<DataFrame, DataFusionError>> + Send,
     {
         let started = Instant::now();
+        METRICS.queries_running.add(1);
+        let _running = Running;
         let pool = Arc::new(pool::QueryPool::new(self.memory.clone()));
         let (ctx, pins) = self
             .context(p, range, pool.clone())
@@ -279,15 +281,16 @@ impl QueryEngine {
                 let df = build(ctx).await?;
                 collect_limited(df, max_rows, &pool).await
             });
-        let abort = task.abort_handle();
+        // Cancelled with this future too (a client that went away): the
+        // query would otherwise run on, unbounded by the timeout, holding
+        // memory and its snapshot's files.
+        let abort = AbortOnDrop(task.abort_handle());
         let result = match tokio::time::timeout(timeout, task).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => Err(Error::Task(join.to_string())),
-            Err(_) => {
-                abort.abort();
-                Err(Error::Timeout(timeout))
-            }
+            Err(_) => Err(Error::Timeout(timeout)),
         };
+        drop(abort);
         let result = result.map_err(|e| match e {
             Error::DataFusion(ref d)
                 if matches!(d.find_root(), DataFusionError::ResourcesExhausted(_))
@@ -335,6 +338,24 @@ impl QueryEngine {
             ctx.sql_with_options(&sql, options).await
         })
         .await
+    }
+}
+
+/// Counts a query in `lakewriter_queries_running` until dropped.
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        METRICS.queries_running.add(-1);
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -25,7 +25,9 @@
 //!
 //! A refusal's verdict asks the same of the query's own reservations and
 //! spilling consumers alone: had no other query been running, would it have
-//! been refused too?
+//! been refused too? With spilling on, refusals of spilling consumers give
+//! no verdict (they spill); one that fails the query anyway leaves it "too
+//! big".
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -286,9 +288,14 @@ impl MemoryPool for QueryPool {
                 .add(additional as i64);
             return Ok(());
         }
+        // With spilling on, a spilling consumer's refusal is routine: it
+        // spills and goes on. Should it fail anyway (nothing left to
+        // spill), the query gets the conservative verdict, too big (422).
+        if fair && reservation.consumer().can_spill() {
+            return Err(refusal(reservation, additional, state.used, limit));
+        }
         // The same rules on this query's part alone: would it have been
-        // refused with no other query running? A spilling consumer usually
-        // spills and goes on; should it fail anyway, the same verdict holds.
+        // refused with no other query running?
         if !mine.admits(reservation, additional, limit, fair) {
             self.too_big.store(true, Ordering::Release);
         }
@@ -372,7 +379,8 @@ mod tests {
         sort_b.try_grow(400).unwrap();
         let err = sort_b.try_grow(1).unwrap_err();
         assert!(err.to_string().contains("--query-memory"), "{err}");
-        assert!(b.crowded_out());
+        // A spilling consumer's refusal makes it spill: no verdict.
+        assert!(!b.crowded_out());
         sort_a.try_grow(100).unwrap();
         sort_a.try_grow(1).unwrap_err();
         sort_a.shrink(100);
@@ -397,7 +405,7 @@ mod tests {
     }
 
     #[test]
-    fn a_query_refused_by_its_own_spillers_is_too_big() {
+    fn a_spill_is_no_verdict_and_without_spilling_there_are_no_parts() {
         let pool = |p: &Arc<QueryPool>| -> Arc<dyn MemoryPool> { p.clone() };
         let shared = Arc::new(SharedPool::new(1000, true));
         let q = Arc::new(QueryPool::new(shared.clone()));
@@ -408,8 +416,16 @@ mod tests {
         });
         sorts[0].try_grow(500).unwrap();
         sorts[0].try_grow(1).unwrap_err();
-        assert!(!q.crowded_out(), "alone it would be refused the same");
-        drop(sorts);
+        assert!(!q.crowded_out(), "a spill, not a verdict");
+        // A sort that spilled does not make a later crowded-out refusal of
+        // the same query look too big.
+        let other = Arc::new(QueryPool::new(shared.clone()));
+        let held = MemoryConsumer::new("held").register(&pool(&other));
+        held.try_grow(400).unwrap();
+        let result = MemoryConsumer::new("result").register(&pool(&q));
+        result.try_grow(200).unwrap_err();
+        assert!(q.crowded_out(), "alone it would fit");
+        drop((sorts, held, result));
 
         // With spilling off there are no parts: a refusal fails the query,
         // so a spilling consumer takes what is free.
