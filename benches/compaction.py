@@ -1,7 +1,8 @@
 """Query latency over many small files, before and after compaction.
 
 Starts the server (LAKEWRITER_BIN, default the debug build in
-$CARGO_TARGET_DIR) with --compact-interval 0 on a temp data dir, writes
+$CARGO_TARGET_DIR) with --compact-interval 0 on a temp data dir
+(benches/bench_server.py), writes
 ROUNDS flushes of SPANS spans each (OTLP/HTTP JSON, all in one UTC hour, so
 ROUNDS files in one partition), times two queries, compacts with
 POST /api/v1/admin/compact, and times them again. Usage:
@@ -11,16 +12,14 @@ POST /api/v1/admin/compact, and times them again. Usage:
 
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import requests
 
+from bench_server import TARGET, BenchServer
+
 KEY = "lw_bench_admin_key_0123456789abcdefghij"
-PORT = "18613"
-URL = "http://127.0.0.1:" + PORT
 T0 = 1763000000000000000
 
 QUERIES = {
@@ -29,7 +28,7 @@ QUERIES = {
 }
 
 
-def export(s, round_, n):
+def export(s, base, round_, n):
     spans = []
     for i in range(n):
         k = round_ * n + i
@@ -40,17 +39,17 @@ def export(s, round_, n):
     doc = {"resourceSpans": [{"resource": {"attributes": [
         {"key": "service.name", "value": {"stringValue": f"svc-{round_ % 7}"}}]},
         "scopeSpans": [{"spans": spans}]}]}
-    r = s.post(URL + "/v1/traces", json=doc, headers={"X-API-Key": KEY})
+    r = s.post(base + "/v1/traces", json=doc, headers={"X-API-Key": KEY})
     r.raise_for_status()
 
 
-def timed(s):
+def timed(s, base):
     out = {}
     for name, sql in QUERIES.items():
         times = []
         for _ in range(15):
             start = time.time()
-            r = s.post(URL + "/api/v1/query", json={"sql": sql}, headers={"X-API-Key": KEY})
+            r = s.post(base + "/api/v1/query", json={"sql": sql}, headers={"X-API-Key": KEY})
             times.append((time.time() - start) * 1000)
             r.raise_for_status()
         out[name] = statistics.median(times)
@@ -65,38 +64,27 @@ def lake_files(root):
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 120
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/lakewriter-target"))
-    binary = os.environ.get("LAKEWRITER_BIN", os.path.join(target, "debug", "lakewriter"))
-    env = dict(os.environ, LAKEWRITER_BOOTSTRAP_API_KEY=KEY, LAKEWRITER_PRETOUCH_MEMORY="0")
-    data = tempfile.mkdtemp()
-    args = [binary, "serve", "--data-dir", data, "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:" + PORT,
-            "--internal-grpc-addr", "127.0.0.1:0", "--compact-interval", "0"]
-    server = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    binary = os.environ.get("LAKEWRITER_BIN", str(TARGET / "debug" / "lakewriter"))
+    server = BenchServer(binary, KEY, "--compact-interval", "0")
+    base = server.base
     s = requests.Session()
     s.trust_env = False
     try:
-        for _ in range(600):
-            try:
-                s.get(URL + "/health")
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         for r in range(rounds):
-            export(s, r, n)
-            s.post(URL + "/api/v1/admin/flush", headers={"X-API-Key": KEY}).raise_for_status()
-        lake = os.path.join(data, "lake")
+            export(s, base, r, n)
+            s.post(base + "/api/v1/admin/flush", headers={"X-API-Key": KEY}).raise_for_status()
+        lake = os.path.join(server.data, "lake")
         print(f"{rounds} flushes of {n} spans: files, bytes = {lake_files(lake)}")
-        print("before:", {k: f"{v:.1f} ms" for k, v in timed(s).items()})
+        print("before:", {k: f"{v:.1f} ms" for k, v in timed(s, base).items()})
         start = time.time()
-        r = s.post(URL + "/api/v1/admin/compact", headers={"X-API-Key": KEY})
+        r = s.post(base + "/api/v1/admin/compact", headers={"X-API-Key": KEY})
         r.raise_for_status()
         print(f"compact: {r.json()} in {time.time() - start:.2f} s")
         time.sleep(1)
         print(f"after compaction: files, bytes = {lake_files(lake)}")
-        print("after:", {k: f"{v:.1f} ms" for k, v in timed(s).items()})
+        print("after:", {k: f"{v:.1f} ms" for k, v in timed(s, base).items()})
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 if __name__ == "__main__":

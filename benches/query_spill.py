@@ -1,9 +1,9 @@
 """Queries bigger than --query-memory: time and spill volume, spilling vs not.
 
 Starts the server (LAKEWRITER_BIN, default the debug build in
-$CARGO_TARGET_DIR) three times on temp data dirs: --query-memory 64MiB with
-spilling (the default --query-spill-limit), 64MiB with --query-spill-limit 0,
-and 512MiB (everything fits). Runs a 2 M-group aggregation and a sort of 2 M
+$CARGO_TARGET_DIR) three times on temp data dirs (benches/bench_server.py):
+--query-memory 64MiB with spilling (the default --query-spill-limit), 64MiB
+with --query-spill-limit 0, and 512MiB (everything fits). Runs a 2 M-group aggregation and a sort of 2 M
 strings three times on each and prints status, wall time, and the spill
 counters from /metrics. Usage:
 
@@ -12,15 +12,13 @@ counters from /metrics. Usage:
 
 import os
 import re
-import subprocess
-import tempfile
 import time
 
 import requests
 
+from bench_server import TARGET, BenchServer
+
 KEY = "lw_bench_admin_key_0123456789abcdefghij"
-PORT = "18612"
-URL = "http://127.0.0.1:" + PORT
 
 QUERIES = {
     "group by (6 M rows, 2 M groups)":
@@ -33,42 +31,32 @@ QUERIES = {
 }
 
 
-def metric(s, name):
-    m = re.search(r"^" + name + r" (\S+)$", s.get(URL + "/metrics").text, re.M)
+def metric(s, base, name):
+    m = re.search(r"^" + name + r" (\S+)$", s.get(base + "/metrics").text, re.M)
     return float(m.group(1))
 
 
 def run(binary, extra):
-    env = dict(os.environ, LAKEWRITER_BOOTSTRAP_API_KEY=KEY, LAKEWRITER_PRETOUCH_MEMORY="0")
-    args = [binary, "serve", "--data-dir", tempfile.mkdtemp(), "--grpc-addr", "127.0.0.1:0",
-            "--http-addr", "127.0.0.1:" + PORT, "--internal-grpc-addr", "127.0.0.1:0", *extra]
-    server = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = BenchServer(binary, KEY, *extra)
     s = requests.Session()
     s.trust_env = False
+    base = server.base
     try:
-        for _ in range(600):
-            try:
-                s.get(URL + "/health")
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         print(" ".join(extra))
         for name, sql in QUERIES.items():
             for _ in range(3):
-                spilled = metric(s, "lakewriter_query_spilled_bytes_total")
+                spilled = metric(s, base, "lakewriter_query_spilled_bytes_total")
                 start = time.time()
-                r = s.post(URL + "/api/v1/query", json={"sql": sql}, headers={"X-API-Key": KEY})
+                r = s.post(base + "/api/v1/query", json={"sql": sql}, headers={"X-API-Key": KEY})
                 took = time.time() - start
-                spilled = metric(s, "lakewriter_query_spilled_bytes_total") - spilled
+                spilled = metric(s, base, "lakewriter_query_spilled_bytes_total") - spilled
                 print(f"  {name}: {r.status_code} in {took:.2f} s, spilled {spilled / 1e6:.1f} MB")
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
 
 
 def main():
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/lakewriter-target"))
-    binary = os.environ.get("LAKEWRITER_BIN", os.path.join(target, "debug", "lakewriter"))
+    binary = os.environ.get("LAKEWRITER_BIN", str(TARGET / "debug" / "lakewriter"))
     for extra in (["--query-memory", "64MiB"],
                   ["--query-memory", "64MiB", "--query-spill-limit", "0"],
                   ["--query-memory", "512MiB"]):

@@ -291,6 +291,17 @@ impl QueryEngine {
             Err(_) => Err(Error::Timeout(timeout)),
         };
         drop(abort);
+        if result.is_err() {
+            // The plan's other tasks give their memory back as they wind
+            // down: answer once they have (up to a second), so the caller's
+            // next query does not find this one still holding the pool.
+            for _ in 0..200 {
+                if pool.own() == 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
         let result = result.map_err(|e| match e {
             Error::DataFusion(ref d)
                 if matches!(d.find_root(), DataFusionError::ResourcesExhausted(_))

@@ -267,6 +267,18 @@ impl Server {
         r.json().await.unwrap()
     }
 
+    /// `POST /api/v1/admin/compact` with the admin key: status and body.
+    pub async fn compact(&self) -> (u16, serde_json::Value) {
+        let r = self
+            .post(
+                "/api/v1/admin/compact",
+                Some(ADMIN_KEY),
+                serde_json::json!({}),
+            )
+            .await;
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(format!("{}/metrics", self.http()))
             .await

@@ -532,11 +532,8 @@ async fn schema_evolves_across_restart_and_conflicts_write_nothing() {
     let files = || parquet_files(&server.lake().join("tenant=default/endpoint=ev"));
     assert_eq!(files().len(), 2);
     let all = "SELECT event_id, price, sku FROM ev ORDER BY event_id";
-    let r = server
-        .post("/api/v1/admin/compact", Some(ADMIN_KEY), json!({}))
-        .await;
-    let done: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(done, json!({"merged": 2, "written": 1, "rows": 3}));
+    let done = server.compact().await;
+    assert_eq!(done, (200, json!({"merged": 2, "written": 1, "rows": 3})));
     let (_, v) = server.sql(ADMIN_KEY, all).await;
     assert_eq!(
         v["rows"],

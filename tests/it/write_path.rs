@@ -718,18 +718,13 @@ async fn small_files_of_an_hour_are_compacted_into_one() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let r = server
-        .post(
-            "/api/v1/admin/compact",
-            Some(ADMIN_KEY),
-            serde_json::json!({}),
-        )
-        .await;
-    assert_eq!(r.status(), 200);
-    let done: serde_json::Value = r.json().await.unwrap();
+    let done = server.compact().await;
     assert_eq!(
         done,
-        serde_json::json!({"merged": 6, "written": 1, "rows": 300})
+        (
+            200,
+            serde_json::json!({"merged": 6, "written": 1, "rows": 300})
+        )
     );
     assert!(
         !reader.is_finished(),
@@ -773,14 +768,7 @@ async fn small_files_of_an_hour_are_compacted_into_one() {
     server.restart().await;
     let (_, restarted) = server.sql(ADMIN_KEY, all).await;
     assert_eq!(restarted, before);
-    let r = server
-        .post(
-            "/api/v1/admin/compact",
-            Some(ADMIN_KEY),
-            serde_json::json!({}),
-        )
-        .await;
-    let again: serde_json::Value = r.json().await.unwrap();
+    let (_, again) = server.compact().await;
     assert_eq!(again["merged"], 0);
     assert_eq!(parquet_files(&spans_dir).len(), 1);
 }
@@ -820,14 +808,8 @@ async fn a_partition_that_fails_to_merge_does_not_stop_the_others() {
     std::fs::write(&damaged, b"not parquet").unwrap();
     let errors = server.metric("lakewriter_flush_errors_total").await;
 
-    let r = server
-        .post(
-            "/api/v1/admin/compact",
-            Some(ADMIN_KEY),
-            serde_json::json!({}),
-        )
-        .await;
-    assert_eq!(r.status(), 500, "{}", r.text().await.unwrap());
+    let (st, v) = server.compact().await;
+    assert_eq!(st, 500, "{v}");
     assert_eq!(
         server.metric("lakewriter_flush_errors_total").await,
         errors + 1.0
