@@ -207,30 +207,21 @@ impl Flusher {
             table: table.clone(),
             source,
         })?;
-        // The inputs share one hour, so their rows make one file.
-        let [enc] = <[pq::Encoded; 1]>::try_from(encoded).map_err(|v| Error::Encode {
+        let failed = |reason: String| Error::Encode {
             table: table.clone(),
-            source: pq::Error::Parquet(::parquet::errors::ParquetError::General(format!(
-                "files of one hour encoded into {} files",
-                v.len()
-            ))),
-        })?;
+            source: pq::Error::Parquet(::parquet::errors::ParquetError::General(reason)),
+        };
+        // The inputs share one hour, so their rows make one file.
+        let [enc] = <[pq::Encoded; 1]>::try_from(encoded)
+            .map_err(|v| failed(format!("files of one hour encoded into {} files", v.len())))?;
         let input_rows: u64 = group.iter().map(|f| f.rows).sum();
         if enc.rows as u64 != input_rows {
-            return Err(Error::Encode {
-                table: table.clone(),
-                source: pq::Error::Parquet(::parquet::errors::ParquetError::General(format!(
-                    "merged file has {} rows, its inputs {input_rows}",
-                    enc.rows
-                ))),
-            });
+            let reason = format!("merged file has {} rows, its inputs {input_rows}", enc.rows);
+            return Err(failed(reason));
         }
         let id = Ulid::new().to_string();
         let first = &group[0];
-        let path = format!(
-            "tenant={}/endpoint={}/date={}/hour={:02}/part-{}-{}.parquet",
-            table.tenant, table.endpoint, first.date, first.hour, id, self.node_id
-        );
+        let path = super::file_path(table, &first.date, first.hour, &id, &self.node_id);
         let bytes = enc.bytes.len() as u64;
         if let Err(source) = self.lake.put(&path, enc.bytes).await {
             self.discard(vec![path.clone()]).await;
@@ -247,8 +238,19 @@ impl Flusher {
             bytes,
             min_time_ns: enc.min_time_ns,
             max_time_ns: enc.max_time_ns,
-            min_seq: seq_bound(&group, |f| &f.min_seq, std::cmp::min),
-            max_seq: seq_bound(&group, |f| &f.max_seq, std::cmp::max),
+            // ULID strings order as their keys do.
+            min_seq: group
+                .iter()
+                .map(|f| &f.min_seq)
+                .min()
+                .cloned()
+                .unwrap_or_default(),
+            max_seq: group
+                .iter()
+                .map(|f| &f.max_seq)
+                .max()
+                .cloned()
+                .unwrap_or_default(),
             created_at_ms: now_ms(),
             service_names: Some(enc.service_names),
         };
@@ -337,20 +339,6 @@ fn uncompressed(bytes: &Bytes) -> Result<u64, pq::Error> {
         .iter()
         .map(|rg| rg.total_byte_size().max(0) as u64)
         .sum())
-}
-
-/// The smallest or largest WAL key string of the group (ULID strings order
-/// as their keys do).
-fn seq_bound(
-    group: &[Arc<FileMeta>],
-    get: impl Fn(&FileMeta) -> &String,
-    pick: fn(String, String) -> String,
-) -> String {
-    group
-        .iter()
-        .map(|f| get(f).clone())
-        .reduce(pick)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -281,10 +281,7 @@ impl Flusher {
         let mut files: Vec<FileMeta> = Vec::with_capacity(encoded.len());
         for enc in encoded {
             let id = Ulid::new().to_string();
-            let path = format!(
-                "tenant={}/endpoint={}/date={}/hour={:02}/part-{}-{}.parquet",
-                table.tenant, table.endpoint, enc.date, enc.hour, id, self.node_id
-            );
+            let path = file_path(&table, &enc.date, enc.hour, &id, &self.node_id);
             let bytes = enc.bytes.len() as u64;
             if let Err(source) = self.lake.put(&path, enc.bytes).await {
                 // An object store may have stored an object whose PUT failed
@@ -357,6 +354,15 @@ impl Flusher {
         }
         Ok(removed)
     }
+}
+
+/// A published file's path in the lake: hive partitions, then a name unique
+/// across restarts (ULID) and nodes, which [`Flusher::reconcile`] matches.
+fn file_path(table: &TableId, date: &str, hour: u8, id: &str, node: &str) -> String {
+    format!(
+        "tenant={}/endpoint={}/date={date}/hour={hour:02}/part-{id}-{node}.parquet",
+        table.tenant, table.endpoint
+    )
 }
 
 pub fn now_ms() -> u64 {

@@ -264,8 +264,7 @@ impl QueryEngine {
         Fut: std::future::Future<Output = Result<DataFrame, DataFusionError>> + Send,
     {
         let started = Instant::now();
-        METRICS.queries_running.add(1);
-        let _running = Running;
+        let _running = Running::start();
         let pool = Arc::new(pool::QueryPool::new(self.memory.clone()));
         let (ctx, pins) = self
             .context(p, range, pool.clone())
@@ -354,6 +353,13 @@ impl QueryEngine {
 
 /// Counts a query in `lakewriter_queries_running` until dropped.
 struct Running;
+
+impl Running {
+    fn start() -> Self {
+        METRICS.queries_running.add(1);
+        Running
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {

@@ -239,6 +239,14 @@ impl std::fmt::Display for QueryPool {
     }
 }
 
+/// Counts `n` more bytes of `reservation` in the shared state and the
+/// query's own (both locked by the caller, shared first).
+fn add(state: &mut State, mine: &mut State, reservation: &MemoryReservation, n: usize) {
+    state.add(reservation, n);
+    mine.add(reservation, n);
+    crate::metrics::METRICS.query_memory_bytes.add(n as i64);
+}
+
 impl MemoryPool for QueryPool {
     fn name(&self) -> &str {
         "query"
@@ -258,11 +266,7 @@ impl MemoryPool for QueryPool {
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         let mut state = self.shared.state();
-        state.add(reservation, additional);
-        self.mine().add(reservation, additional);
-        crate::metrics::METRICS
-            .query_memory_bytes
-            .add(additional as i64);
+        add(&mut state, &mut self.mine(), reservation, additional);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
@@ -281,11 +285,7 @@ impl MemoryPool for QueryPool {
         let mut state = self.shared.state();
         let mut mine = self.mine();
         if state.admits(reservation, additional, limit, fair) {
-            state.add(reservation, additional);
-            mine.add(reservation, additional);
-            crate::metrics::METRICS
-                .query_memory_bytes
-                .add(additional as i64);
+            add(&mut state, &mut mine, reservation, additional);
             return Ok(());
         }
         // With spilling on, a spilling consumer's refusal is routine: it
