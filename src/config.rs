@@ -123,6 +123,28 @@ pub struct FlushArgs {
     /// --flush-bytes of Parquet per merge; 0 turns compaction off.
     #[arg(long, env = "LAKEWRITER_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub compact_interval: Duration,
+    /// Delete published Parquet files of every hour partition that ended
+    /// longer ago than this (by the rows' own times), checked every minute;
+    /// 0 keeps everything.
+    #[arg(long, env = "LAKEWRITER_LAKE_RETENTION", default_value = "0", value_parser = parse_duration)]
+    pub lake_retention: Duration,
+    /// Per-endpoint retention that overrides --lake-retention, as
+    /// `ENDPOINT=DURATION` (`0` keeps that endpoint forever); repeat the flag
+    /// or separate with commas, e.g. `spans=7d,state_patches=30d`.
+    #[arg(long, env = "LAKEWRITER_LAKE_RETENTION_ENDPOINT", value_delimiter = ',', value_parser = parse_endpoint_retention)]
+    pub lake_retention_endpoint: Vec<(String, Duration)>,
+}
+
+/// `ENDPOINT=DURATION` of `--lake-retention-endpoint`.
+fn parse_endpoint_retention(s: &str) -> Result<(String, Duration), String> {
+    let (endpoint, duration) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ENDPOINT=DURATION, e.g. spans=7d"))?;
+    let endpoint = endpoint.trim();
+    if !crate::ingest::names::is_valid(endpoint) {
+        return Err(format!("{endpoint:?} is not an endpoint name"));
+    }
+    Ok((endpoint.to_string(), parse_duration(duration.trim())?))
 }
 
 /// Write-ahead log and request limits.
@@ -232,6 +254,35 @@ pub struct FlushConfig {
     pub check_interval: Duration,
     /// How often small files are merged (zero: never).
     pub compact_interval: Duration,
+    /// How long published files are kept after their hour ends, per
+    /// endpoint; see [`Retention`].
+    pub retention: Retention,
+    /// How often expired files are looked for (when any retention is set).
+    pub retention_interval: Duration,
+}
+
+/// Lake retention: a default and per-endpoint overrides (zero: forever).
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub default: Duration,
+    pub endpoints: std::collections::HashMap<String, Duration>,
+}
+
+impl Retention {
+    /// How long `endpoint`'s files are kept; None: forever.
+    pub fn of(&self, endpoint: &str) -> Option<Duration> {
+        let d = self
+            .endpoints
+            .get(endpoint)
+            .copied()
+            .unwrap_or(self.default);
+        (!d.is_zero()).then_some(d)
+    }
+
+    /// Whether any endpoint's files ever expire.
+    pub fn any(&self) -> bool {
+        !self.default.is_zero() || self.endpoints.values().any(|d| !d.is_zero())
+    }
 }
 
 impl Default for FlushConfig {
@@ -245,6 +296,8 @@ impl Default for FlushConfig {
             zstd_level: 1,
             check_interval: Duration::from_millis(500),
             compact_interval: Duration::from_secs(300),
+            retention: Retention::default(),
+            retention_interval: Duration::from_secs(60),
         }
     }
 }
@@ -309,6 +362,10 @@ impl Config {
                 row_group_rows: args.flush.row_group_rows,
                 zstd_level: args.flush.zstd_level,
                 compact_interval: args.flush.compact_interval,
+                retention: Retention {
+                    default: args.flush.lake_retention,
+                    endpoints: args.flush.lake_retention_endpoint.iter().cloned().collect(),
+                },
                 ..FlushConfig::default()
             },
             wal: WalConfig {
@@ -421,6 +478,35 @@ mod tests {
         assert_eq!("1.5GiB".parse::<ByteSize>().unwrap().0, 3 << 29);
         assert!("12 parsecs".parse::<ByteSize>().is_err());
         assert!("".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn endpoint_retentions_parse_and_override_the_default() {
+        assert_eq!(
+            parse_endpoint_retention("spans=7d").unwrap(),
+            ("spans".to_string(), Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            parse_endpoint_retention(" logs = 0 ").unwrap(),
+            ("logs".to_string(), Duration::ZERO)
+        );
+        for bad in ["spans", "spans=soon", "bad/name=1d", "=1d"] {
+            assert!(parse_endpoint_retention(bad).is_err(), "{bad}");
+        }
+        let r = Retention {
+            default: Duration::from_secs(3600),
+            endpoints: [
+                ("logs".to_string(), Duration::ZERO),
+                ("spans".to_string(), Duration::from_secs(60)),
+            ]
+            .into(),
+        };
+        assert_eq!(r.of("spans"), Some(Duration::from_secs(60)));
+        assert_eq!(r.of("logs"), None);
+        assert_eq!(r.of("metrics"), Some(Duration::from_secs(3600)));
+        assert!(r.any());
+        assert!(!Retention::default().any());
+        assert_eq!(Retention::default().of("spans"), None);
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub flush_errors: Counter,
     pub compactions: Counter,
     pub compacted_files: Counter,
+    pub expired_files: Counter,
+    pub expired_rows: Counter,
     pub queries: Counter,
     pub query_errors: Counter,
     pub query_latency: Histogram,
@@ -143,6 +145,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     flush_errors: Counter::default(),
     compactions: Counter::default(),
     compacted_files: Counter::default(),
+    expired_files: Counter::default(),
+    expired_rows: Counter::default(),
     queries: Counter::default(),
     query_errors: Counter::default(),
     query_latency: Histogram::new(LATENCY_BUCKETS),
@@ -308,7 +312,7 @@ pub fn render() -> String {
     counter(
         &mut o,
         "lakewriter_flush_errors_total",
-        "Failed flush and compaction attempts.",
+        "Failed flush, compaction and retention attempts.",
         m.flush_errors.get(),
     );
     counter(
@@ -322,6 +326,18 @@ pub fn render() -> String {
         "lakewriter_compacted_files_total",
         "Small Parquet files merged away by compaction.",
         m.compacted_files.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_retention_expired_files_total",
+        "Parquet files deleted by lake retention (--lake-retention).",
+        m.expired_files.get(),
+    );
+    counter(
+        &mut o,
+        "lakewriter_retention_expired_rows_total",
+        "Rows in the Parquet files deleted by lake retention.",
+        m.expired_rows.get(),
     );
     o
 }

@@ -5,7 +5,8 @@
 //! bind the public gRPC, internal gRPC and HTTP listeners (port 0 allowed).
 //!
 //! Shutdown ([`Running::shutdown`]): stop accepting and drain in-flight
-//! requests (bounded wait) → flush every memtable → close the WAL.
+//! requests (bounded wait) → stop compaction and retention (a pass ends
+//! after its current partition) → flush every memtable → close the WAL.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -79,6 +80,8 @@ pub struct Running {
     cancel: CancellationToken,
     servers: Vec<JoinHandle<()>>,
     flusher_task: JoinHandle<()>,
+    /// Compaction and retention loops.
+    maintenance: Vec<JoinHandle<()>>,
     flusher: Arc<Flusher>,
     wal: Arc<Wal>,
 }
@@ -179,8 +182,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
 
     let cancel = CancellationToken::new();
     let flusher_task = tokio::spawn(flusher.clone().run(cancel.clone()));
+    let mut maintenance = Vec::new();
     if !cfg.flush.compact_interval.is_zero() {
-        tokio::spawn(flusher.clone().run_compaction(cancel.clone()));
+        maintenance.push(tokio::spawn(flusher.clone().run_compaction()));
+    }
+    if cfg.flush.retention.any() {
+        maintenance.push(tokio::spawn(flusher.clone().run_retention()));
     }
     let ingestor = Arc::new(Ingestor::new(
         wal.clone(),
@@ -316,6 +323,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         cancel,
         servers,
         flusher_task,
+        maintenance,
         flusher,
         wal,
     })
@@ -392,6 +400,10 @@ impl Running {
             if tokio::time::timeout(drain, s).await.is_err() {
                 tracing::warn!("in-flight requests did not finish within {drain:?}");
             }
+        }
+        self.flusher.stop();
+        for task in self.maintenance {
+            let _ = task.await;
         }
         let _ = self.flusher_task.await;
         let files = self.flusher.flush_all().await?;

@@ -109,7 +109,12 @@ impl Flusher {
             if tenant.is_some_and(|t| *table.tenant != *t) {
                 continue;
             }
+            // Hours past their retention are about to go: no merging them.
+            let files = self.unexpired(&table, files);
             for group in plan(&files, &self.node_id, max_rows, max_bytes) {
+                if self.stop.is_cancelled() {
+                    break;
+                }
                 match self.merge(&table, group, urgent).await {
                     Ok((0, _)) => {}
                     Ok((n, rows)) => {
@@ -134,7 +139,7 @@ impl Flusher {
                     }
                 }
             }
-            if self.compaction_halted.load(Ordering::Acquire) {
+            if self.compaction_halted.load(Ordering::Acquire) || self.stop.is_cancelled() {
                 break;
             }
         }
@@ -284,7 +289,7 @@ impl Flusher {
         Ok((n, merged.rows))
     }
 
-    /// Deletes merged-away files that no query snapshot lists any more
+    /// Deletes merged-away and expired files that no query snapshot lists any more
     /// (the graveyard holds the last reference then). A delete that fails is
     /// retried at the next pass; startup's reconcile deletes them anyway.
     pub async fn reap(&self) {
@@ -298,7 +303,10 @@ impl Flusher {
         };
         for f in free {
             match self.lake.delete(&f.path).await {
-                Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {}
+                Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {
+                    // An expired hour leaves empty directories behind.
+                    self.lake.remove_empty_parents(&f.path, 2);
+                }
                 Err(e) => {
                     tracing::warn!(path = %f.path, error = %e, "could not delete a merged-away file; retrying");
                     self.graveyard.lock().push(f);
@@ -308,14 +316,14 @@ impl Flusher {
     }
 
     /// Background loop: a compaction pass every `--compact-interval` until
-    /// cancelled (not started when it is zero).
-    pub async fn run_compaction(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+    /// stopped ([`Flusher::stop`]; not started when it is zero).
+    pub async fn run_compaction(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.compact_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = self.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             // Errors are logged and counted where they happen.

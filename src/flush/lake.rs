@@ -166,6 +166,23 @@ impl Lake {
         self.store.delete(&ObjPath::from(path)).await?;
         Ok(())
     }
+
+    /// Local lakes: removes up to `levels` directories above `path`
+    /// (`hour=`, then `date=`) while they are empty. Object stores have no
+    /// directories. A flush that makes a file in a directory removed under
+    /// it makes the directory again ([`write_paced`]).
+    pub fn remove_empty_parents(&self, path: &str, levels: usize) {
+        let Some(root) = &self.local_root else {
+            return;
+        };
+        let full = root.join(path);
+        for dir in full.ancestors().skip(1).take(levels) {
+            // Fails, and stops, at the first directory that is not empty.
+            if dir == root.as_path() || std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 /// How much of a local file may be written before it is synced.
@@ -205,7 +222,14 @@ fn write_paced(full: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     staging.push(STAGING_SUFFIX);
     let staging = std::path::PathBuf::from(staging);
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&staging)?;
+        let mut file = match std::fs::File::create(&staging) {
+            // Retention removed the (empty) directory meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_dirs_durably(dir)?;
+                std::fs::File::create(&staging)?
+            }
+            other => other?,
+        };
         let mut offset = 0;
         for chunk in bytes.chunks(SYNC_CHUNK) {
             file.write_all(chunk)?;

@@ -117,6 +117,22 @@ pub fn replace(db: &DB, merged: &FileMeta, old: &[std::sync::Arc<FileMeta>]) -> 
     Ok(())
 }
 
+/// Forgets files (lake retention), in one synced write batch; watermarks
+/// do not move: the rows are gone for good, not to be flushed again.
+pub fn forget(db: &DB, files: &[std::sync::Arc<FileMeta>]) -> Result<()> {
+    let manifest = db
+        .cf_handle(CF_MANIFEST)
+        .expect("manifest column family exists");
+    let mut batch = WriteBatch::default();
+    for f in files {
+        batch.delete_cf(&manifest, key(f));
+    }
+    let mut sync = WriteOptions::default();
+    sync.set_sync(true);
+    db.write_opt(batch, &sync)?;
+    Ok(())
+}
+
 fn key(f: &FileMeta) -> String {
     format!("{}/{}/{}", f.tenant, f.endpoint, f.id)
 }

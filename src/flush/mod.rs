@@ -24,6 +24,7 @@ pub mod compact;
 pub mod lake;
 pub mod manifest;
 pub mod parquet;
+pub mod retention;
 pub mod threads;
 
 use std::collections::HashSet;
@@ -87,7 +88,10 @@ pub struct Flusher {
     /// Files this node wrote and did not record whose delete failed: retried
     /// before every flush (and startup's reconcile removes them anyway).
     orphans: parking_lot::Mutex<Vec<String>>,
-    /// One compaction pass at a time.
+    /// Compaction and retention passes stop between partitions once set
+    /// ([`Flusher::stop`]).
+    stop: CancellationToken,
+    /// One compaction or retention pass at a time.
     compact_lock: tokio::sync::Mutex<()>,
     /// Set when recording a merged file failed (see [`compact`]).
     compaction_halted: std::sync::atomic::AtomicBool,
@@ -124,6 +128,7 @@ impl Flusher {
             urgent_waiting,
             lock: tokio::sync::Mutex::new(()),
             orphans: parking_lot::Mutex::new(Vec::new()),
+            stop: CancellationToken::new(),
             compact_lock: tokio::sync::Mutex::new(()),
             compaction_halted: std::sync::atomic::AtomicBool::new(false),
             graveyard: parking_lot::Mutex::new(Vec::new()),
@@ -144,6 +149,12 @@ impl Flusher {
                 }
             }
         }
+    }
+
+    /// Ends the compaction and retention loops; a pass in progress stops
+    /// after the partition it is on (shutdown waits for that).
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     pub fn lake(&self) -> &Lake {

@@ -3,7 +3,7 @@
 //! Open routes: `GET /health`, `GET /metrics`, `GET /.well-known/jwks.json`,
 //! `POST /api/v1/otel/token` (takes the API key itself).
 //! Admin routes (an `admin`-scope credential): `POST /api/v1/admin/flush`,
-//! `POST /api/v1/admin/compact`,
+//! `POST /api/v1/admin/compact`, `POST /api/v1/admin/retention`,
 //! `POST /api/v1/admin/keys/rotate`, and API keys under `/api/v1/apikeys`.
 //! Admin keys of tenant `default` are operator keys and manage every tenant's
 //! keys; an admin key of another tenant manages only its own tenant's keys.
@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/otel/token", post(token))
         .route("/api/v1/admin/flush", post(flush))
         .route("/api/v1/admin/compact", post(compact))
+        .route("/api/v1/admin/retention", post(retention))
         .route("/api/v1/admin/keys/rotate", post(rotate))
         .route("/api/v1/apikeys", post(create_key).get(list_keys))
         .route("/api/v1/apikeys/{id}", delete(delete_key))
@@ -118,20 +119,34 @@ async fn token(
     Ok(Json(json!({"token": token, "expires_at": expires_at})))
 }
 
+/// Runs a flusher pass for an admin: scoped to the caller's tenant unless
+/// it is the operator (tenant `default`), whose pass covers every tenant;
+/// spawned, so a client that goes away does not cancel it halfway.
+async fn admin_pass<T, Fut>(
+    s: &AppState,
+    headers: &HeaderMap,
+    pass: impl FnOnce(Arc<Flusher>, Option<String>) -> Fut,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = crate::flush::Result<T>> + Send + 'static,
+{
+    let p = admin(s, headers).await?;
+    let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
+    tokio::spawn(pass(s.flusher.clone(), only))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .map_err(ApiError::from_err)
+}
+
 async fn flush(
     State(s): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let p = admin(&s, &headers).await?;
-    // A tenant's admin key flushes (and learns the files of) its own tenant
-    // only; the operator's (tenant `default`) flushes every tenant.
-    let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
-    // Spawned: a client that goes away must not cancel a flush halfway.
-    let flusher = s.flusher.clone();
-    let files = tokio::spawn(async move { flusher.flush_tenant(only.as_deref()).await })
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
-        .map_err(ApiError::from_err)?;
+    let files = admin_pass(&s, &headers, |f, only| async move {
+        f.flush_tenant(only.as_deref()).await
+    })
+    .await?;
     let rows: u64 = files.iter().map(|f| f.rows).sum();
     Ok(Json(json!({"files": files, "rows": rows})))
 }
@@ -140,15 +155,23 @@ async fn compact(
     State(s): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<crate::flush::compact::Compacted>, ApiError> {
-    let p = admin(&s, &headers).await?;
-    // Scoped as a flush is: a tenant's admin key compacts its own tenant.
-    let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
-    let flusher = s.flusher.clone();
-    let done = tokio::spawn(async move { flusher.compact(only.as_deref(), true).await })
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
-        .map_err(ApiError::from_err)?;
-    Ok(Json(done))
+    admin_pass(&s, &headers, |f, only| async move {
+        f.compact(only.as_deref(), true).await
+    })
+    .await
+    .map(Json)
+}
+
+/// A lake retention pass now (the background one runs every minute).
+async fn retention(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<crate::flush::retention::Expired>, ApiError> {
+    admin_pass(&s, &headers, |f, only| async move {
+        f.expire(only.as_deref()).await
+    })
+    .await
+    .map(Json)
 }
 
 async fn rotate(

@@ -243,6 +243,16 @@ impl Catalog {
         true
     }
 
+    /// Drops published files (by id; lake retention), atomically for
+    /// readers. Files no longer published are skipped.
+    pub fn remove_files(&self, table: &TableId, gone: &[Arc<FileMeta>]) {
+        let mut inner = self.inner.write();
+        if let Some(state) = inner.tables.get_mut(table) {
+            let ids: std::collections::HashSet<&str> = gone.iter().map(|f| f.id.as_str()).collect();
+            state.files.retain(|f| !ids.contains(f.id.as_str()));
+        }
+    }
+
     /// Every table's published files.
     pub fn published(&self) -> Vec<(TableId, Vec<Arc<FileMeta>>)> {
         let inner = self.inner.read();

@@ -269,12 +269,14 @@ impl Server {
 
     /// `POST /api/v1/admin/compact` with the admin key: status and body.
     pub async fn compact(&self) -> (u16, serde_json::Value) {
+        self.admin_run("compact").await
+    }
+
+    /// `POST /api/v1/admin/{what}` with the admin key: status and body.
+    pub async fn admin_run(&self, what: &str) -> (u16, serde_json::Value) {
+        let path = format!("/api/v1/admin/{what}");
         let r = self
-            .post(
-                "/api/v1/admin/compact",
-                Some(ADMIN_KEY),
-                serde_json::json!({}),
-            )
+            .post(&path, Some(ADMIN_KEY), serde_json::json!({}))
             .await;
         (r.status().as_u16(), r.json().await.unwrap())
     }

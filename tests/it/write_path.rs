@@ -825,3 +825,113 @@ async fn a_partition_that_fails_to_merge_does_not_stop_the_others() {
     }
     assert_eq!(server.metric("lakewriter_compacted_files_total").await, 2.0);
 }
+
+/// Lake retention: whole hour partitions that ended longer ago than the
+/// endpoint's retention are deleted (files, then their empty directories),
+/// forgotten for good across a restart, and late rows for an expired hour
+/// go at the next pass, the one a start runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hours_past_the_retention_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(
+        dir.path(),
+        &[
+            "--compact-interval",
+            "0",
+            "--lake-retention-endpoint",
+            "spans=2h",
+        ],
+    )
+    .await;
+    let mut client = server.trace_client().await;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    const MIN_NS: u64 = 60_000_000_000;
+    // Hours that ended 2 h ago or more go; the others stay, whatever the
+    // minute: 30 h and 3 h ago expire, 1 h 59 min ago and now do not.
+    let ages = [30 * 60, 3 * 60, 119, 0];
+    let export_at = |client: &mut TraceClient, age_min: u64, first: u64| {
+        let spans: Vec<_> = (first..first + 10)
+            .map(|n| {
+                let mut s = span(age_min, n, None);
+                s.start_time_unix_nano = now_ns - age_min * MIN_NS;
+                s.end_time_unix_nano = s.start_time_unix_nano + 1000;
+                s
+            })
+            .collect();
+        let mut client = client.clone();
+        async move { client.export(request("svc", spans)).await.unwrap() }
+    };
+    for (i, age) in ages.into_iter().enumerate() {
+        export_at(&mut client, age, i as u64 * 10).await;
+    }
+    server.flush().await;
+    let spans_dir = server.lake().join("tenant=default/endpoint=spans");
+    assert_eq!(parquet_files(&spans_dir).len(), 4);
+    let count = "SELECT count(*) AS n FROM spans";
+    let (_, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!(v["rows"][0][0], 40);
+
+    let (st, done) = server.admin_run("retention").await;
+    assert_eq!(st, 200, "{done}");
+    assert_eq!(
+        (&done["files"], &done["partitions"], &done["rows"]),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(2),
+            &serde_json::json!(20)
+        )
+    );
+    assert!(done["bytes"].as_u64().unwrap() > 0);
+    let (_, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!(v["rows"][0][0], 20);
+    assert_eq!(parquet_files(&spans_dir).len(), 2);
+    assert_no_empty_dirs(&spans_dir);
+    assert_eq!(
+        server
+            .metric("lakewriter_retention_expired_files_total")
+            .await,
+        2.0
+    );
+    let (_, again) = server.admin_run("retention").await;
+    assert_eq!(again["files"], 0);
+
+    // Late rows for an expired hour: flushed into a new directory, then
+    // deleted by the pass a (crashed) server runs as it starts.
+    export_at(&mut client, 30 * 60, 100).await;
+    server.flush().await;
+    assert_eq!(parquet_files(&spans_dir).len(), 3);
+    server.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while parquet_files(&spans_dir).len() > 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired late file kept: {}",
+            server.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_no_empty_dirs(&spans_dir);
+    let (_, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!(v["rows"][0][0], 20);
+    let rows: usize = read_table(&server.lake(), "default", "spans")
+        .iter()
+        .map(|b| b.num_rows())
+        .sum();
+    assert_eq!(rows, 20);
+}
+
+fn assert_no_empty_dirs(root: &std::path::Path) {
+    for e in std::fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            assert!(
+                std::fs::read_dir(&p).unwrap().next().is_some(),
+                "empty directory left: {p:?}"
+            );
+            assert_no_empty_dirs(&p);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Lake retention: published files of hours long past are deleted.
+//!
+//! A table's files expire whole partitions at a time: every file of an hour
+//! partition (`date=…/hour=…`, the rows' own times) goes once that hour has
+//! ended longer ago than the endpoint's retention (`--lake-retention`,
+//! `--lake-retention-endpoint`). Every `retention_interval` (a minute), and
+//! on `POST /api/v1/admin/retention`:
+//!
+//! forget the expired files in the manifest (one synced batch) → drop them
+//! from the catalog, atomically for queries → delete them once no running
+//! query's snapshot lists them ([`Flusher::reap`], shared with compaction)
+//! → remove the partition directories left empty (local lakes). A crash
+//! after the manifest batch leaves the files unrecorded, and startup's
+//! reconcile deletes them. Passes take the compaction lock, so a partition
+//! is never merged and expired at once.
+//!
+//! Rows still in a memtable are not touched: rows that arrive for an
+//! expired hour are flushed into it and deleted by the next pass. WAL
+//! retention (`--wal-retention`) is separate: it keeps WAL entries for
+//! cursor readers, not files.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::manifest::{self, FileMeta};
+use super::{now_ms, Error, Flusher, Result};
+use crate::metrics::METRICS;
+
+/// What one retention pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Expired {
+    /// Files forgotten (deleted from the lake as soon as no query reads them).
+    pub files: usize,
+    /// Hour partitions they were in.
+    pub partitions: usize,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// End of a file's hour partition, in ms since the epoch (None: a date
+/// that does not parse, which no file we write has).
+fn partition_end_ms(f: &FileMeta) -> Option<u64> {
+    let date = chrono::NaiveDate::parse_from_str(&f.date, "%Y-%m-%d").ok()?;
+    let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis();
+    let end = midnight + (i64::from(f.hour) + 1) * 3_600_000;
+    u64::try_from(end).ok()
+}
+
+/// Whether `f`'s hour ended at or before `now_ms - keep`.
+fn is_expired(f: &FileMeta, now_ms: u64, keep: Duration) -> bool {
+    let horizon = now_ms.saturating_sub(keep.as_millis() as u64);
+    partition_end_ms(f).is_some_and(|end| end <= horizon)
+}
+
+/// The files whose hour ended at or before `now_ms - keep`.
+pub fn expired(files: &[Arc<FileMeta>], now_ms: u64, keep: Duration) -> Vec<Arc<FileMeta>> {
+    files
+        .iter()
+        .filter(|f| is_expired(f, now_ms, keep))
+        .cloned()
+        .collect()
+}
+
+impl Flusher {
+    /// Deletes the expired files of every table (of `tenant`'s when given);
+    /// see the module contract. A table whose manifest write fails ends the
+    /// pass with that error (its files stay listed and are tried again).
+    pub async fn expire(&self, tenant: Option<&str>) -> Result<Expired> {
+        let _one = self.compact_lock.lock().await;
+        let mut done = Expired::default();
+        let now = now_ms();
+        for (table, files) in self.catalog.published() {
+            if tenant.is_some_and(|t| *table.tenant != *t) {
+                continue;
+            }
+            if self.stop.is_cancelled() {
+                break;
+            }
+            let Some(keep) = self.cfg.retention.of(&table.endpoint) else {
+                continue;
+            };
+            let gone = expired(&files, now, keep);
+            if gone.is_empty() {
+                continue;
+            }
+            manifest::forget(self.wal.db(), &gone).map_err(|source| Error::Record {
+                table: table.clone(),
+                source,
+            })?;
+            self.catalog.remove_files(&table, &gone);
+            let mut partitions: Vec<(&str, u8)> =
+                gone.iter().map(|f| (f.date.as_str(), f.hour)).collect();
+            partitions.sort_unstable();
+            partitions.dedup();
+            let rows: u64 = gone.iter().map(|f| f.rows).sum();
+            let bytes: u64 = gone.iter().map(|f| f.bytes).sum();
+            tracing::info!(
+                %table,
+                files = gone.len(),
+                partitions = partitions.len(),
+                rows,
+                bytes,
+                "expired files past retention"
+            );
+            done.files += gone.len();
+            done.partitions += partitions.len();
+            done.rows += rows;
+            done.bytes += bytes;
+            METRICS.expired_files.add(gone.len() as u64);
+            METRICS.expired_rows.add(rows);
+            self.graveyard.lock().extend(gone);
+        }
+        self.reap().await;
+        Ok(done)
+    }
+
+    /// `files` of `table` without those past its retention.
+    pub(super) fn unexpired(
+        &self,
+        table: &crate::memtable::TableId,
+        files: Vec<Arc<FileMeta>>,
+    ) -> Vec<Arc<FileMeta>> {
+        match self.cfg.retention.of(&table.endpoint) {
+            Some(keep) => {
+                let now = now_ms();
+                files
+                    .into_iter()
+                    .filter(|f| !is_expired(f, now, keep))
+                    .collect()
+            }
+            None => files,
+        }
+    }
+
+    /// Background loop: a retention pass at start and every
+    /// `retention_interval` until stopped (not started without retention).
+    pub async fn run_retention(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.retention_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.expire(None).await {
+                METRICS.flush_errors.inc();
+                tracing::error!(error = %e, "retention pass failed; expired files stay until the next");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(date: &str, hour: u8) -> Arc<FileMeta> {
+        Arc::new(FileMeta {
+            id: format!("{date}-{hour}"),
+            tenant: "t".into(),
+            endpoint: "spans".into(),
+            path: format!("tenant=t/endpoint=spans/date={date}/hour={hour:02}/part-x-n.parquet"),
+            date: date.into(),
+            hour,
+            rows: 1,
+            bytes: 1,
+            min_time_ns: 0,
+            max_time_ns: 0,
+            min_seq: String::new(),
+            max_seq: String::new(),
+            created_at_ms: 0,
+            service_names: None,
+        })
+    }
+
+    #[test]
+    fn whole_hours_expire_once_they_ended_longer_ago_than_the_retention() {
+        // 2026-11-24T10:30:00Z
+        let now = 1_795_516_200_000;
+        let files = vec![
+            file("2026-11-24", 10), // this hour
+            file("2026-11-24", 9),  // ended 30 min ago
+            file("2026-11-24", 8),  // ended 90 min ago
+            file("2026-11-23", 23),
+            file("2025-01-01", 0),
+            file("2027-01-01", 0), // in the future
+        ];
+        let ids = |v: Vec<Arc<FileMeta>>| v.iter().map(|f| f.id.clone()).collect::<Vec<_>>();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            ids(expired(&files, now, hour)),
+            ["2026-11-24-8", "2026-11-23-23", "2025-01-01-0"]
+        );
+        // The boundary: an hour that ended exactly `keep` ago goes.
+        assert_eq!(
+            ids(expired(&files, now, Duration::from_secs(30 * 60))),
+            [
+                "2026-11-24-9",
+                "2026-11-24-8",
+                "2026-11-23-23",
+                "2025-01-01-0"
+            ]
+        );
+        assert_eq!(
+            ids(expired(&files, now, Duration::from_secs(30 * 60 + 1))),
+            ["2026-11-24-8", "2026-11-23-23", "2025-01-01-0"]
+        );
+        assert!(expired(&files, now, Duration::from_secs(800 * 86_400)).is_empty());
+        assert!(expired(&[file("not-a-date", 1)], now, hour).is_empty());
+    }
+}
