@@ -119,8 +119,9 @@ pub struct FlushArgs {
     #[arg(long, env = "LAKEWRITER_ZSTD_LEVEL", default_value_t = 1)]
     pub zstd_level: i32,
     /// How often small Parquet files of one partition (tenant, endpoint,
-    /// hour) are merged into one, up to --flush-rows rows and a quarter of
-    /// --flush-bytes of Parquet per merge; 0 turns compaction off.
+    /// hour) are merged into one, up to --flush-rows rows and --flush-bytes
+    /// decoded per merge, once the hour has been over for --flush-age plus
+    /// this; 0 turns compaction off.
     #[arg(long, env = "LAKEWRITER_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub compact_interval: Duration,
     /// Delete published Parquet files of every hour partition that ended

@@ -10,6 +10,14 @@
 //! sorted and encoded like a flush's, on the idle-priority encode thread
 //! (never hurried: flushes that fall behind keep the other one).
 //!
+//! The background pass merges an hour once it has been over for
+//! `--flush-age` + `--compact-interval` ([`settled_before`]): by then the
+//! flushes of its last rows (and of spans that started in it and ended
+//! minutes later) are in, so an hour is merged about once. Merging the
+//! current hour every pass would rewrite its merged file a dozen times an
+//! hour, and open the glob readers' window below as often. An admin pass
+//! (`POST /api/v1/admin/compact`) merges every hour, the current one too.
+//!
 //! Order, like a flush: put the merged file → in one synced RocksDB batch
 //! record it and forget its inputs in the manifest → swap them in the
 //! catalog, atomically for queries → delete the inputs once no running
@@ -27,7 +35,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -51,17 +59,20 @@ pub struct Compacted {
 
 /// Groups of files to merge: per (date, hour), this node's files oldest
 /// first, cut at `max_rows` rows and `max_bytes` of Parquet; groups of one
-/// are left alone.
+/// are left alone, and so are hours that end after `settled` (ms since the
+/// epoch) when it is given.
 pub fn plan(
     files: &[Arc<FileMeta>],
     node: &str,
     max_rows: u64,
     max_bytes: u64,
+    settled: Option<u64>,
 ) -> Vec<Vec<Arc<FileMeta>>> {
     let suffix = format!("-{node}.parquet");
     let mut partitions: BTreeMap<(&str, u8), Vec<&Arc<FileMeta>>> = BTreeMap::new();
     for f in files {
-        if f.path.ends_with(&suffix) && f.rows < max_rows && f.bytes < max_bytes {
+        let in_time = settled.is_none_or(|s| f.hour_end_ms().is_some_and(|end| end <= s));
+        if in_time && f.path.ends_with(&suffix) && f.rows < max_rows && f.bytes < max_bytes {
             partitions.entry((&f.date, f.hour)).or_default().push(f);
         }
     }
@@ -89,12 +100,19 @@ pub fn plan(
     groups
 }
 
+/// Hours that ended at or before this (ms since the epoch) are settled:
+/// a background pass merges them.
+pub fn settled_before(now_ms: u64, flush_age: Duration, compact_interval: Duration) -> u64 {
+    now_ms.saturating_sub((flush_age + compact_interval).as_millis() as u64)
+}
+
 impl Flusher {
     /// Merges the small files of every table (of `tenant`'s tables when
     /// given); see the module contract. One pass at a time. `urgent` (an
-    /// admin call waits) encodes at normal priority, otherwise on the idle
-    /// thread. A group that fails is logged and counted, and the pass goes
-    /// on; the first error is returned at the end.
+    /// admin call waits) merges every hour and encodes at normal priority;
+    /// otherwise settled hours only, on the idle thread. A group that fails
+    /// is logged and counted, and the pass goes on; the first error is
+    /// returned at the end.
     pub async fn compact(&self, tenant: Option<&str>, urgent: bool) -> Result<Compacted> {
         let _one = self.compact_lock.lock().await;
         self.reap().await;
@@ -104,6 +122,8 @@ impl Flusher {
         }
         let max_rows = self.cfg.rows as u64;
         let max_bytes = self.cfg.bytes.max(1);
+        let settled =
+            (!urgent).then(|| settled_before(now_ms(), self.cfg.age, self.cfg.compact_interval));
         let mut first_error = None;
         for (table, files) in self.catalog.published() {
             if tenant.is_some_and(|t| *table.tenant != *t) {
@@ -111,7 +131,7 @@ impl Flusher {
             }
             // Hours past their retention are about to go: no merging them.
             let files = self.unexpired(&table, files);
-            for group in plan(&files, &self.node_id, max_rows, max_bytes) {
+            for group in plan(&files, &self.node_id, max_rows, max_bytes, settled) {
                 if self.stop.is_cancelled() {
                     break;
                 }
@@ -388,11 +408,23 @@ mod tests {
             file("h", 3, 10, "n"),
             file("i", 3, 10, "n"),
         ];
-        let groups = plan(&files, "n", 100, 1 << 20);
+        let groups = plan(&files, "n", 100, 1 << 20, None);
         let got: Vec<Vec<String>> = groups.iter().map(ids).collect();
         assert_eq!(got, vec![vec!["a", "b"], vec!["c", "d"], vec!["h", "i"]]);
         // The byte limit cuts too (10 bytes a row).
-        let got: Vec<Vec<String>> = plan(&files, "n", 100, 750).iter().map(ids).collect();
+        let got: Vec<Vec<String>> = plan(&files, "n", 100, 750, None).iter().map(ids).collect();
         assert_eq!(got, vec![vec!["c", "d"], vec!["h", "i"]]);
+        // Hours not yet settled wait: hour 3 ends at 04:00.
+        let at = |h: u64, m: u64| 1_795_392_000_000 + (h * 60 + m) * 60_000; // 2026-11-23
+        let got: Vec<Vec<String>> = plan(&files, "n", 100, 1 << 20, Some(at(3, 59)))
+            .iter()
+            .map(ids)
+            .collect();
+        assert_eq!(got, vec![vec!["a", "b"], vec!["c", "d"]]);
+        let got = plan(&files, "n", 100, 1 << 20, Some(at(4, 0)));
+        assert_eq!(got.len(), 3);
+        // At the defaults an hour settles six minutes after its end.
+        let s = settled_before(at(4, 6), Duration::from_secs(60), Duration::from_secs(300));
+        assert_eq!(s, at(4, 0));
     }
 }

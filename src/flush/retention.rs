@@ -37,19 +37,10 @@ pub struct Expired {
     pub bytes: u64,
 }
 
-/// End of a file's hour partition, in ms since the epoch (None: a date
-/// that does not parse, which no file we write has).
-fn partition_end_ms(f: &FileMeta) -> Option<u64> {
-    let date = chrono::NaiveDate::parse_from_str(&f.date, "%Y-%m-%d").ok()?;
-    let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis();
-    let end = midnight + (i64::from(f.hour) + 1) * 3_600_000;
-    u64::try_from(end).ok()
-}
-
 /// Whether `f`'s hour ended at or before `now_ms - keep`.
 fn is_expired(f: &FileMeta, now_ms: u64, keep: Duration) -> bool {
     let horizon = now_ms.saturating_sub(keep.as_millis() as u64);
-    partition_end_ms(f).is_some_and(|end| end <= horizon)
+    f.hour_end_ms().is_some_and(|end| end <= horizon)
 }
 
 /// The files whose hour ended at or before `now_ms - keep`.

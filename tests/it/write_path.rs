@@ -935,3 +935,54 @@ fn assert_no_empty_dirs(root: &std::path::Path) {
         }
     }
 }
+
+/// The background pass merges an hour once it is settled (over for
+/// --flush-age + --compact-interval), not the hour still being written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_compaction_merges_settled_hours_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--compact-interval", "1s", "--flush-age", "1s"],
+    )
+    .await;
+    let mut client = server.trace_client().await;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    // Rows of a long-past hour (span()'s 2025 times), and rows of an hour
+    // that ends 30 to 90 minutes from now.
+    for round in 0..2u64 {
+        let old = (0..10).map(|n| span(round, round * 100 + n, None));
+        let open = (0..10).map(|n| {
+            let mut s = span(round + 10, round * 100 + 50 + n, None);
+            s.start_time_unix_nano = now_ns + 30 * 60_000_000_000;
+            s.end_time_unix_nano = s.start_time_unix_nano + 1000;
+            s
+        });
+        client
+            .export(request("svc", old.chain(open).collect()))
+            .await
+            .unwrap();
+        server.flush().await;
+    }
+    let spans_dir = server.lake().join("tenant=default/endpoint=spans");
+    let old_dir = spans_dir.join("date=2025-11-13");
+    assert_eq!(parquet_files(&spans_dir).len(), 4);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while parquet_files(&old_dir).len() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "settled hour not merged: {}",
+            server.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The pass that merged the old hour left the open one alone.
+    assert_eq!(parquet_files(&spans_dir).len(), 3);
+    assert_eq!(server.metric("lakewriter_compacted_files_total").await, 2.0);
+    // An admin pass merges it.
+    let (st, v) = server.compact().await;
+    assert_eq!((st, &v["merged"]), (200, &serde_json::json!(2)), "{v}");
+}
