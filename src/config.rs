@@ -124,20 +124,31 @@ pub struct FlushArgs {
     /// this; 0 turns compaction off.
     #[arg(long, env = "LAKEWRITER_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub compact_interval: Duration,
-    /// Delete published Parquet files of every hour partition that ended
-    /// longer ago than this (by the rows' own times), checked every minute;
-    /// 0 keeps everything.
+    /// Delete the Parquet files of every hour partition that ended this
+    /// long ago or longer (by the rows' own times; a flush writes no file
+    /// for such an hour); 0 keeps everything.
     #[arg(long, env = "LAKEWRITER_LAKE_RETENTION", default_value = "0", value_parser = parse_duration)]
     pub lake_retention: Duration,
     /// Per-endpoint retention that overrides --lake-retention, as
     /// `ENDPOINT=DURATION` (`0` keeps that endpoint forever); repeat the flag
     /// or separate with commas, e.g. `spans=7d,state_patches=30d`.
     #[arg(long, env = "LAKEWRITER_LAKE_RETENTION_ENDPOINT", value_delimiter = ',', value_parser = parse_endpoint_retention)]
-    pub lake_retention_endpoint: Vec<(String, Duration)>,
+    pub lake_retention_endpoint: Vec<EndpointRetention>,
+    /// How often expired files are looked for, when any retention is set.
+    #[arg(long, env = "LAKEWRITER_LAKE_RETENTION_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub lake_retention_interval: Duration,
 }
 
+/// One item of `--lake-retention-endpoint`; empty (an empty variable, a
+/// trailing comma) says nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointRetention(Option<(String, Duration)>);
+
 /// `ENDPOINT=DURATION` of `--lake-retention-endpoint`.
-fn parse_endpoint_retention(s: &str) -> Result<(String, Duration), String> {
+fn parse_endpoint_retention(s: &str) -> Result<EndpointRetention, String> {
+    if s.trim().is_empty() {
+        return Ok(EndpointRetention(None));
+    }
     let (endpoint, duration) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ENDPOINT=DURATION, e.g. spans=7d"))?;
@@ -145,7 +156,8 @@ fn parse_endpoint_retention(s: &str) -> Result<(String, Duration), String> {
     if !crate::ingest::names::is_valid(endpoint) {
         return Err(format!("{endpoint:?} is not an endpoint name"));
     }
-    Ok((endpoint.to_string(), parse_duration(duration.trim())?))
+    let duration = parse_duration(duration.trim())?;
+    Ok(EndpointRetention(Some((endpoint.to_string(), duration))))
 }
 
 /// Write-ahead log and request limits.
@@ -263,26 +275,36 @@ pub struct FlushConfig {
 }
 
 /// Lake retention: a default and per-endpoint overrides (zero: forever).
+/// An override named `metrics` covers every `metrics_*` table.
 #[derive(Debug, Clone, Default)]
 pub struct Retention {
     pub default: Duration,
-    pub endpoints: std::collections::HashMap<String, Duration>,
+    pub endpoints: Vec<(String, Duration)>,
 }
 
 impl Retention {
     /// How long `endpoint`'s files are kept; None: forever.
     pub fn of(&self, endpoint: &str) -> Option<Duration> {
-        let d = self
-            .endpoints
-            .get(endpoint)
-            .copied()
+        let named = |name: &str| {
+            self.endpoints
+                .iter()
+                .find(|(e, _)| e == name)
+                .map(|(_, d)| *d)
+        };
+        let d = named(endpoint)
+            .or_else(|| {
+                endpoint
+                    .starts_with("metrics_")
+                    .then(|| named("metrics"))
+                    .flatten()
+            })
             .unwrap_or(self.default);
         (!d.is_zero()).then_some(d)
     }
 
     /// Whether any endpoint's files ever expire.
     pub fn any(&self) -> bool {
-        !self.default.is_zero() || self.endpoints.values().any(|d| !d.is_zero())
+        !self.default.is_zero() || self.endpoints.iter().any(|(_, d)| !d.is_zero())
     }
 }
 
@@ -365,8 +387,14 @@ impl Config {
                 compact_interval: args.flush.compact_interval,
                 retention: Retention {
                     default: args.flush.lake_retention,
-                    endpoints: args.flush.lake_retention_endpoint.iter().cloned().collect(),
+                    endpoints: args
+                        .flush
+                        .lake_retention_endpoint
+                        .iter()
+                        .filter_map(|e| e.0.clone())
+                        .collect(),
                 },
+                retention_interval: args.flush.lake_retention_interval,
                 ..FlushConfig::default()
             },
             wal: WalConfig {
@@ -443,6 +471,17 @@ impl Config {
                     .into(),
             );
         }
+        let named = &self.flush.retention.endpoints;
+        if let Some(e) = named
+            .iter()
+            .enumerate()
+            .find_map(|(i, (e, _))| named[..i].iter().any(|(p, _)| p == e).then_some(e))
+        {
+            return Err(format!("--lake-retention-endpoint names {e:?} twice"));
+        }
+        if self.flush.retention.any() && self.flush.retention_interval.is_zero() {
+            return Err("--lake-retention-interval must be above 0".into());
+        }
         if self.auth.token_ttl.is_zero() {
             return Err("--token-ttl must be above 0".into());
         }
@@ -483,28 +522,45 @@ mod tests {
 
     #[test]
     fn endpoint_retentions_parse_and_override_the_default() {
+        let item =
+            |e: &str, secs| EndpointRetention(Some((e.to_string(), Duration::from_secs(secs))));
         assert_eq!(
             parse_endpoint_retention("spans=7d").unwrap(),
-            ("spans".to_string(), Duration::from_secs(7 * 86_400))
+            item("spans", 7 * 86_400)
         );
         assert_eq!(
             parse_endpoint_retention(" logs = 0 ").unwrap(),
-            ("logs".to_string(), Duration::ZERO)
+            item("logs", 0)
+        );
+        assert_eq!(
+            parse_endpoint_retention(" ").unwrap(),
+            EndpointRetention(None)
         );
         for bad in ["spans", "spans=soon", "bad/name=1d", "=1d"] {
             assert!(parse_endpoint_retention(bad).is_err(), "{bad}");
         }
         let r = Retention {
             default: Duration::from_secs(3600),
-            endpoints: [
+            endpoints: vec![
                 ("logs".to_string(), Duration::ZERO),
                 ("spans".to_string(), Duration::from_secs(60)),
-            ]
-            .into(),
+                ("metrics".to_string(), Duration::from_secs(120)),
+                ("metrics_sum".to_string(), Duration::from_secs(180)),
+            ],
         };
         assert_eq!(r.of("spans"), Some(Duration::from_secs(60)));
         assert_eq!(r.of("logs"), None);
-        assert_eq!(r.of("metrics"), Some(Duration::from_secs(3600)));
+        assert_eq!(r.of("orders"), Some(Duration::from_secs(3600)));
+        assert_eq!(r.of("metrics_gauge"), Some(Duration::from_secs(120)));
+        assert_eq!(r.of("metrics_sum"), Some(Duration::from_secs(180)));
+        let mut cfg = Config::for_test(Path::new("/tmp/x"));
+        cfg.flush.retention = r.clone();
+        cfg.validate().unwrap();
+        cfg.flush
+            .retention
+            .endpoints
+            .push(("spans".into(), Duration::ZERO));
+        assert!(cfg.validate().unwrap_err().contains("\"spans\" twice"));
         assert!(r.any());
         assert!(!Retention::default().any());
         assert_eq!(Retention::default().of("spans"), None);

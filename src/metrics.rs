@@ -336,7 +336,7 @@ pub fn render() -> String {
     counter(
         &mut o,
         "lakewriter_retention_expired_rows_total",
-        "Rows in the Parquet files deleted by lake retention.",
+        "Rows deleted by lake retention: in expired files, or dropped at flush for an hour already expired.",
         m.expired_rows.get(),
     );
     o

@@ -4,9 +4,12 @@
 //! replay WAL entries above the watermark into memtables → start the flusher →
 //! bind the public gRPC, internal gRPC and HTTP listeners (port 0 allowed).
 //!
-//! Shutdown ([`Running::shutdown`]): stop accepting and drain in-flight
-//! requests (bounded wait) → stop compaction and retention (a pass ends
-//! after its current partition) → flush every memtable → close the WAL.
+//! Shutdown ([`Running::shutdown`]): stop accepting, and stop compaction
+//! and retention (a pass ends after the partition or table it is on) →
+//! drain in-flight requests (bounded wait) → flush every memtable → wait
+//! for the passes and delete the files they freed (bounded wait: a pass cut
+//! short leaves unrecorded files, which the next start deletes) → close the
+//! WAL.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -179,6 +182,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
         removed_unrecorded_files = removed,
         "WAL replayed"
     );
+    for (endpoint, _) in &cfg.flush.retention.endpoints {
+        let builtin = crate::memtable::schema::BUILTIN_TABLES.contains(&endpoint.as_str());
+        if !builtin && endpoint != "metrics" && !catalog.has_endpoint(endpoint) {
+            tracing::warn!(%endpoint, "--lake-retention-endpoint names a table no tenant has yet; it applies once one is written");
+        }
+    }
 
     let cancel = CancellationToken::new();
     let flusher_task = tokio::spawn(flusher.clone().run(cancel.clone()));
@@ -396,18 +405,24 @@ impl Running {
     /// Ordered shutdown; waits at most `drain` for in-flight requests.
     pub async fn shutdown(self, drain: Duration) -> Result<()> {
         self.cancel.cancel();
+        self.flusher.stop();
         for s in self.servers {
             if tokio::time::timeout(drain, s).await.is_err() {
                 tracing::warn!("in-flight requests did not finish within {drain:?}");
             }
         }
-        self.flusher.stop();
-        for task in self.maintenance {
-            let _ = task.await;
-        }
         let _ = self.flusher_task.await;
         let files = self.flusher.flush_all().await?;
         tracing::info!(files = files.len(), "memtables flushed at shutdown");
+        let passes = async {
+            for task in self.maintenance {
+                let _ = task.await;
+            }
+            self.flusher.settle().await;
+        };
+        if tokio::time::timeout(drain, passes).await.is_err() {
+            tracing::warn!("a compaction or retention pass did not end within {drain:?}; the next start deletes what it left");
+        }
         self.wal.close();
         Ok(())
     }

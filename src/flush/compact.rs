@@ -292,8 +292,8 @@ impl Flusher {
         {
             self.graveyard.lock().extend(group);
         } else {
-            // Only compaction removes published files, one pass at a time:
-            // not reached. Should it be, the catalog keeps the inputs (and
+            // Only compaction and retention remove published files, one
+            // pass at a time: not reached. Should it be, the catalog keeps the inputs (and
             // queries read them), and startup reads the manifest.
             tracing::error!(%table, "compacted files were no longer published; they stay until restart");
         }
@@ -309,10 +309,12 @@ impl Flusher {
         Ok((n, merged.rows))
     }
 
-    /// Deletes merged-away and expired files that no query snapshot lists any more
-    /// (the graveyard holds the last reference then). A delete that fails is
-    /// retried at the next pass; startup's reconcile deletes them anyway.
+    /// Deletes merged-away and expired files that no query snapshot lists
+    /// any more (the graveyard holds the last reference then); returns once
+    /// any reap in progress is done too. A delete that fails is retried at
+    /// the next pass; startup's reconcile deletes them anyway.
     pub async fn reap(&self) {
+        let _one = self.reap_lock.lock().await;
         let free: Vec<Arc<FileMeta>> = {
             let mut graveyard = self.graveyard.lock();
             let (free, held) = std::mem::take(&mut *graveyard)
@@ -325,10 +327,10 @@ impl Flusher {
             match self.lake.delete(&f.path).await {
                 Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {
                     // An expired hour leaves empty directories behind.
-                    self.lake.remove_empty_parents(&f.path, 2);
+                    self.lake.remove_empty_parents(&f.path, 2).await;
                 }
                 Err(e) => {
-                    tracing::warn!(path = %f.path, error = %e, "could not delete a merged-away file; retrying");
+                    tracing::warn!(path = %f.path, error = %e, "could not delete a merged-away or expired file; retrying");
                     self.graveyard.lock().push(f);
                 }
             }
@@ -349,6 +351,13 @@ impl Flusher {
             // Errors are logged and counted where they happen.
             let _ = self.compact(None, false).await;
         }
+    }
+
+    /// Waits for a compaction or retention pass in progress (an admin's
+    /// too), then deletes what no query reads any more (shutdown).
+    pub async fn settle(&self) {
+        drop(self.compact_lock.lock().await);
+        self.reap().await;
     }
 
     /// Files merged away and not yet deleted.

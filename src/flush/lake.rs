@@ -48,6 +48,11 @@ pub struct Lake {
     store: Arc<dyn ObjectStore>,
     /// Set for `file://` lakes: the root directory, for fsync.
     local_root: Option<PathBuf>,
+    /// Local lakes: held shared while a put makes its directories and
+    /// creates its file, exclusively while empty directories are removed
+    /// (a removal in between would undo a made directory, or its synced
+    /// parent entry).
+    dirs: Arc<parking_lot::RwLock<()>>,
     url: String,
     /// What DataFusion reads through: the store of the URL's scheme and
     /// authority (`file:///`, `s3://bucket`) and the lake root's URL, ending in
@@ -72,6 +77,7 @@ impl Lake {
                 store: Arc::new(store),
                 scan_root: format!("file://{}/", root.display()),
                 local_root: Some(root),
+                dirs: Arc::default(),
                 url: url.to_string(),
                 scan_store: (base, Arc::new(LocalFileSystem::new())),
             });
@@ -105,6 +111,7 @@ impl Lake {
         Ok(Self {
             store,
             local_root: None,
+            dirs: Arc::default(),
             url: url.to_string(),
             scan_store: (base, s3),
             scan_root,
@@ -138,7 +145,8 @@ impl Lake {
         match &self.local_root {
             Some(root) => {
                 let full = root.join(path);
-                tokio::task::spawn_blocking(move || write_paced(&full, &bytes))
+                let dirs = self.dirs.clone();
+                tokio::task::spawn_blocking(move || write_paced(&full, &bytes, &dirs))
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))??;
             }
@@ -169,19 +177,22 @@ impl Lake {
 
     /// Local lakes: removes up to `levels` directories above `path`
     /// (`hour=`, then `date=`) while they are empty. Object stores have no
-    /// directories. A flush that makes a file in a directory removed under
-    /// it makes the directory again ([`write_paced`]).
-    pub fn remove_empty_parents(&self, path: &str, levels: usize) {
-        let Some(root) = &self.local_root else {
+    /// directories.
+    pub async fn remove_empty_parents(&self, path: &str, levels: usize) {
+        let Some(root) = self.local_root.clone() else {
             return;
         };
-        let full = root.join(path);
-        for dir in full.ancestors().skip(1).take(levels) {
-            // Fails, and stops, at the first directory that is not empty.
-            if dir == root.as_path() || std::fs::remove_dir(dir).is_err() {
-                break;
+        let (full, dirs) = (root.join(path), self.dirs.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let _alone = dirs.write();
+            for dir in full.ancestors().skip(1).take(levels) {
+                // Fails, and stops, at the first directory not empty.
+                if dir == root.as_path() || std::fs::remove_dir(dir).is_err() {
+                    break;
+                }
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -212,23 +223,25 @@ fn create_dirs_durably(dir: &std::path::Path) -> std::io::Result<()> {
 /// Writes `bytes` to `full` atomically and durably, in [`SYNC_CHUNK`] pieces
 /// that each reach the disk before the next is written: staging file, paced
 /// writes, fsync, rename, fsync of the directory.
-fn write_paced(full: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+fn write_paced(
+    full: &std::path::Path,
+    bytes: &[u8],
+    dirs: &parking_lot::RwLock<()>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let dir = full
         .parent()
         .ok_or_else(|| std::io::Error::other("lake path without a directory"))?;
-    create_dirs_durably(dir)?;
     let mut staging = full.as_os_str().to_owned();
     staging.push(STAGING_SUFFIX);
     let staging = std::path::PathBuf::from(staging);
     let write = || -> std::io::Result<()> {
-        let mut file = match std::fs::File::create(&staging) {
-            // Retention removed the (empty) directory meanwhile.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                create_dirs_durably(dir)?;
-                std::fs::File::create(&staging)?
-            }
-            other => other?,
+        // Once the staging file is in it, the directory is not empty and
+        // stays.
+        let mut file = {
+            let _made = dirs.read();
+            create_dirs_durably(dir)?;
+            std::fs::File::create(&staging)?
         };
         let mut offset = 0;
         for chunk in bytes.chunks(SYNC_CHUNK) {

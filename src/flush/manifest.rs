@@ -59,11 +59,16 @@ impl FileMeta {
     /// End of the file's hour partition, in ms since the epoch (None: a
     /// date that does not parse, which no file we write has).
     pub fn hour_end_ms(&self) -> Option<u64> {
-        let date = chrono::NaiveDate::parse_from_str(&self.date, "%Y-%m-%d").ok()?;
-        let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis();
-        let end = midnight + (i64::from(self.hour) + 1) * 3_600_000;
-        u64::try_from(end).ok()
+        hour_end_ms(&self.date, self.hour)
     }
+}
+
+/// End of the hour partition `date=…/hour=…`, in ms since the epoch.
+pub fn hour_end_ms(date: &str, hour: u8) -> Option<u64> {
+    let date = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis();
+    let end = midnight + (i64::from(hour) + 1) * 3_600_000;
+    u64::try_from(end).ok()
 }
 
 #[derive(Debug, thiserror::Error)]

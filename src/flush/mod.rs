@@ -62,6 +62,11 @@ pub enum Error {
     Wal(#[from] crate::wal::Error),
     #[error("starting the flush encode threads: {0}")]
     Thread(std::io::Error),
+    #[error("forgetting expired files of {table}: {source}")]
+    Forget {
+        table: TableId,
+        source: manifest::Error,
+    },
     #[error("compaction stopped after a failed manifest write; it resumes after a restart")]
     CompactionHalted,
 }
@@ -98,6 +103,8 @@ pub struct Flusher {
     /// Files merged away, deleted once no query snapshot lists them
     /// ([`Flusher::reap`]).
     graveyard: parking_lot::Mutex<Vec<Arc<FileMeta>>>,
+    /// One reap at a time: a pass's reap returns once its files are gone.
+    reap_lock: tokio::sync::Mutex<()>,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
 }
@@ -132,6 +139,7 @@ impl Flusher {
             compact_lock: tokio::sync::Mutex::new(()),
             compaction_halted: std::sync::atomic::AtomicBool::new(false),
             graveyard: parking_lot::Mutex::new(Vec::new()),
+            reap_lock: tokio::sync::Mutex::new(()),
             wake: Arc::new(Notify::new()),
         })
     }
@@ -152,7 +160,7 @@ impl Flusher {
     }
 
     /// Ends the compaction and retention loops; a pass in progress stops
-    /// after the partition it is on (shutdown waits for that).
+    /// after the partition (compaction) or table (retention) it is on.
     pub fn stop(&self) {
         self.stop.cancel();
     }
@@ -290,7 +298,16 @@ impl Flusher {
             .await
             .map_err(encode_err)?;
         let mut files: Vec<FileMeta> = Vec::with_capacity(encoded.len());
+        let keep = self.cfg.retention.of(&table.endpoint);
+        let now = now_ms();
         for enc in encoded {
+            // Rows of an hour already past retention are not written (a
+            // pass would delete them next): they go with the memtable.
+            if keep.is_some_and(|k| retention::hour_expired(&enc.date, enc.hour, now, k)) {
+                tracing::info!(%table, date = %enc.date, hour = enc.hour, rows = enc.rows, "rows of an hour past retention dropped at flush");
+                METRICS.expired_rows.add(enc.rows as u64);
+                continue;
+            }
             let id = Ulid::new().to_string();
             let path = file_path(&table, &enc.date, enc.hour, &id, &self.node_id);
             let bytes = enc.bytes.len() as u64;
@@ -360,6 +377,8 @@ impl Flusher {
                         path: path.clone(),
                         source,
                     })?;
+                // Expired files a crash left leave their hour empty.
+                self.lake.remove_empty_parents(&path, 2).await;
                 removed += 1;
             }
         }

@@ -3,8 +3,8 @@
 //! A table's files expire whole partitions at a time: every file of an hour
 //! partition (`date=…/hour=…`, the rows' own times) goes once that hour has
 //! ended longer ago than the endpoint's retention (`--lake-retention`,
-//! `--lake-retention-endpoint`). Every `retention_interval` (a minute), and
-//! on `POST /api/v1/admin/retention`:
+//! `--lake-retention-endpoint`). Every `--lake-retention-interval` (a
+//! minute), and on `POST /api/v1/admin/retention`:
 //!
 //! forget the expired files in the manifest (one synced batch) → drop them
 //! from the catalog, atomically for queries → delete them once no running
@@ -14,8 +14,9 @@
 //! reconcile deletes them. Passes take the compaction lock, so a partition
 //! is never merged and expired at once.
 //!
-//! Rows still in a memtable are not touched: rows that arrive for an
-//! expired hour are flushed into it and deleted by the next pass. WAL
+//! Rows still in a memtable are not touched (queries see them) until their
+//! flush, which writes no file for an hour already expired: rows that
+//! arrive late for one are counted as expired and go with the memtable. WAL
 //! retention (`--wal-retention`) is separate: it keeps WAL entries for
 //! cursor readers, not files.
 
@@ -39,8 +40,13 @@ pub struct Expired {
 
 /// Whether `f`'s hour ended at or before `now_ms - keep`.
 fn is_expired(f: &FileMeta, now_ms: u64, keep: Duration) -> bool {
+    hour_expired(&f.date, f.hour, now_ms, keep)
+}
+
+/// Whether the hour `date`, `hour` ended at or before `now_ms - keep`.
+pub fn hour_expired(date: &str, hour: u8, now_ms: u64, keep: Duration) -> bool {
     let horizon = now_ms.saturating_sub(keep.as_millis() as u64);
-    f.hour_end_ms().is_some_and(|end| end <= horizon)
+    manifest::hour_end_ms(date, hour).is_some_and(|end| end <= horizon)
 }
 
 /// The files whose hour ended at or before `now_ms - keep`.
@@ -74,7 +80,7 @@ impl Flusher {
             if gone.is_empty() {
                 continue;
             }
-            manifest::forget(self.wal.db(), &gone).map_err(|source| Error::Record {
+            manifest::forget(self.wal.db(), &gone).map_err(|source| Error::Forget {
                 table: table.clone(),
                 source,
             })?;
@@ -123,11 +129,12 @@ impl Flusher {
         }
     }
 
-    /// Background loop: a retention pass at start and every
-    /// `retention_interval` until stopped (not started without retention).
+    /// Background loop: a retention pass every `retention_interval` until
+    /// stopped (not started without retention).
     pub async fn run_retention(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.retention_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => break,

@@ -379,6 +379,12 @@ impl Catalog {
             .collect()
     }
 
+    /// Whether any tenant has a table named `endpoint`.
+    pub fn has_endpoint(&self, endpoint: &str) -> bool {
+        let inner = self.inner.read();
+        inner.tables.keys().any(|t| &*t.endpoint == endpoint)
+    }
+
     /// Every known table of a tenant.
     pub fn tables_of(&self, tenant: &str) -> Vec<TableId> {
         let inner = self.inner.read();

@@ -238,6 +238,12 @@ impl Server {
         self.spawn().await;
     }
 
+    /// [`Server::restart`] with other extra flags.
+    pub async fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.restart().await;
+    }
+
     /// `POST /api/v1/otel/token` with `key`; the JWT.
     pub async fn token(&self, key: &str) -> String {
         let r = reqwest::Client::new()

@@ -827,32 +827,27 @@ async fn a_partition_that_fails_to_merge_does_not_stop_the_others() {
 }
 
 /// Lake retention: whole hour partitions that ended longer ago than the
-/// endpoint's retention are deleted (files, then their empty directories),
-/// forgotten for good across a restart, and late rows for an expired hour
-/// go at the next pass, the one a start runs.
+/// endpoint's retention are deleted (once no query reads them; then their
+/// empty directories) and forgotten for good across a restart; a flush
+/// writes no file for an expired hour; the background pass runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hours_past_the_retention_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(
-        dir.path(),
-        &[
-            "--compact-interval",
-            "0",
-            "--lake-retention-endpoint",
-            "spans=2h",
-        ],
-    )
-    .await;
-    let mut client = server.trace_client().await;
+    let no_retention = ["--compact-interval", "0", "--query-timeout", "60s"];
+    // A long interval: only the admin's passes run.
+    let retention = |interval: &'static str| {
+        let mut flags = no_retention.to_vec();
+        flags.extend(["--lake-retention-endpoint", "spans=2h"]);
+        flags.extend(["--lake-retention-interval", interval]);
+        flags
+    };
+    let mut server = Server::start(dir.path(), &no_retention).await;
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     const MIN_NS: u64 = 60_000_000_000;
-    // Hours that ended 2 h ago or more go; the others stay, whatever the
-    // minute: 30 h and 3 h ago expire, 1 h 59 min ago and now do not.
-    let ages = [30 * 60, 3 * 60, 119, 0];
-    let export_at = |client: &mut TraceClient, age_min: u64, first: u64| {
+    let export_at = |mut client: TraceClient, age_min: u64, first: u64| {
         let spans: Vec<_> = (first..first + 10)
             .map(|n| {
                 let mut s = span(age_min, n, None);
@@ -861,19 +856,43 @@ async fn hours_past_the_retention_are_deleted() {
                 s
             })
             .collect();
-        let mut client = client.clone();
         async move { client.export(request("svc", spans)).await.unwrap() }
     };
-    for (i, age) in ages.into_iter().enumerate() {
-        export_at(&mut client, age, i as u64 * 10).await;
+    // Hours that ended 2 h ago or more go; the others stay, whatever the
+    // minute: 30 h and 3 h ago expire, 1 h 59 min ago and now do not.
+    for (i, age) in [30 * 60, 3 * 60, 119, 0].into_iter().enumerate() {
+        export_at(server.trace_client().await, age, i as u64 * 10).await;
     }
     server.flush().await;
     let spans_dir = server.lake().join("tenant=default/endpoint=spans");
     assert_eq!(parquet_files(&spans_dir).len(), 4);
-    let count = "SELECT count(*) AS n FROM spans";
+    server.restart_with(&retention("1h")).await;
+    let count = "SELECT count(*) FROM spans";
     let (_, v) = server.sql(ADMIN_KEY, count).await;
     assert_eq!(v["rows"][0][0], 40);
 
+    // A long query reading every file: the expired ones outlive it.
+    let reader = {
+        let http = server.http();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{http}/api/v1/query"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&serde_json::json!({
+                    "sql": "SELECT count(*) FROM spans, range(1000000000000)"
+                }))
+                .send()
+                .await
+        })
+    };
+    while server.metric("lakewriter_queries_running").await == 0.0 {
+        assert!(
+            !reader.is_finished(),
+            "the long query ended: {:?}",
+            reader.await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (st, done) = server.admin_run("retention").await;
     assert_eq!(st, 200, "{done}");
     assert_eq!(
@@ -885,10 +904,20 @@ async fn hours_past_the_retention_are_deleted() {
         )
     );
     assert!(done["bytes"].as_u64().unwrap() > 0);
+    assert!(
+        !reader.is_finished(),
+        "the long query ended too soon: no test"
+    );
+    // New queries no longer see them; the running one keeps them on disk.
     let (_, v) = server.sql(ADMIN_KEY, count).await;
     assert_eq!(v["rows"][0][0], 20);
-    assert_eq!(parquet_files(&spans_dir).len(), 2);
-    assert_no_empty_dirs(&spans_dir);
+    assert_eq!(
+        parquet_files(&spans_dir).len(),
+        4,
+        "files read were deleted"
+    );
+    reader.abort();
+    wait_for_files(&server, &spans_dir, 2).await;
     assert_eq!(
         server
             .metric("lakewriter_retention_expired_files_total")
@@ -898,42 +927,73 @@ async fn hours_past_the_retention_are_deleted() {
     let (_, again) = server.admin_run("retention").await;
     assert_eq!(again["files"], 0);
 
-    // Late rows for an expired hour: flushed into a new directory, then
-    // deleted by the pass a (crashed) server runs as it starts.
-    export_at(&mut client, 30 * 60, 100).await;
-    server.flush().await;
-    assert_eq!(parquet_files(&spans_dir).len(), 3);
-    server.restart().await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while parquet_files(&spans_dir).len() > 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expired late file kept: {}",
-            server.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_no_empty_dirs(&spans_dir);
+    // Late rows for an expired hour: queries see them until their flush,
+    // which writes no file for them.
+    export_at(server.trace_client().await, 30 * 60, 100).await;
+    let (_, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!(v["rows"][0][0], 30);
+    let flushed = server.flush().await;
+    assert_eq!(flushed["files"], serde_json::json!([]));
+    assert_eq!(parquet_files(&spans_dir).len(), 2);
     let (_, v) = server.sql(ADMIN_KEY, count).await;
     assert_eq!(v["rows"][0][0], 20);
+    assert_eq!(
+        server
+            .metric("lakewriter_retention_expired_rows_total")
+            .await,
+        30.0
+    );
+
+    // Written while retention was off, deleted by the background pass.
+    server.restart_with(&no_retention).await;
+    export_at(server.trace_client().await, 30 * 60, 200).await;
+    server.flush().await;
+    assert_eq!(parquet_files(&spans_dir).len(), 3);
+    server.restart_with(&retention("1s")).await;
+    wait_for_files(&server, &spans_dir, 2).await;
+    // Forgotten for good: without retention nothing comes back.
+    server.restart_with(&no_retention).await;
+    let (st, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!((st, &v["rows"][0][0]), (200, &serde_json::json!(20)), "{v}");
     let rows: usize = read_table(&server.lake(), "default", "spans")
         .iter()
         .map(|b| b.num_rows())
         .sum();
     assert_eq!(rows, 20);
+    let (_, off) = server.admin_run("retention").await;
+    let zeros = serde_json::json!({"files": 0, "partitions": 0, "rows": 0, "bytes": 0});
+    assert_eq!(off, zeros);
 }
 
-fn assert_no_empty_dirs(root: &std::path::Path) {
-    for e in std::fs::read_dir(root).unwrap() {
-        let p = e.unwrap().path();
+/// Waits until `dir` holds `n` Parquet files and no empty directory.
+async fn wait_for_files(server: &Server, dir: &std::path::Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while parquet_files(dir).len() != n || empty_dir(dir).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "files {:?}, empty directory {:?}: {}",
+            parquet_files(dir),
+            empty_dir(dir),
+            server.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A directory under `root` with nothing in it.
+fn empty_dir(root: &std::path::Path) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(root).ok()? {
+        let p = e.ok()?.path();
         if p.is_dir() {
-            assert!(
-                std::fs::read_dir(&p).unwrap().next().is_some(),
-                "empty directory left: {p:?}"
-            );
-            assert_no_empty_dirs(&p);
+            if std::fs::read_dir(&p).ok()?.next().is_none() {
+                return Some(p);
+            }
+            if let Some(empty) = empty_dir(&p) {
+                return Some(empty);
+            }
         }
     }
+    None
 }
 
 /// The background pass merges an hour once it is settled (over for

@@ -1,7 +1,7 @@
 """An s3:// lake on an S3-compatible server (moto, in process): flush publishes
 Parquet objects, the SQL endpoint reads them back through DataFusion, DuckDB
-reads the downloaded objects, acked data survives kill -9, and compaction
-merges objects."""
+reads the downloaded objects, acked data survives kill -9, compaction
+merges objects, and retention deletes them."""
 import json
 import time
 import urllib.request
@@ -97,6 +97,20 @@ def test_s3_lake_publish_query_and_crash(s3, tmp_path):
         dest = tmp_path / "merged.parquet"
         client.download_file("lake", log_keys()[0], str(dest))
         assert duckdb.connect().execute(f"SELECT count(*) FROM '{dest}'").fetchone()[0] == 8
+
+        # Retention deletes the expired log object (its hour is in 2025)
+        # from S3; the spans, of this hour, stay.
+        server.stop()
+        server = Server(tmp_path / "data", "--lake-url", "s3://lake/prod",
+                        "--lake-retention-endpoint", "logs=1d", "--lake-retention-interval", "1h", env=env)
+        done = server.post("/api/v1/admin/retention", headers={"X-API-Key": ADMIN_KEY})
+        assert (done["files"], done["partitions"], done["rows"]) == (1, 1, 8), done
+        deadline = time.time() + 10
+        while log_keys():
+            assert time.time() < deadline, log_keys()
+            time.sleep(0.1)
+        assert server.sql("SELECT count(*) FROM logs") == [[0]]
+        assert server.sql("SELECT count(*) FROM spans") == [[2]]
     finally:
         server.stop()
 
