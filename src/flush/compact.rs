@@ -340,7 +340,23 @@ impl Flusher {
     /// Background loop: a compaction pass every `--compact-interval` until
     /// stopped ([`Flusher::stop`]; not started when it is zero).
     pub async fn run_compaction(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.cfg.compact_interval);
+        let me = self.clone();
+        self.every(self.cfg.compact_interval, move || {
+            let me = me.clone();
+            // Errors are logged and counted where they happen.
+            async move { drop(me.compact(None, false).await) }
+        })
+        .await
+    }
+
+    /// Runs `pass` every `interval` (the first after one interval) until
+    /// stopped, one at a time.
+    pub(super) async fn every<F, Fut>(&self, interval: Duration, mut pass: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
@@ -348,8 +364,7 @@ impl Flusher {
                 _ = self.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            // Errors are logged and counted where they happen.
-            let _ = self.compact(None, false).await;
+            pass().await;
         }
     }
 

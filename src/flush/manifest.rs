@@ -106,10 +106,7 @@ pub fn record(
     }
     batch.put_cf(&meta, table_key(table), table_wm.to_bytes());
     batch.put_cf(&meta, FLUSHED_THROUGH, flushed_through.to_bytes());
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
-    db.write_opt(batch, &sync)?;
-    Ok(())
+    write_synced(db, batch)
 }
 
 /// Records `merged` and forgets the files it was merged from, in one synced
@@ -125,10 +122,7 @@ pub fn replace(db: &DB, merged: &FileMeta, old: &[std::sync::Arc<FileMeta>]) -> 
     for f in old {
         batch.delete_cf(&manifest, key(f));
     }
-    let mut sync = WriteOptions::default();
-    sync.set_sync(true);
-    db.write_opt(batch, &sync)?;
-    Ok(())
+    write_synced(db, batch)
 }
 
 /// Forgets files (lake retention), in one synced write batch; watermarks
@@ -141,6 +135,11 @@ pub fn forget(db: &DB, files: &[std::sync::Arc<FileMeta>]) -> Result<()> {
     for f in files {
         batch.delete_cf(&manifest, key(f));
     }
+    write_synced(db, batch)
+}
+
+/// Writes `batch` and syncs RocksDB's log before returning.
+fn write_synced(db: &DB, batch: WriteBatch) -> Result<()> {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     db.write_opt(batch, &sync)?;

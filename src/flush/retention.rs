@@ -132,19 +132,17 @@ impl Flusher {
     /// Background loop: a retention pass every `retention_interval` until
     /// stopped (not started without retention).
     pub async fn run_retention(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.cfg.retention_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = self.stop.cancelled() => break,
-                _ = tick.tick() => {}
+        let me = self.clone();
+        self.every(self.cfg.retention_interval, move || {
+            let me = me.clone();
+            async move {
+                if let Err(e) = me.expire(None).await {
+                    METRICS.flush_errors.inc();
+                    tracing::error!(error = %e, "retention pass failed; expired files stay until the next");
+                }
             }
-            if let Err(e) = self.expire(None).await {
-                METRICS.flush_errors.inc();
-                tracing::error!(error = %e, "retention pass failed; expired files stay until the next");
-            }
-        }
+        })
+        .await
     }
 }
 

@@ -273,6 +273,34 @@ impl Server {
         r.json().await.unwrap()
     }
 
+    /// Starts a query that reads every file of `table` and runs until
+    /// aborted (or `--query-timeout`); returns once the server runs it.
+    pub async fn long_query(
+        &self,
+        table: &str,
+    ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        let (http, table) = (self.http(), table.to_string());
+        let reader = tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{http}/api/v1/query"))
+                .bearer_auth(ADMIN_KEY)
+                .json(&serde_json::json!({
+                    "sql": format!("SELECT count(*) FROM {table}, range(1000000000000)")
+                }))
+                .send()
+                .await
+        });
+        while self.metric("lakewriter_queries_running").await == 0.0 {
+            assert!(
+                !reader.is_finished(),
+                "the long query ended: {:?}",
+                reader.await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        reader
+    }
+
     /// `POST /api/v1/admin/compact` with the admin key: status and body.
     pub async fn compact(&self) -> (u16, serde_json::Value) {
         self.admin_run("compact").await

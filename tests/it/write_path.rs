@@ -697,27 +697,7 @@ async fn small_files_of_an_hour_are_compacted_into_one() {
     assert_eq!((st, before["rows"].as_array().unwrap().len()), (200, 300));
 
     // A long query reading the files: the inputs must outlive it.
-    let reader = {
-        let http = server.http();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{http}/api/v1/query"))
-                .bearer_auth(ADMIN_KEY)
-                .json(&serde_json::json!({
-                    "sql": "SELECT count(*) FROM spans, range(1000000000000)"
-                }))
-                .send()
-                .await
-        })
-    };
-    while server.metric("lakewriter_queries_running").await == 0.0 {
-        assert!(
-            !reader.is_finished(),
-            "the long query ended: {:?}",
-            reader.await
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let reader = server.long_query("spans").await;
     let done = server.compact().await;
     assert_eq!(
         done,
@@ -872,27 +852,7 @@ async fn hours_past_the_retention_are_deleted() {
     assert_eq!(v["rows"][0][0], 40);
 
     // A long query reading every file: the expired ones outlive it.
-    let reader = {
-        let http = server.http();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{http}/api/v1/query"))
-                .bearer_auth(ADMIN_KEY)
-                .json(&serde_json::json!({
-                    "sql": "SELECT count(*) FROM spans, range(1000000000000)"
-                }))
-                .send()
-                .await
-        })
-    };
-    while server.metric("lakewriter_queries_running").await == 0.0 {
-        assert!(
-            !reader.is_finished(),
-            "the long query ended: {:?}",
-            reader.await
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let reader = server.long_query("spans").await;
     let (st, done) = server.admin_run("retention").await;
     assert_eq!(st, 200, "{done}");
     assert_eq!(
