@@ -315,6 +315,18 @@ impl Flusher {
     /// the next pass; startup's reconcile deletes them anyway.
     pub async fn reap(&self) {
         let _one = self.reap_lock.lock().await;
+        self.reap_locked().await;
+    }
+
+    /// [`Flusher::reap`] unless one is running (the flush loop's: a long
+    /// reap, thousands of expired S3 objects, must not hold up flushes).
+    pub(super) async fn reap_if_idle(&self) {
+        if let Ok(_one) = self.reap_lock.try_lock() {
+            self.reap_locked().await;
+        }
+    }
+
+    async fn reap_locked(&self) {
         let free: Vec<Arc<FileMeta>> = {
             let mut graveyard = self.graveyard.lock();
             let (free, held) = std::mem::take(&mut *graveyard)

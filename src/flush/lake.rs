@@ -237,7 +237,9 @@ fn write_paced(
     let staging = std::path::PathBuf::from(staging);
     let write = || -> std::io::Result<()> {
         // Once the staging file is in it, the directory is not empty and
-        // stays.
+        // stays (the final file goes in the same one). A write that fails
+        // after this leaves the directory empty; the next reap or reconcile
+        // of its hour removes it.
         let mut file = {
             let _made = dirs.read();
             create_dirs_durably(dir)?;

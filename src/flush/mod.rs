@@ -180,7 +180,7 @@ impl Flusher {
                 _ = self.wake.notified() => {}
             }
             if self.unreaped() > 0 {
-                self.reap().await;
+                self.reap_if_idle().await;
             }
             for table in self.catalog.due_tables(Instant::now()) {
                 if let Err(e) = self.flush_table(&table).await {
