@@ -32,7 +32,7 @@
 //! when no query of ours is reading the inputs, at most the longest such
 //! query (`--query-timeout`) otherwise.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use ulid::Ulid;
 
 use super::manifest::{self, FileMeta};
-use super::{lake, now_ms, parquet as pq, threads, Error, Flusher, Result};
+use super::{now_ms, parquet as pq, threads, Error, Flusher, Result};
 use crate::memtable::TableId;
 use crate::metrics::METRICS;
 
@@ -125,10 +125,7 @@ impl Flusher {
         let settled =
             (!urgent).then(|| settled_before(now_ms(), self.cfg.age, self.cfg.compact_interval));
         let mut first_error = None;
-        for (table, files) in self.catalog.published() {
-            if tenant.is_some_and(|t| *table.tenant != *t) {
-                continue;
-            }
+        for (table, files) in self.published_of(tenant) {
             // Hours past their retention are about to go: no merging them.
             let files = self.unexpired(&table, files);
             for group in plan(&files, &self.node_id, max_rows, max_bytes, settled) {
@@ -290,7 +287,7 @@ impl Flusher {
             .catalog
             .replace_files(table, &group, Arc::new(merged.clone()))
         {
-            self.graveyard.lock().extend(group);
+            self.bury(group);
         } else {
             // Only compaction and retention remove published files, one
             // pass at a time: not reached. Should it be, the catalog keeps the inputs (and
@@ -309,8 +306,9 @@ impl Flusher {
         Ok((n, merged.rows))
     }
 
-    /// Deletes merged-away and expired files that no query snapshot lists
-    /// any more (the graveyard holds the last reference then); returns once
+    /// Deletes merged-away and expired files that no query snapshot or
+    /// lease lists any more (the graveyard holds the last reference then), after
+    /// dropping the leases that ended; returns once
     /// any reap in progress is done too. A delete that fails is retried at
     /// the next pass; startup's reconcile deletes them anyway.
     pub async fn reap(&self) {
@@ -327,6 +325,7 @@ impl Flusher {
     }
 
     async fn reap_locked(&self) {
+        self.leases.drop_ended();
         let free: Vec<Arc<FileMeta>> = {
             let mut graveyard = self.graveyard.lock();
             let (free, held) = std::mem::take(&mut *graveyard)
@@ -335,18 +334,26 @@ impl Flusher {
             *graveyard = held;
             free
         };
-        for f in free {
-            match self.lake.delete(&f.path).await {
-                Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {
-                    // An expired hour leaves empty directories behind.
-                    self.lake.remove_empty_parents(&f.path, 2).await;
-                }
-                Err(e) => {
-                    tracing::warn!(path = %f.path, error = %e, "could not delete a merged-away or expired file; retrying");
-                    self.graveyard.lock().push(f);
-                }
-            }
+        if free.is_empty() {
+            return;
         }
+        let paths: Vec<String> = free.iter().map(|f| f.path.clone()).collect();
+        let failed: HashSet<String> = self
+            .lake
+            .delete_all(paths.clone())
+            .await
+            .into_iter()
+            .map(|(path, e)| {
+                tracing::warn!(%path, error = %e, "could not delete a merged-away or expired file; retrying");
+                path
+            })
+            .collect();
+        let back = free.into_iter().filter(|f| failed.contains(&f.path));
+        self.graveyard.lock().extend(back);
+        // An expired hour leaves empty directories behind, once its last
+        // file goes (which may be a merged-away one a query or lease held).
+        let gone = paths.into_iter().filter(|p| !failed.contains(p)).collect();
+        self.lake.remove_empty_parents(gone, 2).await;
     }
 
     /// Background loop: a compaction pass every `--compact-interval` until

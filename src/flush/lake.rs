@@ -19,11 +19,12 @@
 //! name keeps names unique across nodes sharing a bucket, and lets startup
 //! reconcile only its own unrecorded files.
 
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjPath;
@@ -132,6 +133,16 @@ impl Lake {
         format!("{}{path}", self.scan_root)
     }
 
+    /// Where an outside reader finds a lake path: an absolute file path on
+    /// local lakes, `s3://bucket/prefix/…` otherwise (what DuckDB's
+    /// `read_parquet` takes).
+    pub fn location(&self, path: &str) -> String {
+        match &self.local_root {
+            Some(root) => root.join(path).display().to_string(),
+            None => self.scan_url(path),
+        }
+    }
+
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }
@@ -175,20 +186,75 @@ impl Lake {
         Ok(())
     }
 
-    /// Local lakes: removes up to `levels` directories above `path`
-    /// (`hour=`, then `date=`) while they are empty. Object stores have no
-    /// directories.
-    pub async fn remove_empty_parents(&self, path: &str, levels: usize) {
+    /// Deletes every path and returns those that could not be deleted, with
+    /// why; a path already gone counts as deleted. Object stores delete in
+    /// bulk (S3: a `DeleteObjects` request per 1,000 keys, 20 at once), so
+    /// expiring a month of files is a few requests, not one per file. What
+    /// the bulk request did not confirm is tried again one by one, which
+    /// tells a missing object from a failed delete.
+    pub async fn delete_all(&self, paths: Vec<String>) -> Vec<(String, Error)> {
+        let locations = paths
+            .iter()
+            .map(|p| Ok(ObjPath::from(p.as_str())))
+            .collect::<Vec<_>>();
+        let mut confirmed = HashSet::new();
+        let mut bulk_error = None;
+        let mut deleted = self
+            .store
+            .delete_stream(futures::stream::iter(locations).boxed());
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(path) => {
+                    confirmed.insert(path.to_string());
+                }
+                Err(e) => {
+                    bulk_error.get_or_insert(e);
+                }
+            }
+        }
+        // (A path already gone is an error of a local lake's bulk delete.)
+        if let Some(e) = bulk_error.filter(|e| !matches!(e, object_store::Error::NotFound { .. })) {
+            tracing::warn!(error = %e, "bulk delete failed; deleting the rest one by one");
+        }
+        let rest = paths.into_iter().filter(|p| !confirmed.contains(p));
+        futures::stream::iter(rest)
+            .map(|path| async move {
+                match self.delete(&path).await {
+                    Ok(()) | Err(Error::Store(object_store::Error::NotFound { .. })) => None,
+                    Err(e) => Some((path, e)),
+                }
+            })
+            .buffer_unordered(10)
+            .filter_map(|failed| async move { failed })
+            .collect()
+            .await
+    }
+
+    /// Local lakes: removes up to `levels` directories above each path
+    /// (`hour=`, then `date=`) while they are empty; each directory is
+    /// tried once. Object stores have no directories.
+    pub async fn remove_empty_parents(&self, paths: Vec<String>, levels: usize) {
         let Some(root) = self.local_root.clone() else {
             return;
         };
-        let (full, dirs) = (root.join(path), self.dirs.clone());
+        if paths.is_empty() {
+            return;
+        }
+        let dirs = self.dirs.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            let parents: BTreeSet<PathBuf> = paths
+                .iter()
+                .filter_map(|p| root.join(p).parent().map(PathBuf::from))
+                .collect();
             let _alone = dirs.write();
-            for dir in full.ancestors().skip(1).take(levels) {
-                // Fails, and stops, at the first directory not empty.
-                if dir == root.as_path() || std::fs::remove_dir(dir).is_err() {
-                    break;
+            // A `date=` whose other hours are still to come fails here and
+            // goes with the last of them.
+            for parent in &parents {
+                for dir in parent.ancestors().take(levels) {
+                    // Fails, and stops, at the first directory not empty.
+                    if dir == root.as_path() || std::fs::remove_dir(dir).is_err() {
+                        break;
+                    }
                 }
             }
         })
@@ -312,6 +378,37 @@ mod tests {
         assert_eq!(back, b"short");
     }
 
+    #[tokio::test]
+    async fn delete_all_reports_only_real_failures_and_empty_hours_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(&format!("file://{}", dir.path().display())).unwrap();
+        let path = |h: u8, n: u8| format!("t=a/date=2026-11-24/hour={h:02}/part-{n}.parquet");
+        for (h, n) in [(1, 1), (1, 2), (2, 1), (2, 2)] {
+            lake.put(&path(h, n), Bytes::from_static(b"PAR1"))
+                .await
+                .unwrap();
+        }
+        // A directory where a file should be cannot be deleted as one.
+        let stuck = "t=a/date=2026-11-25/hour=00/part-1.parquet";
+        std::fs::create_dir_all(dir.path().join(stuck).join("x")).unwrap();
+        let missing = "t=a/date=2026-11-24/hour=03/part-1.parquet".to_string();
+        let all = vec![path(1, 1), path(1, 2), path(2, 1), missing, stuck.into()];
+        let failed = lake.delete_all(all.clone()).await;
+        let failed: Vec<&str> = failed.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(failed, [stuck]);
+        assert_eq!(lake.list().await.unwrap(), [path(2, 2)]);
+        // Hour 01 is empty and goes; hour 02 keeps a file, so it and the
+        // date stay.
+        lake.remove_empty_parents(all[..3].to_vec(), 2).await;
+        let date = dir.path().join("t=a/date=2026-11-24");
+        assert!(!date.join("hour=01").exists());
+        assert!(date.join("hour=02").exists());
+        lake.delete_all(vec![path(2, 2)]).await;
+        lake.remove_empty_parents(vec![path(2, 2)], 2).await;
+        assert!(!date.exists());
+        assert!(dir.path().join("t=a").exists(), "only two levels");
+    }
+
     #[test]
     fn lake_urls() {
         let dir = tempfile::tempdir().unwrap();
@@ -321,12 +418,20 @@ mod tests {
             local.scan_url("tenant=a/x.parquet"),
             format!("file://{}/tenant=a/x.parquet", root.display())
         );
+        assert_eq!(
+            local.location("tenant=a/x.parquet"),
+            format!("{}/tenant=a/x.parquet", root.display())
+        );
         let s3 = Lake::open("s3://bucket/some/prefix/").unwrap();
         assert_eq!(
             s3.scan_url("t/x.parquet"),
             "s3://bucket/some/prefix/t/x.parquet"
         );
         assert_eq!(s3.scan_store().0.as_str(), "s3://bucket");
+        assert_eq!(
+            s3.location("t/x.parquet"),
+            "s3://bucket/some/prefix/t/x.parquet"
+        );
         assert!(s3.local_root().is_none());
         let bare = Lake::open("s3://bucket").unwrap();
         assert_eq!(bare.scan_url("t/x.parquet"), "s3://bucket/t/x.parquet");

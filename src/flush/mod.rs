@@ -22,6 +22,7 @@
 
 pub mod compact;
 pub mod lake;
+pub mod lease;
 pub mod manifest;
 pub mod parquet;
 pub mod retention;
@@ -100,11 +101,13 @@ pub struct Flusher {
     compact_lock: tokio::sync::Mutex<()>,
     /// Set when recording a merged file failed (see [`compact`]).
     compaction_halted: std::sync::atomic::AtomicBool,
-    /// Files merged away, deleted once no query snapshot lists them
-    /// ([`Flusher::reap`]).
+    /// Files merged away or expired, deleted once no query snapshot lists
+    /// them ([`Flusher::reap`]).
     graveyard: parking_lot::Mutex<Vec<Arc<FileMeta>>>,
     /// One reap at a time: a pass's reap returns once its files are gone.
     reap_lock: tokio::sync::Mutex<()>,
+    /// Outside readers' snapshots, which keep their files from the reap.
+    leases: lease::Leases,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
 }
@@ -140,6 +143,7 @@ impl Flusher {
             compaction_halted: std::sync::atomic::AtomicBool::new(false),
             graveyard: parking_lot::Mutex::new(Vec::new()),
             reap_lock: tokio::sync::Mutex::new(()),
+            leases: lease::Leases::default(),
             wake: Arc::new(Notify::new()),
         })
     }
@@ -148,15 +152,27 @@ impl Flusher {
     /// again), so no reader of the lake sees those rows twice. A delete that
     /// fails is retried before the next flush; one that finds nothing is done.
     async fn discard(&self, paths: Vec<String>) {
-        for path in paths {
-            match self.lake.delete(&path).await {
-                Ok(()) | Err(lake::Error::Store(object_store::Error::NotFound { .. })) => {}
-                Err(e) => {
-                    tracing::warn!(%path, error = %e, "could not delete an unrecorded file; retrying before the next flush");
-                    self.orphans.lock().push(path);
-                }
-            }
+        if paths.is_empty() {
+            return;
         }
+        for (path, e) in self.lake.delete_all(paths).await {
+            tracing::warn!(%path, error = %e, "could not delete an unrecorded file; retrying before the next flush");
+            self.orphans.lock().push(path);
+        }
+    }
+
+    /// Hands files no longer published to [`Flusher::reap`].
+    fn bury(&self, files: Vec<Arc<FileMeta>>) {
+        self.graveyard.lock().extend(files);
+    }
+
+    /// The published files of every table, or of `tenant`'s tables.
+    fn published_of<'a>(
+        &self,
+        tenant: Option<&'a str>,
+    ) -> impl Iterator<Item = (TableId, Vec<Arc<FileMeta>>)> + 'a {
+        let all = self.catalog.published().into_iter();
+        all.filter(move |(table, _)| tenant.is_none_or(|t| *table.tenant == *t))
     }
 
     /// Ends the compaction and retention loops; a pass in progress stops
@@ -268,10 +284,13 @@ impl Flusher {
         self.catalog
             .publish(&frozen, files.iter().cloned().map(Arc::new).collect());
         self.truncate_wal(through)?;
+        // Rows of expired hours were dropped, not written (counted apart).
+        let written: u64 = files.iter().map(|f| f.rows).sum();
         METRICS.flush_seconds.observe_duration(started.elapsed());
-        METRICS.flush_rows.add(frozen.rows as u64);
+        METRICS.flush_rows.add(written);
         tracing::info!(
-            rows = frozen.rows,
+            rows = written,
+            expired_rows = frozen.rows as u64 - written,
             files = files.len(),
             ms = started.elapsed().as_millis() as u64,
             "flushed"
@@ -354,7 +373,7 @@ impl Flusher {
     /// the WAL and will be flushed again) and leftover staging files.
     pub async fn reconcile(&self, recorded: &HashSet<String>) -> Result<usize> {
         let suffix = format!("-{}.parquet", self.node_id);
-        let mut removed = 0;
+        let mut removed = Vec::new();
         let paths = self.lake.list().await.map_err(|source| Error::Publish {
             path: "<list>".into(),
             source,
@@ -369,7 +388,7 @@ impl Flusher {
                     .strip_suffix(lake::STAGING_SUFFIX)
                     .is_some_and(|n| n.ends_with(&suffix));
             if (published && !recorded.contains(&path)) || staging {
-                tracing::warn!(%path, "removing unrecorded file left by a crash");
+                tracing::warn!(%path, "removing a file the manifest does not list (left by a crash, or merged away or expired while a snapshot lease held it)");
                 self.lake
                     .delete(&path)
                     .await
@@ -377,12 +396,13 @@ impl Flusher {
                         path: path.clone(),
                         source,
                     })?;
-                // Expired files a crash left leave their hour empty.
-                self.lake.remove_empty_parents(&path, 2).await;
-                removed += 1;
+                removed.push(path);
             }
         }
-        Ok(removed)
+        // Expired files a crash left leave their hour empty.
+        let count = removed.len();
+        self.lake.remove_empty_parents(removed, 2).await;
+        Ok(count)
     }
 }
 

@@ -66,10 +66,7 @@ impl Flusher {
         let _one = self.compact_lock.lock().await;
         let mut done = Expired::default();
         let now = now_ms();
-        for (table, files) in self.catalog.published() {
-            if tenant.is_some_and(|t| *table.tenant != *t) {
-                continue;
-            }
+        for (table, files) in self.published_of(tenant) {
             if self.stop.is_cancelled() {
                 break;
             }
@@ -105,7 +102,7 @@ impl Flusher {
             done.bytes += bytes;
             METRICS.expired_files.add(gone.len() as u64);
             METRICS.expired_rows.add(rows);
-            self.graveyard.lock().extend(gone);
+            self.bury(gone);
         }
         self.reap().await;
         Ok(done)

@@ -9,10 +9,13 @@
 //! keys; an admin key of another tenant manages only its own tenant's keys.
 //!
 //! OTLP/HTTP (`/v1/traces`, `/v1/logs`, `/v1/metrics`): see [`otlp`].
+//! Reads: SQL and the span endpoints ([`query`]), lake snapshots for
+//! outside readers ([`lake`]).
 //!
 //! Errors are JSON `{"error","code","retryable"}` via [`crate::error::ApiError`].
 //! When you add a route: the README API reference and a test in `tests/`.
 
+pub mod lake;
 pub mod otlp;
 pub mod query;
 
@@ -55,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/apikeys", post(create_key).get(list_keys))
         .route("/api/v1/apikeys/{id}", delete(delete_key))
         .merge(query::routes())
+        .merge(lake::routes())
         .merge(otlp::routes())
         .fallback(no_route)
         .with_state(state)

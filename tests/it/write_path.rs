@@ -1,6 +1,7 @@
 //! Core write path: OTLP export → WAL → memtable → Parquet, bad input, replay.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use arrow::array::AsArray;
 use arrow::datatypes::{Int64Type, TimestampNanosecondType};
@@ -8,6 +9,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue};
 use opentelemetry_proto::tonic::trace::v1::span::Event;
 use opentelemetry_proto::tonic::trace::v1::Status;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use prost::Message;
 use tonic::Code;
 
@@ -1010,4 +1012,261 @@ async fn background_compaction_merges_settled_hours_only() {
     // An admin pass merges it.
     let (st, v) = server.compact().await;
     assert_eq!((st, &v["merged"]), (200, &serde_json::json!(2)), "{v}");
+}
+
+/// Rows of the Parquet file at `path` (a snapshot's `location`).
+fn rows_in(path: &str) -> i64 {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+    reader.metadata().file_metadata().num_rows()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lake_snapshots_list_a_table_exactly_and_keep_its_files_through_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let mut client = server.trace_client().await;
+    for round in 0..2u64 {
+        let spans = (0..10)
+            .map(|n| span(round, round * 100 + n, None))
+            .collect();
+        client.export(request("svc", spans)).await.unwrap();
+        server.flush().await;
+    }
+    let unflushed = (0..5).map(|n| span(2, 200 + n, None)).collect();
+    client.export(request("svc", unflushed)).await.unwrap();
+    let srv = &server;
+    let snapshot = move |body: serde_json::Value| async move {
+        let r = srv
+            .post("/api/v1/lake/snapshot", Some(ADMIN_KEY), body)
+            .await;
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap())
+    };
+    let locations = |v: &serde_json::Value| -> Vec<String> {
+        let files = v["files"].as_array().unwrap();
+        files
+            .iter()
+            .map(|f| f["location"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let (st, first) = snapshot(serde_json::json!({"table": "spans", "lease_seconds": 3600})).await;
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(
+        (&first["tenant"], &first["table"]),
+        (&"default".into(), &"spans".into())
+    );
+    assert_eq!(
+        (&first["rows"], &first["unflushed_rows"]),
+        (&20.into(), &5.into()),
+        "{first}"
+    );
+    let leased = locations(&first);
+    assert_eq!(leased.len(), 2, "{first}");
+    assert_eq!(leased.iter().map(|l| rows_in(l)).sum::<i64>(), 20);
+    assert_eq!(first["files"][0]["date"], "2025-11-13");
+    assert!(
+        first["expires_at"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
+    let lease = first["id"].as_str().unwrap().to_string();
+
+    // Compaction merges the two files; the lease keeps them on disk while
+    // a new snapshot lists the merged file alone: every row once in each.
+    let (st, v) = server.compact().await;
+    assert_eq!((st, &v["merged"]), (200, &serde_json::json!(2)), "{v}");
+    server.flush().await;
+    let (_, second) = snapshot(serde_json::json!({"table": "spans", "lease_seconds": 0})).await;
+    assert_eq!(
+        (&second["rows"], &second["unflushed_rows"]),
+        (&25.into(), &0.into()),
+        "{second}"
+    );
+    assert!(
+        second["id"].is_null() && second["expires_at"].is_null(),
+        "{second}"
+    );
+    let now = locations(&second);
+    assert!(now.iter().all(|l| !leased.contains(l)), "{second}");
+    assert_eq!(now.iter().map(|l| rows_in(l)).sum::<i64>(), 25);
+    // The reap that ran after the merge kept the leased inputs.
+    assert_eq!(leased.iter().map(|l| rows_in(l)).sum::<i64>(), 20);
+
+    // Leases are the tenant's own, checked before they are released.
+    let other = server.new_key("other", &["read"], None).await;
+    let release = move |key: String, id: String| async move {
+        let r = reqwest::Client::new()
+            .delete(format!("{}/api/v1/lake/snapshot/{id}", srv.http()))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    };
+    assert_eq!(release(other.clone(), lease.clone()).await, 404);
+    assert!(std::path::Path::new(&leased[0]).exists());
+    // Released, the merged-away files go at the next reap (the flush loop's).
+    assert_eq!(release(ADMIN_KEY.to_string(), lease.clone()).await, 204);
+    assert_eq!(release(ADMIN_KEY.to_string(), lease).await, 404);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while leased.iter().any(|l| std::path::Path::new(l).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "released files stay: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A lease that ends lets its files go the same way.
+    let spans = (0..3).map(|n| span(3, 300 + n, None)).collect();
+    client.export(request("svc", spans)).await.unwrap();
+    server.flush().await;
+    let (st, short) = snapshot(serde_json::json!({"table": "spans", "lease_seconds": 1})).await;
+    assert_eq!(st, 200, "{short}");
+    let short = locations(&short);
+    assert_eq!(short.len(), 3, "the merged file, the 5 rows', the 3 rows'");
+    let (st, v) = server.compact().await;
+    assert_eq!((st, &v["merged"]), (200, &serde_json::json!(3)), "{v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while short.iter().any(|l| std::path::Path::new(l).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ended lease's files stay: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Another tenant's snapshot of the table lists none of these files.
+    let r = server
+        .post(
+            "/api/v1/lake/snapshot",
+            Some(&other),
+            serde_json::json!({"table": "spans"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (&v["tenant"], &v["rows"], &v["files"]),
+        (&"other".into(), &0.into(), &serde_json::json!([])),
+        "{v}"
+    );
+    assert!(
+        v["id"].is_string(),
+        "a lease of nothing is still a lease: {v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lake_snapshot_requests_get_precise_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let orders_only = server
+        .new_key("default", &["read"], Some(&["orders"]))
+        .await;
+    let write_only = server.new_key("default", &["write"], None).await;
+    let cases: Vec<(Option<&str>, serde_json::Value, u16, &str)> = vec![
+        (None, serde_json::json!({"table": "spans"}), 401, ""),
+        (
+            Some(&write_only),
+            serde_json::json!({"table": "spans"}),
+            403,
+            "read",
+        ),
+        (
+            Some(&orders_only),
+            serde_json::json!({"table": "spans"}),
+            403,
+            "spans",
+        ),
+        (
+            Some(ADMIN_KEY),
+            serde_json::json!({"table": "nope"}),
+            404,
+            "no table \"nope\"",
+        ),
+        (
+            Some(ADMIN_KEY),
+            serde_json::json!({"table": "../x"}),
+            400,
+            "invalid table",
+        ),
+        (
+            Some(ADMIN_KEY),
+            serde_json::json!({"table": "spans", "lease_seconds": 3601}),
+            400,
+            "at most 3600s",
+        ),
+        (
+            Some(ADMIN_KEY),
+            serde_json::json!({"table": "spans", "lease_seconds": -1}),
+            400,
+            "request body",
+        ),
+        (
+            Some(ADMIN_KEY),
+            serde_json::json!({"tabel": "spans"}),
+            400,
+            "unknown field",
+        ),
+    ];
+    for (key, body, status, message) in cases {
+        let r = server
+            .post("/api/v1/lake/snapshot", key, body.clone())
+            .await;
+        let got = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(got, status, "{body}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(message),
+            "{body}: {v}"
+        );
+    }
+    // Only a credential that may read the table ends its lease.
+    let r = server
+        .post(
+            "/api/v1/lake/snapshot",
+            Some(ADMIN_KEY),
+            serde_json::json!({"table": "spans"}),
+        )
+        .await;
+    let lease = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let release = |key: &str| {
+        reqwest::Client::new()
+            .delete(format!("{}/api/v1/lake/snapshot/{lease}", server.http()))
+            .header("x-api-key", key)
+            .send()
+    };
+    let r = release(&orders_only).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("spans"));
+    assert_eq!(release(ADMIN_KEY).await.unwrap().status(), 204);
+    // A tenant holds at most 64 leases; a listing without one is not counted.
+    for _ in 0..64 {
+        let r = server
+            .post(
+                "/api/v1/lake/snapshot",
+                Some(ADMIN_KEY),
+                serde_json::json!({"table": "spans"}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let body = serde_json::json!({"table": "spans"});
+    let r = server
+        .post("/api/v1/lake/snapshot", Some(ADMIN_KEY), body)
+        .await;
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("release one"));
+    let body = serde_json::json!({"table": "spans", "lease_seconds": 0});
+    let r = server
+        .post("/api/v1/lake/snapshot", Some(ADMIN_KEY), body)
+        .await;
+    assert_eq!(r.status(), 200);
 }

@@ -97,6 +97,10 @@ def test_s3_lake_publish_query_and_crash(s3, tmp_path):
         dest = tmp_path / "merged.parquet"
         client.download_file("lake", log_keys()[0], str(dest))
         assert duckdb.connect().execute(f"SELECT count(*) FROM '{dest}'").fetchone()[0] == 8
+        # A lake snapshot names the objects by their s3:// URLs.
+        snap = server.post("/api/v1/lake/snapshot", {"table": "logs", "lease_seconds": 0},
+                           headers={"X-API-Key": ADMIN_KEY})
+        assert [f["location"] for f in snap["files"]] == [f"s3://lake/{k}" for k in log_keys()], snap
 
         # Retention deletes the expired log object (its hour is in 2025)
         # from S3; the spans, of this hour, stay.

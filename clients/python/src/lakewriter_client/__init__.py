@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._ids import new_ulid, ulid_array
 from ._result import BatchAck, WriteResult
+from ._snapshot import LakeSnapshot
 from ._retry import RetryPolicy
 from ._stream import StreamWriter
 
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LakewriterClient",
     "StreamWriter",
+    "LakeSnapshot",
     "WriteResult",
     "BatchAck",
     "RetryPolicy",

@@ -19,6 +19,7 @@ from ._convert import DataRecord, chunk_records
 from ._errors import (
     DeadlineExceededError,
     LakewriterError,
+    NotFoundError,
     UnavailableError,
     from_grpc_error,
     from_http_error,
@@ -29,6 +30,7 @@ from ._ids import new_ulid
 from ._proto.storage import ingestion_pb2, ingestion_pb2_grpc
 from ._result import BatchAck, WriteResult, make_ack
 from ._retry import RetryPolicy
+from ._snapshot import LakeSnapshot
 
 if TYPE_CHECKING:
     from ._stream import StreamWriter
@@ -86,7 +88,7 @@ class LakewriterClient:
         tenant: sent as ``tenant_id``; must equal the key's tenant. ``None`` lets
             the credential decide (recommended).
         http_url: base URL of the HTTP API (e.g. ``"http://localhost:1323"``),
-            needed by :meth:`query` and :meth:`flush`.
+            needed by :meth:`query`, :meth:`flush` and :meth:`lake_snapshot`.
         timeout: seconds per request attempt (``None``: no deadline).
         max_retries: retries of a retryable failure (``UNAVAILABLE``,
             ``DEADLINE_EXCEEDED``, errors flagged ``lw-retryable``).
@@ -315,6 +317,37 @@ class LakewriterClient:
         data, _ = self._http("/api/v1/admin/flush", {}, accept="application/json", timeout=timeout)
         return json.loads(data) if data else {}
 
+    def lake_snapshot(
+        self, table: str, *, lease_seconds: int = 600, timeout: Timeout = DEFAULT_TIMEOUT
+    ) -> LakeSnapshot:
+        """The Parquet files of ``table`` now, kept in the lake for ``lease_seconds``.
+
+        Read them with ``duckdb.read_parquet(snap.locations, hive_partitioning=True)``
+        for an exactly-once view that compaction and retention cannot change
+        under the reader; use it as a context manager to release the lease at
+        the end (or call :meth:`LakeSnapshot.release`). ``lease_seconds`` is at
+        most 3600; ``0`` lists the files without keeping them. A tenant holds at
+        most 64 leases. Needs ``http_url`` and the ``read`` scope on ``table``.
+        """
+        timeout = self._timeout(timeout)
+        body = {"table": table, "lease_seconds": lease_seconds}
+        # Not retried: a lost answer would leave its lease held, unknown,
+        # counting against the tenant's 64 until it ends.
+        data, _ = self._http("/api/v1/lake/snapshot", body, accept="application/json", timeout=timeout,
+                             retry=False)
+        v = json.loads(data)
+        return LakeSnapshot(
+            table=v["table"], tenant=v["tenant"], id=v["id"], expires_at=v["expires_at"], files=v["files"],
+            rows=v["rows"], bytes=v["bytes"], unflushed_rows=v["unflushed_rows"], _client=self,
+        )
+
+    def _release_lease(self, lease: str) -> None:
+        try:
+            self._http(f"/api/v1/lake/snapshot/{lease}", None, accept="application/json",
+                       timeout=self._timeout(DEFAULT_TIMEOUT), method="DELETE")
+        except NotFoundError:
+            pass  # ended already
+
     # ---- internals --------------------------------------------------------
 
     def _timeout(self, timeout: Timeout) -> float | None:
@@ -368,18 +401,21 @@ class LakewriterClient:
             return make_ack(request.batch_id, count, response, attempt, generated_id)
 
     def _http(
-        self, path: str, body: Mapping[str, Any], *, accept: str, timeout: float | None
+        self, path: str, body: Mapping[str, Any] | None, *, accept: str, timeout: float | None,
+        method: str = "POST", retry: bool = True,
     ) -> tuple[bytes, str]:
         if not self.http_url:
             raise ValueError("this client has no http_url: pass http_url='http://host:1323'")
-        headers = {"Content-Type": "application/json", "Accept": accept}
+        headers = {"Accept": accept}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body).encode()
+        data = json.dumps(body).encode() if body is not None else None
         attempt = 0
         while True:
             attempt += 1
-            request = urllib.request.Request(self.http_url + path, data=data, headers=headers, method="POST")
+            request = urllib.request.Request(self.http_url + path, data=data, headers=headers, method=method)
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as response:
                     return response.read(), response.headers.get("Content-Type", "")
@@ -397,7 +433,7 @@ class LakewriterClient:
                 cause = exc
             except ConnectionError as exc:
                 err, cause = UnavailableError(f"cannot reach {self.http_url}: {exc}", retryable=True), exc
-            if err.retryable and attempt <= self.retry.max_retries:
+            if retry and err.retryable and attempt <= self.retry.max_retries:
                 time.sleep(self.retry.delay(attempt, pushback=err.retry_after))
                 continue
             raise err from cause
