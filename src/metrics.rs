@@ -115,6 +115,7 @@ pub struct Metrics {
     pub compacted_files: Counter,
     pub expired_files: Counter,
     pub expired_rows: Counter,
+    pub lake_leases: Gauge,
     pub queries: Counter,
     pub query_errors: Counter,
     pub query_latency: Histogram,
@@ -147,6 +148,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     compacted_files: Counter::default(),
     expired_files: Counter::default(),
     expired_rows: Counter::default(),
+    lake_leases: Gauge::default(),
     queries: Counter::default(),
     query_errors: Counter::default(),
     query_latency: Histogram::new(LATENCY_BUCKETS),
@@ -189,6 +191,12 @@ pub fn render() -> String {
         &mut o,
         "lakewriter_query_seconds",
         "Query duration, planning to last row.",
+    );
+    gauge(
+        &mut o,
+        "lakewriter_lake_leases",
+        "Lake snapshot leases held (POST /api/v1/lake/snapshot).",
+        m.lake_leases.get(),
     );
     gauge(
         &mut o,

@@ -25,6 +25,7 @@ use super::manifest::FileMeta;
 use super::Flusher;
 use crate::error::{Classify, ErrorKind};
 use crate::memtable::TableId;
+use crate::metrics::METRICS;
 
 /// Longest lease a snapshot may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(3600);
@@ -136,6 +137,7 @@ impl Leases {
             _files: files,
         };
         by_id.insert(id.clone(), lease);
+        METRICS.lake_leases.set(by_id.len() as i64);
         Ok((id, SystemTime::now() + time))
     }
 
@@ -153,16 +155,22 @@ impl Leases {
     pub fn release(&self, tenant: &str, id: &str) -> bool {
         let mut by_id = self.by_id.lock();
         let now = Instant::now();
-        match by_id.get(id) {
+        let released = match by_id.get(id) {
             Some(l) if l.tenant == tenant => by_id.remove(id).is_some_and(|l| l.until > now),
             _ => false,
-        }
+        };
+        METRICS.lake_leases.set(by_id.len() as i64);
+        released
     }
 
-    /// Drops the leases that ended (before a reap).
+    /// Drops the leases that ended (every flush check, and before a reap).
     pub fn drop_ended(&self) {
         let now = Instant::now();
-        self.by_id.lock().retain(|_, l| l.until > now);
+        let mut by_id = self.by_id.lock();
+        if by_id.values().any(|l| l.until <= now) {
+            by_id.retain(|_, l| l.until > now);
+            METRICS.lake_leases.set(by_id.len() as i64);
+        }
     }
 
     /// Leases held, ended ones included until the next [`Leases::drop_ended`].

@@ -195,6 +195,8 @@ impl Flusher {
                 _ = tick.tick() => {}
                 _ = self.wake.notified() => {}
             }
+            // Ended leases let go of their files here (and in the gauge).
+            self.leases.drop_ended();
             if self.unreaped() > 0 {
                 self.reap_if_idle().await;
             }

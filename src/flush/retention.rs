@@ -14,21 +14,27 @@
 //! reconcile deletes them. Passes take the compaction lock, so a partition
 //! is never merged and expired at once.
 //!
+//! A dry run (`{"dry_run": true}`, optionally with a `"retention"` for every
+//! table) does none of this: it reports the partitions a pass would delete.
+//!
 //! Rows still in a memtable are not touched (queries see them) until their
 //! flush, which writes no file for an hour already expired: rows that
 //! arrive late for one are counted as expired and go with the memtable. WAL
 //! retention (`--wal-retention`) is separate: it keeps WAL entries for
 //! cursor readers, not files.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::manifest::{self, FileMeta};
 use super::{now_ms, Error, Flusher, Result};
+use crate::config::Retention;
+use crate::memtable::TableId;
 use crate::metrics::METRICS;
 
-/// What one retention pass deleted.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// What one retention pass deleted (or, a dry run, would delete).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Expired {
     /// Files forgotten (deleted from the lake as soon as no query reads them).
     pub files: usize,
@@ -36,6 +42,50 @@ pub struct Expired {
     pub partitions: usize,
     pub rows: u64,
     pub bytes: u64,
+    /// Nothing was deleted: what a pass would have done.
+    pub dry_run: bool,
+    /// Each partition, oldest first per table.
+    pub hours: Vec<ExpiredHour>,
+}
+
+/// One expired hour partition of one table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExpiredHour {
+    pub tenant: String,
+    pub table: String,
+    pub date: String,
+    pub hour: u8,
+    pub files: usize,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Expired {
+    /// Counts `gone`, files of `table`.
+    fn add(&mut self, table: &TableId, gone: &[Arc<FileMeta>]) {
+        let mut hours: BTreeMap<(&str, u8), ExpiredHour> = BTreeMap::new();
+        for f in gone {
+            let h = hours
+                .entry((&f.date, f.hour))
+                .or_insert_with(|| ExpiredHour {
+                    tenant: table.tenant.to_string(),
+                    table: table.endpoint.to_string(),
+                    date: f.date.clone(),
+                    hour: f.hour,
+                    files: 0,
+                    rows: 0,
+                    bytes: 0,
+                });
+            h.files += 1;
+            h.rows += f.rows;
+            h.bytes += f.bytes;
+        }
+        self.files += gone.len();
+        self.partitions += hours.len();
+        self.rows += gone.iter().map(|f| f.rows).sum::<u64>();
+        self.bytes += gone.iter().map(|f| f.bytes).sum::<u64>();
+        self.hours.extend(hours.into_values());
+    }
 }
 
 /// Whether `f`'s hour ended at or before `now_ms - keep`.
@@ -62,19 +112,37 @@ impl Flusher {
     /// Deletes the expired files of every table (of `tenant`'s when given);
     /// see the module contract. A table whose manifest write fails ends the
     /// pass with that error (its files stay listed and are tried again).
-    pub async fn expire(&self, tenant: Option<&str>) -> Result<Expired> {
-        let _one = self.compact_lock.lock().await;
-        let mut done = Expired::default();
+    /// With `dry_run`, deletes nothing and reports what a pass with that
+    /// retention would delete.
+    pub async fn expire(
+        &self,
+        tenant: Option<&str>,
+        dry_run: Option<&Retention>,
+    ) -> Result<Expired> {
+        // A dry run changes nothing: it need not wait for a pass.
+        let _one = match dry_run {
+            None => Some(self.compact_lock.lock().await),
+            Some(_) => None,
+        };
+        let retention = dry_run.unwrap_or(&self.cfg.retention);
+        let mut done = Expired {
+            dry_run: dry_run.is_some(),
+            ..Expired::default()
+        };
         let now = now_ms();
         for (table, files) in self.published_of(tenant) {
             if self.stop.is_cancelled() {
                 break;
             }
-            let Some(keep) = self.cfg.retention.of(&table.endpoint) else {
+            let Some(keep) = retention.of(&table.endpoint) else {
                 continue;
             };
             let gone = expired(&files, now, keep);
             if gone.is_empty() {
+                continue;
+            }
+            if dry_run.is_some() {
+                done.add(&table, &gone);
                 continue;
             }
             manifest::forget(self.wal.db(), &gone).map_err(|source| Error::Forget {
@@ -82,30 +150,29 @@ impl Flusher {
                 source,
             })?;
             self.catalog.remove_files(&table, &gone);
-            let mut partitions: Vec<(&str, u8)> =
-                gone.iter().map(|f| (f.date.as_str(), f.hour)).collect();
-            partitions.sort_unstable();
-            partitions.dedup();
-            let rows: u64 = gone.iter().map(|f| f.rows).sum();
-            let bytes: u64 = gone.iter().map(|f| f.bytes).sum();
+            let before = (done.files, done.partitions, done.rows, done.bytes);
+            done.add(&table, &gone);
             tracing::info!(
                 %table,
-                files = gone.len(),
-                partitions = partitions.len(),
-                rows,
-                bytes,
+                files = done.files - before.0,
+                partitions = done.partitions - before.1,
+                rows = done.rows - before.2,
+                bytes = done.bytes - before.3,
                 "expired files past retention"
             );
-            done.files += gone.len();
-            done.partitions += partitions.len();
-            done.rows += rows;
-            done.bytes += bytes;
             METRICS.expired_files.add(gone.len() as u64);
-            METRICS.expired_rows.add(rows);
+            METRICS.expired_rows.add(done.rows - before.2);
             self.bury(gone);
         }
-        self.reap().await;
+        if dry_run.is_none() {
+            self.reap().await;
+        }
         Ok(done)
+    }
+
+    /// The configured lake retention.
+    pub fn retention(&self) -> &Retention {
+        &self.cfg.retention
     }
 
     /// `files` of `table` without those past its retention.
@@ -133,7 +200,7 @@ impl Flusher {
         self.every(self.cfg.retention_interval, move || {
             let me = me.clone();
             async move {
-                if let Err(e) = me.expire(None).await {
+                if let Err(e) = me.expire(None, None).await {
                     METRICS.flush_errors.inc();
                     tracing::error!(error = %e, "retention pass failed; expired files stay until the next");
                 }

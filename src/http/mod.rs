@@ -135,8 +135,26 @@ where
     T: Send + 'static,
     Fut: std::future::Future<Output = crate::flush::Result<T>> + Send + 'static,
 {
+    let only = admin_scope(s, headers).await?;
+    run_pass(s, only, pass).await
+}
+
+/// The tenant an admin's pass is limited to (none: the operator's, all).
+async fn admin_scope(s: &AppState, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let p = admin(s, headers).await?;
-    let only = (p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone());
+    Ok((p.tenant != DEFAULT_TENANT).then(|| p.tenant.clone()))
+}
+
+/// The second half of [`admin_pass`], for handlers that read a body between.
+async fn run_pass<T, Fut>(
+    s: &AppState,
+    only: Option<String>,
+    pass: impl FnOnce(Arc<Flusher>, Option<String>) -> Fut,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = crate::flush::Result<T>> + Send + 'static,
+{
     tokio::spawn(pass(s.flusher.clone(), only))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
@@ -166,13 +184,50 @@ async fn compact(
     .map(Json)
 }
 
-/// A lake retention pass now (the background one runs every minute).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetentionRequest {
+    #[serde(default)]
+    dry_run: bool,
+    /// A dry run's retention for every table, e.g. `"30d"`.
+    retention: Option<String>,
+}
+
+/// A lake retention pass now (the background one runs every minute), or
+/// with `{"dry_run": true}` what one would delete.
 async fn retention(
     State(s): State<AppState>,
     headers: HeaderMap,
+    raw: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<crate::flush::retention::Expired>, ApiError> {
-    admin_pass(&s, &headers, |f, only| async move {
-        f.expire(only.as_deref()).await
+    let only = admin_scope(&s, &headers).await?;
+    let raw = raw.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    let req: RetentionRequest = match raw.iter().all(u8::is_ascii_whitespace) {
+        true => RetentionRequest::default(),
+        false => serde_json::from_slice(&raw).map_err(|e| {
+            ApiError::invalid(format!(
+                "request body: expected {{\"dry_run\": true, \"retention\": \"30d\"}} or nothing: {e}"
+            ))
+        })?,
+    };
+    let dry_run = match (req.dry_run, req.retention) {
+        (false, None) => None,
+        (false, Some(_)) => return Err(ApiError::invalid(
+            "\"retention\" is for dry runs (\"dry_run\": true); a pass deletes by --lake-retention",
+        )),
+        (true, None) => Some(s.flusher.retention().clone()),
+        (true, Some(text)) => {
+            let keep = humantime::parse_duration(&text).map_err(|e| {
+                ApiError::invalid(format!("retention {text:?}: {e} (e.g. \"30d\", \"12h\")"))
+            })?;
+            Some(crate::config::Retention {
+                default: keep,
+                endpoints: Vec::new(),
+            })
+        }
+    };
+    run_pass(&s, only, |f, only| async move {
+        f.expire(only.as_deref(), dry_run.as_ref()).await
     })
     .await
     .map(Json)

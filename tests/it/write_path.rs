@@ -853,6 +853,41 @@ async fn hours_past_the_retention_are_deleted() {
     let (_, v) = server.sql(ADMIN_KEY, count).await;
     assert_eq!(v["rows"][0][0], 40);
 
+    // A dry run reports the two expired hours and deletes nothing.
+    let r = server
+        .post(
+            "/api/v1/admin/retention",
+            Some(ADMIN_KEY),
+            serde_json::json!({"dry_run": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let dry: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            &dry["files"],
+            &dry["partitions"],
+            &dry["rows"],
+            &dry["dry_run"]
+        ),
+        (
+            &serde_json::json!(2),
+            &serde_json::json!(2),
+            &serde_json::json!(20),
+            &serde_json::json!(true)
+        ),
+        "{dry}"
+    );
+    let hours = dry["hours"].as_array().unwrap();
+    assert_eq!(hours.len(), 2, "{dry}");
+    assert!(hours.iter().all(|h| h["tenant"] == "default"
+        && h["table"] == "spans"
+        && h["files"] == 1
+        && h["rows"] == 10));
+    assert_eq!(parquet_files(&spans_dir).len(), 4);
+    let (_, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!(v["rows"][0][0], 40);
+
     // A long query reading every file: the expired ones outlive it.
     let reader = server.long_query("spans").await;
     let (st, done) = server.admin_run("retention").await;
@@ -923,8 +958,56 @@ async fn hours_past_the_retention_are_deleted() {
         .sum();
     assert_eq!(rows, 20);
     let (_, off) = server.admin_run("retention").await;
-    let zeros = serde_json::json!({"files": 0, "partitions": 0, "rows": 0, "bytes": 0});
+    let zeros = serde_json::json!({"files": 0, "partitions": 0, "rows": 0, "bytes": 0, "dry_run": false, "hours": []});
     assert_eq!(off, zeros);
+    // Without retention, a dry run may try one: a minute would take the
+    // hour that ended 59 to 119 minutes ago, not the current one.
+    let dry_run = |body: serde_json::Value| {
+        let server = &server;
+        async move {
+            let r = server
+                .post("/api/v1/admin/retention", Some(ADMIN_KEY), body)
+                .await;
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (st, v) = dry_run(serde_json::json!({"dry_run": true, "retention": "1m"})).await;
+    assert_eq!(
+        (st, &v["files"], &v["rows"]),
+        (200, &serde_json::json!(1), &serde_json::json!(10)),
+        "{v}"
+    );
+    let (_, v) = server.sql(ADMIN_KEY, count).await;
+    assert_eq!(v["rows"][0][0], 20);
+    let refused = [
+        (serde_json::json!({"retention": "1m"}), "for dry runs"),
+        (
+            serde_json::json!({"dry_run": true, "retention": "soon"}),
+            "retention \"soon\"",
+        ),
+        (serde_json::json!({"dry_run": "yes"}), "request body"),
+        (serde_json::json!({"dryrun": true}), "unknown field"),
+    ];
+    for (body, message) in refused {
+        let (st, v) = dry_run(body.clone()).await;
+        assert_eq!(st, 400, "{body}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(message),
+            "{body}: {v}"
+        );
+    }
+    // The admin check comes first.
+    let r = server
+        .post(
+            "/api/v1/admin/retention",
+            None,
+            serde_json::json!({"retention": "x"}),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
 }
 
 /// Waits until `dir` holds `n` Parquet files and no empty directory.
@@ -1063,6 +1146,7 @@ async fn lake_snapshots_list_a_table_exactly_and_keep_its_files_through_compacti
         "{first}"
     );
     let leased = locations(&first);
+    assert_eq!(server.metric("lakewriter_lake_leases").await, 1.0);
     assert_eq!(leased.len(), 2, "{first}");
     assert_eq!(leased.iter().map(|l| rows_in(l)).sum::<i64>(), 20);
     assert_eq!(first["files"][0]["date"], "2025-11-13");
@@ -1108,6 +1192,7 @@ async fn lake_snapshots_list_a_table_exactly_and_keep_its_files_through_compacti
     assert!(std::path::Path::new(&leased[0]).exists());
     // Released, the merged-away files go at the next reap (the flush loop's).
     assert_eq!(release(ADMIN_KEY.to_string(), lease.clone()).await, 204);
+    assert_eq!(server.metric("lakewriter_lake_leases").await, 0.0);
     assert_eq!(release(ADMIN_KEY.to_string(), lease).await, 404);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while leased.iter().any(|l| std::path::Path::new(l).exists()) {
