@@ -417,23 +417,15 @@ mod tests {
     use super::*;
 
     fn file(id: &str, hour: u8, rows: u64, node: &str) -> Arc<FileMeta> {
+        let date = "2026-11-23";
         Arc::new(FileMeta {
-            id: id.into(),
-            tenant: "t".into(),
-            endpoint: "spans".into(),
             path: format!(
-                "tenant=t/endpoint=spans/date=2026-11-23/hour={hour:02}/part-{id}-{node}.parquet"
+                "tenant=t/endpoint=spans/date={date}/hour={hour:02}/part-{id}-{node}.parquet"
             ),
-            date: "2026-11-23".into(),
-            hour,
             rows,
             bytes: rows * 10,
-            min_time_ns: 0,
-            max_time_ns: 0,
-            min_seq: String::new(),
-            max_seq: String::new(),
             created_at_ms: id.as_bytes()[0] as u64,
-            service_names: None,
+            ..FileMeta::sample(id, date, hour)
         })
     }
 

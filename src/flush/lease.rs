@@ -126,6 +126,7 @@ impl Leases {
         let now = Instant::now();
         let mut by_id = self.by_id.lock();
         by_id.retain(|_, l| l.until > now);
+        METRICS.lake_leases.set(by_id.len() as i64);
         if by_id.values().filter(|l| l.tenant == tenant).count() >= MAX_PER_TENANT {
             return Err(Error::TooMany);
         }
@@ -167,10 +168,8 @@ impl Leases {
     pub fn drop_ended(&self) {
         let now = Instant::now();
         let mut by_id = self.by_id.lock();
-        if by_id.values().any(|l| l.until <= now) {
-            by_id.retain(|_, l| l.until > now);
-            METRICS.lake_leases.set(by_id.len() as i64);
-        }
+        by_id.retain(|_, l| l.until > now);
+        METRICS.lake_leases.set(by_id.len() as i64);
     }
 
     /// Leases held, ended ones included until the next [`Leases::drop_ended`].
@@ -188,22 +187,7 @@ mod tests {
     use super::*;
 
     fn file() -> Arc<FileMeta> {
-        Arc::new(FileMeta {
-            id: "f".into(),
-            tenant: "a".into(),
-            endpoint: "spans".into(),
-            path: "p".into(),
-            date: "2026-11-24".into(),
-            hour: 1,
-            rows: 1,
-            bytes: 1,
-            min_time_ns: 0,
-            max_time_ns: 0,
-            min_seq: String::new(),
-            max_seq: String::new(),
-            created_at_ms: 0,
-            service_names: None,
-        })
+        Arc::new(FileMeta::sample("f", "2026-11-24", 1))
     }
 
     #[test]

@@ -52,6 +52,28 @@ pub struct FileMeta {
 }
 
 impl FileMeta {
+    /// A one-row file `id` of tenant `t`'s spans in hour `hour` of `date`
+    /// (unit tests).
+    #[cfg(test)]
+    pub fn sample(id: &str, date: &str, hour: u8) -> Self {
+        Self {
+            id: id.into(),
+            tenant: "t".into(),
+            endpoint: "spans".into(),
+            path: format!("tenant=t/endpoint=spans/date={date}/hour={hour:02}/part-{id}-n.parquet"),
+            date: date.into(),
+            hour,
+            rows: 1,
+            bytes: 1,
+            min_time_ns: 0,
+            max_time_ns: 0,
+            min_seq: String::new(),
+            max_seq: String::new(),
+            created_at_ms: 0,
+            service_names: None,
+        }
+    }
+
     pub fn table(&self) -> TableId {
         TableId::new(&self.tenant, &self.endpoint)
     }

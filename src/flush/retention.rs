@@ -44,9 +44,15 @@ pub struct Expired {
     pub bytes: u64,
     /// Nothing was deleted: what a pass would have done.
     pub dry_run: bool,
-    /// Each partition, oldest first per table.
+    /// Each partition, oldest first per table: the first [`LISTED_HOURS`].
     pub hours: Vec<ExpiredHour>,
+    /// Partitions past those listed.
+    pub hours_not_listed: usize,
 }
+
+/// Partitions an answer lists at most (a first pass over a year of a
+/// thousand tables has millions).
+pub const LISTED_HOURS: usize = 1000;
 
 /// One expired hour partition of one table.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -84,7 +90,9 @@ impl Expired {
         self.partitions += hours.len();
         self.rows += gone.iter().map(|f| f.rows).sum::<u64>();
         self.bytes += gone.iter().map(|f| f.bytes).sum::<u64>();
-        self.hours.extend(hours.into_values());
+        let room = LISTED_HOURS.saturating_sub(self.hours.len());
+        self.hours_not_listed += hours.len().saturating_sub(room);
+        self.hours.extend(hours.into_values().take(room));
     }
 }
 
@@ -95,7 +103,8 @@ fn is_expired(f: &FileMeta, now_ms: u64, keep: Duration) -> bool {
 
 /// Whether the hour `date`, `hour` ended at or before `now_ms - keep`.
 pub fn hour_expired(date: &str, hour: u8, now_ms: u64, keep: Duration) -> bool {
-    let horizon = now_ms.saturating_sub(keep.as_millis() as u64);
+    let keep = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
+    let horizon = now_ms.saturating_sub(keep);
     manifest::hour_end_ms(date, hour).is_some_and(|end| end <= horizon)
 }
 
@@ -131,7 +140,8 @@ impl Flusher {
         };
         let now = now_ms();
         for (table, files) in self.published_of(tenant) {
-            if self.stop.is_cancelled() {
+            // (A dry run changes nothing: it need not stop for shutdown.)
+            if dry_run.is_none() && self.stop.is_cancelled() {
                 break;
             }
             let Some(keep) = retention.of(&table.endpoint) else {
@@ -215,22 +225,7 @@ mod tests {
     use super::*;
 
     fn file(date: &str, hour: u8) -> Arc<FileMeta> {
-        Arc::new(FileMeta {
-            id: format!("{date}-{hour}"),
-            tenant: "t".into(),
-            endpoint: "spans".into(),
-            path: format!("tenant=t/endpoint=spans/date={date}/hour={hour:02}/part-x-n.parquet"),
-            date: date.into(),
-            hour,
-            rows: 1,
-            bytes: 1,
-            min_time_ns: 0,
-            max_time_ns: 0,
-            min_seq: String::new(),
-            max_seq: String::new(),
-            created_at_ms: 0,
-            service_names: None,
-        })
+        Arc::new(FileMeta::sample(&format!("{date}-{hour}"), date, hour))
     }
 
     #[test]
@@ -266,6 +261,8 @@ mod tests {
             ["2026-11-24-8", "2026-11-23-23", "2025-01-01-0"]
         );
         assert!(expired(&files, now, Duration::from_secs(800 * 86_400)).is_empty());
+        // Past u64 milliseconds: forever, not a wrapped-around horizon.
+        assert!(expired(&files, now, Duration::from_secs(u64::MAX)).is_empty());
         assert!(expired(&[file("not-a-date", 1)], now, hour).is_empty());
     }
 }

@@ -193,15 +193,31 @@ struct RetentionRequest {
     retention: Option<String>,
 }
 
+/// Largest body the admin routes read.
+const ADMIN_BODY_LIMIT: usize = 64 << 10;
+
 /// A lake retention pass now (the background one runs every minute), or
 /// with `{"dry_run": true}` what one would delete.
 async fn retention(
     State(s): State<AppState>,
     headers: HeaderMap,
-    raw: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    query: axum::extract::RawQuery,
+    body: axum::body::Body,
 ) -> Result<Json<crate::flush::retention::Expired>, ApiError> {
     let only = admin_scope(&s, &headers).await?;
-    let raw = raw.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
+    // `?dry_run=true` ignored would run a real pass.
+    if query.0.is_some_and(|q| !q.is_empty()) {
+        return Err(ApiError::invalid(
+            "options go in a JSON body ({\"dry_run\": true}), not the query string",
+        ));
+    }
+    let raw = axum::body::to_bytes(body, ADMIN_BODY_LIMIT)
+        .await
+        .map_err(|e| {
+            ApiError::invalid(format!(
+                "request body (at most {ADMIN_BODY_LIMIT} bytes): {e}"
+            ))
+        })?;
     let req: RetentionRequest = match raw.iter().all(u8::is_ascii_whitespace) {
         true => RetentionRequest::default(),
         false => serde_json::from_slice(&raw).map_err(|e| {
@@ -212,14 +228,26 @@ async fn retention(
     };
     let dry_run = match (req.dry_run, req.retention) {
         (false, None) => None,
-        (false, Some(_)) => return Err(ApiError::invalid(
-            "\"retention\" is for dry runs (\"dry_run\": true); a pass deletes by --lake-retention",
-        )),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "\"retention\" is for dry runs (\"dry_run\": true); a pass deletes by --lake-retention",
+            ))
+        }
+        (true, None) if !s.flusher.retention().any() => {
+            return Err(ApiError::invalid(
+                "no --lake-retention is set, so a pass deletes nothing; give a \"retention\" (e.g. \"30d\") to try one",
+            ))
+        }
         (true, None) => Some(s.flusher.retention().clone()),
         (true, Some(text)) => {
             let keep = humantime::parse_duration(&text).map_err(|e| {
                 ApiError::invalid(format!("retention {text:?}: {e} (e.g. \"30d\", \"12h\")"))
             })?;
+            if keep.is_zero() {
+                return Err(ApiError::invalid(
+                    "retention 0 keeps everything: nothing to try",
+                ));
+            }
             Some(crate::config::Retention {
                 default: keep,
                 endpoints: Vec::new(),

@@ -539,6 +539,24 @@ impl Server {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// POSTs `body` to `path` with `x-api-key: key`; asserts the answer is
+    /// `status` with an error message containing `message`.
+    pub async fn assert_refused(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: serde_json::Value,
+        status: u16,
+        message: &str,
+    ) {
+        let r = self.post(path, key, body.clone()).await;
+        let got = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(got, status, "{body}: {v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(message), "{body}: {v}");
+    }
+
     /// `POST /api/v1/query` (JSON result); status and body.
     pub async fn sql(&self, key: &str, sql: &str) -> (u16, serde_json::Value) {
         let r = self

@@ -819,7 +819,7 @@ async fn hours_past_the_retention_are_deleted() {
     // A long interval: only the admin's passes run.
     let retention = |interval: &'static str| {
         let mut flags = no_retention.to_vec();
-        flags.extend(["--lake-retention-endpoint", "spans=2h"]);
+        flags.extend(["--lake-retention-endpoint", "spans=5h"]);
         flags.extend(["--lake-retention-interval", interval]);
         flags
     };
@@ -840,9 +840,10 @@ async fn hours_past_the_retention_are_deleted() {
             .collect();
         async move { client.export(request("svc", spans)).await.unwrap() }
     };
-    // Hours that ended 2 h ago or more go; the others stay, whatever the
-    // minute: 30 h and 3 h ago expire, 1 h 59 min ago and now do not.
-    for (i, age) in [30 * 60, 3 * 60, 119, 0].into_iter().enumerate() {
+    // Hours that ended 5 h ago or more go: those of rows 30 h and 8 h old
+    // expire, of rows 3 h old and new do not, with an hour to spare should
+    // the test run across the top of an hour.
+    for (i, age) in [30 * 60, 8 * 60, 3 * 60, 0].into_iter().enumerate() {
         export_at(server.trace_client().await, age, i as u64 * 10).await;
     }
     server.flush().await;
@@ -958,28 +959,17 @@ async fn hours_past_the_retention_are_deleted() {
         .sum();
     assert_eq!(rows, 20);
     let (_, off) = server.admin_run("retention").await;
-    let zeros = serde_json::json!({"files": 0, "partitions": 0, "rows": 0, "bytes": 0, "dry_run": false, "hours": []});
+    let zeros = serde_json::json!({"files": 0, "partitions": 0, "rows": 0, "bytes": 0, "dry_run": false, "hours": [], "hours_not_listed": 0});
     assert_eq!(off, zeros);
-    // Without retention, a dry run may try one: a minute would take the
-    // hour that ended 59 to 119 minutes ago, not the current one.
-    let dry_run = |body: serde_json::Value| {
-        let server = &server;
-        async move {
-            let r = server
-                .post("/api/v1/admin/retention", Some(ADMIN_KEY), body)
-                .await;
-            (
-                r.status().as_u16(),
-                r.json::<serde_json::Value>().await.unwrap(),
-            )
-        }
-    };
-    let (st, v) = dry_run(serde_json::json!({"dry_run": true, "retention": "1m"})).await;
-    assert_eq!(
-        (st, &v["files"], &v["rows"]),
-        (200, &serde_json::json!(1), &serde_json::json!(10)),
-        "{v}"
-    );
+    // Without retention, a dry run may try one: 90 minutes would take the
+    // hour of the 3 h old rows, not the current one.
+    let body = serde_json::json!({"dry_run": true, "retention": "90m"});
+    let r = server
+        .post("/api/v1/admin/retention", Some(ADMIN_KEY), body)
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((&v["files"], &v["rows"]), (&1.into(), &10.into()), "{v}");
     let (_, v) = server.sql(ADMIN_KEY, count).await;
     assert_eq!(v["rows"][0][0], 20);
     let refused = [
@@ -989,25 +979,25 @@ async fn hours_past_the_retention_are_deleted() {
             "retention \"soon\"",
         ),
         (serde_json::json!({"dry_run": "yes"}), "request body"),
+        (serde_json::json!({"dry_run": true}), "no --lake-retention"),
+        (
+            serde_json::json!({"dry_run": true, "retention": "0"}),
+            "keeps everything",
+        ),
         (serde_json::json!({"dryrun": true}), "unknown field"),
     ];
+    let path = "/api/v1/admin/retention";
     for (body, message) in refused {
-        let (st, v) = dry_run(body.clone()).await;
-        assert_eq!(st, 400, "{body}: {v}");
-        assert!(
-            v["error"].as_str().unwrap().contains(message),
-            "{body}: {v}"
-        );
+        (server.assert_refused(path, Some(ADMIN_KEY), body, 400, message)).await;
     }
+    let (path_q, body) = (
+        "/api/v1/admin/retention?dry_run=true",
+        serde_json::json!({}),
+    );
+    (server.assert_refused(path_q, Some(ADMIN_KEY), body, 400, "query string")).await;
     // The admin check comes first.
-    let r = server
-        .post(
-            "/api/v1/admin/retention",
-            None,
-            serde_json::json!({"retention": "x"}),
-        )
-        .await;
-    assert_eq!(r.status(), 401);
+    let body = serde_json::json!({"retention": "x"});
+    server.assert_refused(path, None, body, 401, "").await;
 }
 
 /// Waits until `dir` holds `n` Parquet files and no empty directory.
@@ -1095,6 +1085,19 @@ async fn background_compaction_merges_settled_hours_only() {
     // An admin pass merges it.
     let (st, v) = server.compact().await;
     assert_eq!((st, &v["merged"]), (200, &serde_json::json!(2)), "{v}");
+}
+
+/// Waits (at most 20 s) until none of `paths` exists.
+async fn wait_until_gone(server: &Server, paths: &[String], what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while paths.iter().any(|p| std::path::Path::new(p).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Rows of the Parquet file at `path` (a snapshot's `location`).
@@ -1194,15 +1197,7 @@ async fn lake_snapshots_list_a_table_exactly_and_keep_its_files_through_compacti
     assert_eq!(release(ADMIN_KEY.to_string(), lease.clone()).await, 204);
     assert_eq!(server.metric("lakewriter_lake_leases").await, 0.0);
     assert_eq!(release(ADMIN_KEY.to_string(), lease).await, 404);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while leased.iter().any(|l| std::path::Path::new(l).exists()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "released files stay: {}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_gone(&server, &leased, "released files stay").await;
 
     // A lease that ends lets its files go the same way.
     let spans = (0..3).map(|n| span(3, 300 + n, None)).collect();
@@ -1214,15 +1209,7 @@ async fn lake_snapshots_list_a_table_exactly_and_keep_its_files_through_compacti
     assert_eq!(short.len(), 3, "the merged file, the 5 rows', the 3 rows'");
     let (st, v) = server.compact().await;
     assert_eq!((st, &v["merged"]), (200, &serde_json::json!(3)), "{v}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while short.iter().any(|l| std::path::Path::new(l).exists()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ended lease's files stay: {}",
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_gone(&server, &short, "ended lease's files stay").await;
 
     // Another tenant's snapshot of the table lists none of these files.
     let r = server
@@ -1299,16 +1286,7 @@ async fn bad_lake_snapshot_requests_get_precise_errors() {
         ),
     ];
     for (key, body, status, message) in cases {
-        let r = server
-            .post("/api/v1/lake/snapshot", key, body.clone())
-            .await;
-        let got = r.status().as_u16();
-        let v: serde_json::Value = r.json().await.unwrap();
-        assert_eq!(got, status, "{body}: {v}");
-        assert!(
-            v["error"].as_str().unwrap().contains(message),
-            "{body}: {v}"
-        );
+        (server.assert_refused("/api/v1/lake/snapshot", key, body, status, message)).await;
     }
     // Only a credential that may read the table ends its lease.
     let r = server
