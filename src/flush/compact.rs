@@ -290,8 +290,9 @@ impl Flusher {
             self.bury(group);
         } else {
             // Only compaction and retention remove published files, one
-            // pass at a time: not reached. Should it be, the catalog keeps the inputs (and
-            // queries read them), and startup reads the manifest.
+            // pass at a time: not reached. Should it be, the catalog keeps
+            // the inputs (and queries read them), and startup reads the
+            // manifest.
             tracing::error!(%table, "compacted files were no longer published; they stay until restart");
         }
         METRICS.compactions.inc();
@@ -307,10 +308,10 @@ impl Flusher {
     }
 
     /// Deletes merged-away and expired files that no query snapshot or
-    /// lease lists any more (the graveyard holds the last reference then), after
-    /// dropping the leases that ended; returns once
-    /// any reap in progress is done too. A delete that fails is retried at
-    /// the next pass; startup's reconcile deletes them anyway.
+    /// lease lists any more (the graveyard holds the last reference then),
+    /// after dropping the leases that ended; returns once any reap in
+    /// progress is done too. A delete that fails is retried at the next
+    /// pass; startup's reconcile deletes them anyway.
     pub async fn reap(&self) {
         let _one = self.reap_lock.lock().await;
         self.reap_locked().await;

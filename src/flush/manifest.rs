@@ -122,9 +122,7 @@ pub fn record(
     let meta = db.cf_handle(CF_META).expect("meta column family exists");
     let mut batch = WriteBatch::default();
     for f in files {
-        let mut value = vec![MANIFEST_VERSION];
-        value.extend(serde_json::to_vec(f).expect("FileMeta serializes"));
-        batch.put_cf(&manifest, key(f), value);
+        batch.put_cf(&manifest, key(f), value(f));
     }
     batch.put_cf(&meta, table_key(table), table_wm.to_bytes());
     batch.put_cf(&meta, FLUSHED_THROUGH, flushed_through.to_bytes());
@@ -134,30 +132,35 @@ pub fn record(
 /// Records `merged` and forgets the files it was merged from, in one synced
 /// write batch (watermarks do not move: the rows are the same).
 pub fn replace(db: &DB, merged: &FileMeta, old: &[std::sync::Arc<FileMeta>]) -> Result<()> {
-    let manifest = db
-        .cf_handle(CF_MANIFEST)
-        .expect("manifest column family exists");
-    let mut batch = WriteBatch::default();
-    let mut value = vec![MANIFEST_VERSION];
-    value.extend(serde_json::to_vec(merged).expect("FileMeta serializes"));
-    batch.put_cf(&manifest, key(merged), value);
-    for f in old {
-        batch.delete_cf(&manifest, key(f));
-    }
-    write_synced(db, batch)
+    change(db, Some(merged), old)
 }
 
 /// Forgets files (lake retention), in one synced write batch; watermarks
 /// do not move: the rows are gone for good, not to be flushed again.
 pub fn forget(db: &DB, files: &[std::sync::Arc<FileMeta>]) -> Result<()> {
+    change(db, None, files)
+}
+
+/// Records `add` (if any) and forgets `remove`, in one synced write batch.
+fn change(db: &DB, add: Option<&FileMeta>, remove: &[std::sync::Arc<FileMeta>]) -> Result<()> {
     let manifest = db
         .cf_handle(CF_MANIFEST)
         .expect("manifest column family exists");
     let mut batch = WriteBatch::default();
-    for f in files {
+    if let Some(f) = add {
+        batch.put_cf(&manifest, key(f), value(f));
+    }
+    for f in remove {
         batch.delete_cf(&manifest, key(f));
     }
     write_synced(db, batch)
+}
+
+/// A manifest record: the version byte, then the JSON of `f`.
+fn value(f: &FileMeta) -> Vec<u8> {
+    let mut value = vec![MANIFEST_VERSION];
+    value.extend(serde_json::to_vec(f).expect("FileMeta serializes"));
+    value
 }
 
 /// Writes `batch` and syncs RocksDB's log before returning.

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{principal, AppState};
+use super::{body_bytes, json_body, principal, AppState};
 use crate::error::{ApiError, ErrorKind};
 use crate::ingest::names;
 use crate::memtable::TableId;
@@ -52,12 +52,8 @@ async fn snapshot(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let p = principal(&s.auth, &headers).await?;
-    let raw = raw.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-    let req: SnapshotRequest = serde_json::from_slice(&raw).map_err(|e| {
-        ApiError::invalid(format!(
-            "request body: expected {{\"table\": \"spans\", \"lease_seconds\": {DEFAULT_LEASE_SECS}}}: {e}"
-        ))
-    })?;
+    let shape = format!(r#"{{"table": "spans", "lease_seconds": {DEFAULT_LEASE_SECS}}}"#);
+    let req: SnapshotRequest = json_body(&body_bytes(raw)?, &shape)?;
     names::validate("table", &req.table)?;
     p.require_endpoint("read", &req.table)?;
     let tables = s.query.tables_for(&p);

@@ -69,6 +69,20 @@ async fn no_route(uri: axum::http::Uri) -> ApiError {
     ApiError::new(ErrorKind::NotFound, format!("no route {}", uri.path()))
 }
 
+/// A request body read as JSON whatever its `Content-Type` says (`curl -d`
+/// labels it a form); `shape` tells what was expected when it does not parse.
+pub fn json_body<T: serde::de::DeserializeOwned>(raw: &[u8], shape: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(raw)
+        .map_err(|e| ApiError::invalid(format!("request body: expected {shape}: {e}")))
+}
+
+/// The body bytes, or why they could not be read.
+pub fn body_bytes(
+    raw: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<axum::body::Bytes, ApiError> {
+    raw.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))
+}
+
 /// The principal behind an HTTP request's headers.
 pub async fn principal(auth: &Auth, headers: &HeaderMap) -> Result<Principal, ApiError> {
     auth.authenticate(Credential::from_http(headers)).await
@@ -220,11 +234,7 @@ async fn retention(
         })?;
     let req: RetentionRequest = match raw.iter().all(u8::is_ascii_whitespace) {
         true => RetentionRequest::default(),
-        false => serde_json::from_slice(&raw).map_err(|e| {
-            ApiError::invalid(format!(
-                "request body: expected {{\"dry_run\": true, \"retention\": \"30d\"}} or nothing: {e}"
-            ))
-        })?,
+        false => json_body(&raw, r#"{"dry_run": true, "retention": "30d"} or nothing"#)?,
     };
     let dry_run = match (req.dry_run, req.retention) {
         (false, None) => None,

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{principal, AppState};
+use super::{body_bytes, json_body, principal, AppState};
 use crate::error::{ApiError, ErrorKind};
 use crate::query::output;
 use crate::query::spans::ListParams;
@@ -87,14 +87,7 @@ async fn sql(
 ) -> Result<Response, ApiError> {
     let p = principal(&s.auth, &headers).await?;
     let format = negotiate(&headers)?;
-    // The body is JSON whatever its Content-Type says (`curl -d` labels it
-    // a form).
-    let raw = raw.map_err(|e| ApiError::invalid(format!("request body: {}", e.body_text())))?;
-    let req: SqlRequest = serde_json::from_slice(&raw).map_err(|e| {
-        ApiError::invalid(format!(
-            "request body: expected a JSON object {{\"sql\": \"…\"}}: {e}"
-        ))
-    })?;
+    let req: SqlRequest = json_body(&body_bytes(raw)?, r#"a JSON object {"sql": "…"}"#)?;
     let result = s.query.sql(&p, req.sql).await?;
     // Encoding 100,000 rows takes a while: off the runtime that serves writes.
     tokio::task::spawn_blocking(move || encode(format, &result))
