@@ -99,6 +99,10 @@ pub enum Error {
     Rocks(#[from] rocksdb::Error),
     #[error("manifest entry {key:?} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A failure injected by a unit test.
+    #[cfg(test)]
+    #[error("injected failure")]
+    Injected,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

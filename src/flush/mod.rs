@@ -10,9 +10,15 @@
 //! kind, see [`crate::wal`]). A crash anywhere before "record" leaves the WAL entries
 //! above the old watermark, so startup replays them; unrecorded files of this
 //! node are deleted by [`Flusher::reconcile`]. A failed put deletes the
-//! flush's files at once (retrying failed deletes before the next flush); a
-//! failed record keeps them until that reconcile, because a synced write
-//! that reported failure may still come back from RocksDB's log.
+//! flush's files at once (retrying failed deletes before the next flush).
+//! A failed record keeps the files *and* the frozen rows: a synced write
+//! that reported failure may still be in RocksDB's log (and come back at
+//! restart, or be there already after RocksDB resumes by itself), so the
+//! next flush of the table retries that same record (same keys, so
+//! idempotent) before it freezes anything new. The rows therefore end up
+//! in exactly one set of recorded files whichever way the failed write
+//! went, and a RocksDB that refuses writes for a while does not make every
+//! retry write another set of Parquet files.
 //!
 //! Flushes are serialized by one lock: two flushes of one table racing could
 //! otherwise record a newer watermark before an older file.
@@ -28,7 +34,7 @@ pub mod parquet;
 pub mod retention;
 pub mod threads;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -80,6 +86,13 @@ impl Classify for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A flush whose files are written and whose record failed.
+struct Unrecorded {
+    frozen: Arc<Frozen>,
+    files: Vec<FileMeta>,
+    started: Instant,
+}
+
 pub struct Flusher {
     catalog: Arc<Catalog>,
     wal: Arc<Wal>,
@@ -108,6 +121,13 @@ pub struct Flusher {
     reap_lock: tokio::sync::Mutex<()>,
     /// Outside readers' snapshots, which keep their files from the reap.
     leases: lease::Leases,
+    /// Per table, a flush whose files are written but whose record failed:
+    /// retried as is before the table's next flush (module docs).
+    unrecorded: parking_lot::Mutex<HashMap<TableId, Unrecorded>>,
+    /// Test fault injection: each entry fails one record, after writing it
+    /// (`true`: the write landed but reported failure) or without.
+    #[cfg(test)]
+    record_faults: parking_lot::Mutex<Vec<bool>>,
     /// Woken when a table crossed a threshold on insert.
     pub wake: Arc<Notify>,
 }
@@ -144,6 +164,9 @@ impl Flusher {
             graveyard: parking_lot::Mutex::new(Vec::new()),
             reap_lock: tokio::sync::Mutex::new(()),
             leases: lease::Leases::default(),
+            unrecorded: parking_lot::Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            record_faults: parking_lot::Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
         })
     }
@@ -200,7 +223,7 @@ impl Flusher {
             if self.unreaped() > 0 {
                 self.reap_if_idle().await;
             }
-            for table in self.catalog.due_tables(Instant::now()) {
+            for table in self.with_unrecorded(self.catalog.due_tables(Instant::now())) {
                 if let Err(e) = self.flush_table(&table).await {
                     METRICS.flush_errors.inc();
                     tracing::error!(%table, error = %e, "flush failed; rows stay in the memtable and WAL");
@@ -228,7 +251,7 @@ impl Flusher {
         let guard = self.lock.lock().await;
         self.urgent_waiting.fetch_sub(1, Ordering::Relaxed);
         let mut files = Vec::new();
-        for table in self.catalog.tables_with_rows() {
+        for table in self.with_unrecorded(self.catalog.tables_with_rows()) {
             if tenant.is_some_and(|t| *table.tenant != *t) {
                 continue;
             }
@@ -254,8 +277,14 @@ impl Flusher {
     ) -> Result<Vec<FileMeta>> {
         let orphans = std::mem::take(&mut *self.orphans.lock());
         self.discard(orphans).await;
+        // A record that failed goes first, with its files as they are.
+        let retried = self.unrecorded.lock().remove(table);
+        let mut published = match retried {
+            Some(u) => self.record_and_publish(table, u.frozen, u.files, u.started)?,
+            None => vec![],
+        };
         let Some(frozen) = self.catalog.freeze(table) else {
-            return Ok(vec![]);
+            return Ok(published);
         };
         let started = Instant::now();
         let files = match self.write_files(&frozen, urgent).await {
@@ -267,17 +296,30 @@ impl Flusher {
                 return Err(e);
             }
         };
+        published.extend(self.record_and_publish(table, frozen, files, started)?);
+        Ok(published)
+    }
+
+    /// Records `files` (the whole of `frozen`'s rows) with the watermarks,
+    /// then swaps them in for the frozen rows and truncates the WAL. On a
+    /// failed record both stay as they are, to be retried by the table's
+    /// next flush (module docs).
+    fn record_and_publish(
+        &self,
+        table: &TableId,
+        frozen: Arc<Frozen>,
+        files: Vec<FileMeta>,
+        started: Instant,
+    ) -> Result<Vec<FileMeta>> {
         let through = self.catalog.flushed_through_after(&frozen);
-        if let Err(source) = manifest::record(self.wal.db(), &files, table, frozen.max_seq, through)
-        {
-            // The files stay: a failed synced write may still be in RocksDB's
-            // log and come back at restart, and deleting files the manifest
-            // then lists would lose their rows. Until startup's reconcile
-            // (which sees what the manifest really holds), lake readers may
-            // see these rows twice once they are flushed again; RocksDB
-            // refuses writes after such an error anyway.
-            tracing::error!(files = ?files.iter().map(|f| &f.path).collect::<Vec<_>>(), "flush written but not recorded; the files stay until restart");
-            self.catalog.refreeze_failed(&frozen);
+        if let Err(source) = self.record(&files, table, frozen.max_seq, through) {
+            tracing::error!(files = ?files.iter().map(|f| &f.path).collect::<Vec<_>>(), error = %source, "flush written but not recorded; the next flush of the table retries the record with these files");
+            let failed = Unrecorded {
+                frozen,
+                files,
+                started,
+            };
+            self.unrecorded.lock().insert(table.clone(), failed);
             return Err(Error::Record {
                 table: table.clone(),
                 source,
@@ -298,6 +340,34 @@ impl Flusher {
             "flushed"
         );
         Ok(files)
+    }
+
+    /// [`manifest::record`], or an injected failure in unit tests.
+    fn record(
+        &self,
+        files: &[FileMeta],
+        table: &TableId,
+        table_wm: Ulid,
+        through: Ulid,
+    ) -> manifest::Result<()> {
+        #[cfg(test)]
+        if let Some(landed) = self.record_faults.lock().pop() {
+            if landed {
+                manifest::record(self.wal.db(), files, table, table_wm, through)?;
+            }
+            return Err(manifest::Error::Injected);
+        }
+        manifest::record(self.wal.db(), files, table, table_wm, through)
+    }
+
+    /// `tables` and every table with a failed record to retry, once each.
+    fn with_unrecorded(&self, mut tables: Vec<TableId>) -> Vec<TableId> {
+        for t in self.unrecorded.lock().keys() {
+            if !tables.contains(t) {
+                tables.push(t.clone());
+            }
+        }
+        tables
     }
 
     async fn write_files(&self, frozen: &Arc<Frozen>, urgent: bool) -> Result<Vec<FileMeta>> {
@@ -427,9 +497,12 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::{Int64Array, TimestampNanosecondArray};
+    use arrow::record_batch::RecordBatch;
 
-    #[tokio::test]
-    async fn unrecorded_files_are_deleted_and_failed_deletes_retried() {
+    /// A flusher over a temp dir's WAL and local lake (the dir, the lake
+    /// root, the flusher).
+    fn flusher() -> (tempfile::TempDir, std::path::PathBuf, Flusher) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("lake");
         let lake = Lake::open(&format!("file://{}", root.display())).unwrap();
@@ -438,12 +511,19 @@ mod tests {
         let flusher = Flusher::new(
             catalog,
             wal,
-            lake.clone(),
+            lake,
             FlushConfig::default(),
             WalConfig::default(),
             "node".into(),
         )
         .unwrap();
+        (dir, root, flusher)
+    }
+
+    #[tokio::test]
+    async fn unrecorded_files_are_deleted_and_failed_deletes_retried() {
+        let (_dir, root, flusher) = flusher();
+        let lake = flusher.lake().clone();
         let written = "tenant=t/endpoint=e/date=2026-11-23/hour=05/part-a-node.parquet";
         lake.put(written, bytes::Bytes::from_static(b"PAR1"))
             .await
@@ -463,5 +543,83 @@ mod tests {
         flusher.flush_table(&TableId::new("t", "e")).await.unwrap();
         assert!(!root.join(stuck).exists());
         assert!(flusher.orphans.lock().is_empty());
+    }
+
+    /// `n` rows of a record table, all in one hour.
+    fn rows(n: i64) -> RecordBatch {
+        let ts = TimestampNanosecondArray::from_iter_values(
+            (0..n).map(|i| 1_763_000_000_000_000_000 + i),
+        )
+        .with_timezone("UTC");
+        RecordBatch::try_from_iter([
+            ("timestamp", Arc::new(ts) as _),
+            ("x", Arc::new(Int64Array::from_iter_values(0..n)) as _),
+        ])
+        .unwrap()
+    }
+
+    /// The `.parquet` files under `root`, as lake paths.
+    fn parquet_files(root: &std::path::Path) -> HashSet<String> {
+        let mut out = HashSet::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "parquet") {
+                    let rel = p.strip_prefix(root).unwrap();
+                    out.insert(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a failed manifest write landed or not, and whether RocksDB
+    /// takes writes again at once or only at the next flush, the rows end
+    /// up recorded exactly once, the files on disk are exactly the
+    /// recorded ones, and the watermark covers the rows.
+    #[tokio::test]
+    async fn a_failed_record_is_retried_with_the_same_files() {
+        for landed in [true, false] {
+            let (_dir, root, flusher) = flusher();
+            let table = TableId::new("t", "e");
+            let unflushed = || -> usize {
+                let batches = flusher.catalog.snapshot(&table).batches;
+                batches.iter().map(|b| b.num_rows()).sum()
+            };
+            let seq = |n| Ulid::from_parts(now_ms(), n);
+            flusher
+                .catalog
+                .insert(seq(1), vec![(table.clone(), rows(3))]);
+            flusher.record_faults.lock().push(landed);
+            let err = flusher.flush_table(&table).await.unwrap_err();
+            assert!(matches!(err, Error::Record { .. }), "{err}");
+            // Still unflushed (and visible), the file kept for the retry.
+            assert_eq!(unflushed(), 3);
+            assert_eq!(parquet_files(&root).len(), 1);
+            let first = parquet_files(&root);
+
+            // Fails again (RocksDB still refusing), then succeeds, with new
+            // rows arriving in between: the same file, plus one for them.
+            flusher.record_faults.lock().push(false);
+            assert!(flusher.flush_table(&table).await.is_err());
+            assert_eq!(parquet_files(&root), first);
+            let late = seq(2);
+            flusher.catalog.insert(late, vec![(table.clone(), rows(2))]);
+            let done = flusher.flush_all().await.unwrap();
+            assert_eq!(done.iter().map(|f| f.rows).collect::<Vec<_>>(), [3, 2]);
+
+            let loaded = manifest::load(flusher.wal.db()).unwrap();
+            let recorded = &loaded.files[&table];
+            assert_eq!(recorded.iter().map(|f| f.rows).sum::<u64>(), 5);
+            let paths: HashSet<String> = recorded.iter().map(|f| f.path.clone()).collect();
+            assert_eq!(parquet_files(&root), paths, "landed={landed}");
+            assert!(first.is_subset(&paths));
+            assert_eq!(loaded.watermarks[&table], late);
+            assert_eq!(unflushed(), 0);
+            assert!(flusher.unrecorded.lock().is_empty());
+        }
     }
 }
