@@ -25,7 +25,11 @@
 //! files until it ends; see [`Flusher::reap`]). A crash before the manifest
 //! batch leaves the merged file unrecorded (startup's reconcile deletes
 //! it); a crash after it leaves the inputs unrecorded (deleted the same
-//! way). Watermarks do not move: the rows are the same rows.
+//! way). Watermarks do not move: the rows are the same rows. A failed
+//! manifest batch keeps the merged file: the write may have landed (or
+//! come back at restart), so the next pass retries that same batch (same
+//! keys: idempotent) before it merges anything, rather than merging the
+//! inputs again into a second file.
 //!
 //! Readers that glob the lake directly (DuckDB) can see a partition's rows
 //! twice between the merged file's put and the inputs' delete: milliseconds
@@ -33,7 +37,6 @@
 //! query (`--query-timeout`) otherwise.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +48,14 @@ use super::manifest::{self, FileMeta};
 use super::{now_ms, parquet as pq, threads, Error, Flusher, Result};
 use crate::memtable::TableId;
 use crate::metrics::METRICS;
+
+/// A merge whose file is written and whose manifest record failed.
+pub(super) struct UnrecordedMerge {
+    table: TableId,
+    merged: FileMeta,
+    group: Vec<Arc<FileMeta>>,
+    started: Instant,
+}
 
 /// What one compaction pass did.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
@@ -117,8 +128,13 @@ impl Flusher {
         let _one = self.compact_lock.lock().await;
         self.reap().await;
         let mut done = Compacted::default();
-        if self.compaction_halted.load(Ordering::Acquire) {
-            return Err(Error::CompactionHalted);
+        // A merge whose record failed goes first; nothing else until it is
+        // recorded (a tenant's pass retries another tenant's merge too).
+        let (n, rows) = self.retry_merge().await?;
+        if n > 0 {
+            done.merged += n;
+            done.written += 1;
+            done.rows += rows;
         }
         let max_rows = self.cfg.rows as u64;
         let max_bytes = self.cfg.bytes.max(1);
@@ -145,18 +161,13 @@ impl Flusher {
                         let halt = matches!(e, Error::Record { .. });
                         first_error.get_or_insert(e);
                         if halt {
-                            // The manifest may or may not hold the merged
-                            // file (a failed synced write can come back):
-                            // merging the same inputs again could record
-                            // their rows twice. Startup's reconcile sorts
-                            // it out; until then, no more compaction.
-                            self.compaction_halted.store(true, Ordering::Release);
+                            // Retried by the next pass (record_merge).
                             break;
                         }
                     }
                 }
             }
-            if self.compaction_halted.load(Ordering::Acquire) || self.stop.is_cancelled() {
+            if self.unrecorded_merge.lock().is_some() || self.stop.is_cancelled() {
                 break;
             }
         }
@@ -276,28 +287,50 @@ impl Flusher {
             created_at_ms: now_ms(),
             service_names: Some(enc.service_names),
         };
-        // A failure keeps the merged file until startup's reconcile, as a
-        // failed flush record does (the write may still come back).
-        manifest::replace(self.wal.db(), &merged, &group).map_err(|source| Error::Record {
+        self.record_merge(UnrecordedMerge {
             table: table.clone(),
-            source,
-        })?;
+            merged,
+            group,
+            started,
+        })
+    }
+
+    /// Records a merged file and forgets its inputs (one synced batch),
+    /// then swaps them in the catalog and hands the inputs to the reap. A
+    /// failed record keeps the merged file for the next pass to retry
+    /// ([`Flusher::retry_merge`]): the write may have landed, or come back
+    /// at restart, so merging the same inputs again could record their
+    /// rows twice.
+    fn record_merge(&self, m: UnrecordedMerge) -> Result<(usize, u64)> {
+        if let Err(source) = self.faulty(|| manifest::replace(self.wal.db(), &m.merged, &m.group)) {
+            tracing::error!(path = %m.merged.path, error = %source, "merged file written but not recorded; the next compaction pass retries the record before it merges anything");
+            let table = m.table.clone();
+            *self.unrecorded_merge.lock() = Some(m);
+            return Err(Error::Record { table, source });
+        }
+        let UnrecordedMerge {
+            table,
+            merged,
+            group,
+            started,
+        } = m;
         let n = group.len();
         if self
             .catalog
-            .replace_files(table, &group, Arc::new(merged.clone()))
+            .replace_files(&table, &group, Arc::new(merged.clone()))
         {
             self.bury(group);
         } else {
             // Only compaction and retention remove published files, one
-            // pass at a time: not reached. Should it be, the catalog keeps
-            // the inputs (and queries read them), and startup reads the
-            // manifest.
+            // pass at a time, and a retried record checks first: not
+            // reached. Should it be, the catalog keeps the inputs (and
+            // queries read them), and startup reads the manifest.
             tracing::error!(%table, "compacted files were no longer published; they stay until restart");
         }
         METRICS.compactions.inc();
         METRICS.compacted_files.add(n as u64);
         tracing::info!(
+            %table,
             files = n,
             rows = merged.rows,
             bytes = merged.bytes,
@@ -305,6 +338,34 @@ impl Flusher {
             "compacted"
         );
         Ok((n, merged.rows))
+    }
+
+    /// Retries the record of a merge whose record failed, if there is
+    /// one. Should retention have expired some of its inputs meanwhile,
+    /// the merged file is forgotten (in case the failed write landed) and
+    /// deleted instead: its rows are past retention.
+    async fn retry_merge(&self) -> Result<(usize, u64)> {
+        let Some(m) = self.unrecorded_merge.lock().take() else {
+            return Ok((0, 0));
+        };
+        let published: HashSet<String> = self
+            .published_of(Some(&m.table.tenant))
+            .filter(|(t, _)| *t == m.table)
+            .flat_map(|(_, files)| files.into_iter().map(|f| f.id.clone()))
+            .collect();
+        if m.group.iter().all(|f| published.contains(&f.id)) {
+            return self.record_merge(m);
+        }
+        let merged = Arc::new(m.merged.clone());
+        let forget = || manifest::forget(self.wal.db(), std::slice::from_ref(&merged));
+        if let Err(source) = self.faulty(forget) {
+            let table = m.table.clone();
+            *self.unrecorded_merge.lock() = Some(m);
+            return Err(Error::Record { table, source });
+        }
+        tracing::warn!(path = %merged.path, "a merged file whose record failed lost its inputs to retention: deleted");
+        self.discard(vec![merged.path.clone()]).await;
+        Ok((0, 0))
     }
 
     /// Deletes merged-away and expired files that no query snapshot or

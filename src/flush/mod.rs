@@ -74,8 +74,6 @@ pub enum Error {
         table: TableId,
         source: manifest::Error,
     },
-    #[error("compaction stopped after a failed manifest write; it resumes after a restart")]
-    CompactionHalted,
 }
 
 impl Classify for Error {
@@ -112,8 +110,9 @@ pub struct Flusher {
     stop: CancellationToken,
     /// One compaction or retention pass at a time.
     compact_lock: tokio::sync::Mutex<()>,
-    /// Set when recording a merged file failed (see [`compact`]).
-    compaction_halted: std::sync::atomic::AtomicBool,
+    /// A merged file whose record failed, retried by the next compaction
+    /// pass (see [`compact`]).
+    unrecorded_merge: parking_lot::Mutex<Option<compact::UnrecordedMerge>>,
     /// Files merged away or expired, deleted once no query snapshot lists
     /// them ([`Flusher::reap`]).
     graveyard: parking_lot::Mutex<Vec<Arc<FileMeta>>>,
@@ -160,7 +159,7 @@ impl Flusher {
             orphans: parking_lot::Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
             compact_lock: tokio::sync::Mutex::new(()),
-            compaction_halted: std::sync::atomic::AtomicBool::new(false),
+            unrecorded_merge: parking_lot::Mutex::new(None),
             graveyard: parking_lot::Mutex::new(Vec::new()),
             reap_lock: tokio::sync::Mutex::new(()),
             leases: lease::Leases::default(),
@@ -342,7 +341,7 @@ impl Flusher {
         Ok(files)
     }
 
-    /// [`manifest::record`], or an injected failure in unit tests.
+    /// [`manifest::record`] (see [`Flusher::faulty`]).
     fn record(
         &self,
         files: &[FileMeta],
@@ -350,14 +349,20 @@ impl Flusher {
         table_wm: Ulid,
         through: Ulid,
     ) -> manifest::Result<()> {
+        self.faulty(|| manifest::record(self.wal.db(), files, table, table_wm, through))
+    }
+
+    /// Runs a manifest write; in unit tests, an injected fault first makes
+    /// it fail, after writing (`true`: it landed) or without.
+    fn faulty(&self, write: impl FnOnce() -> manifest::Result<()>) -> manifest::Result<()> {
         #[cfg(test)]
         if let Some(landed) = self.record_faults.lock().pop() {
             if landed {
-                manifest::record(self.wal.db(), files, table, table_wm, through)?;
+                write()?;
             }
             return Err(manifest::Error::Injected);
         }
-        manifest::record(self.wal.db(), files, table, table_wm, through)
+        write()
     }
 
     /// `tables` and every table with a failed record to retry, once each.
@@ -620,6 +625,68 @@ mod tests {
             assert_eq!(loaded.watermarks[&table], late);
             assert_eq!(unflushed(), 0);
             assert!(flusher.unrecorded.lock().is_empty());
+        }
+    }
+
+    /// Compaction's twin of the test above: a merge whose record failed is
+    /// retried before anything else is merged (no second merged file), and
+    /// dropped if retention took its inputs meanwhile.
+    #[tokio::test]
+    async fn a_failed_merge_record_is_retried_before_anything_is_merged() {
+        for (landed, expire_inputs) in [(true, false), (false, false), (true, true)] {
+            let (_dir, root, flusher) = flusher();
+            let table = TableId::new("t", "e");
+            for (n, count) in [(1, 3), (2, 2)] {
+                let seq = Ulid::from_parts(now_ms(), n);
+                flusher
+                    .catalog
+                    .insert(seq, vec![(table.clone(), rows(count))]);
+                flusher.flush_table(&table).await.unwrap();
+            }
+            let inputs = parquet_files(&root);
+            assert_eq!(inputs.len(), 2);
+            flusher.record_faults.lock().push(landed);
+            let err = flusher.compact(None, true).await.unwrap_err();
+            assert!(matches!(err, Error::Record { .. }), "{err}");
+            // Queries still read the inputs; the merged file waits beside them.
+            let published = || -> HashSet<String> {
+                let files = flusher.published_of(None).flat_map(|(_, f)| f);
+                files.map(|f| f.path.clone()).collect()
+            };
+            assert_eq!(published(), inputs);
+            assert_eq!(parquet_files(&root).len(), 3);
+            // Refused again: still no second merged file.
+            flusher.record_faults.lock().push(false);
+            assert!(flusher.compact(None, true).await.is_err());
+            assert_eq!(parquet_files(&root).len(), 3);
+
+            if expire_inputs {
+                // What a retention pass does with an expired hour.
+                let (_, files) = flusher.published_of(None).next().unwrap();
+                manifest::forget(flusher.wal.db(), &files).unwrap();
+                flusher.catalog.remove_files(&table, &files);
+                flusher.bury(files);
+            }
+            let done = flusher.compact(None, true).await.unwrap();
+            let loaded = manifest::load(flusher.wal.db()).unwrap();
+            let recorded: HashSet<String> = loaded
+                .files
+                .values()
+                .flatten()
+                .map(|f| f.path.clone())
+                .collect();
+            assert_eq!(parquet_files(&root), recorded, "landed={landed}");
+            assert_eq!(published(), recorded);
+            assert!(flusher.unrecorded_merge.lock().is_none());
+            if expire_inputs {
+                assert_eq!((done.merged, done.written), (0, 0));
+                assert!(recorded.is_empty());
+            } else {
+                assert_eq!((done.merged, done.written, done.rows), (2, 1, 5));
+                assert_eq!(recorded.len(), 1);
+                assert!(recorded.is_disjoint(&inputs));
+                assert_eq!(loaded.files[&table][0].rows, 5);
+            }
         }
     }
 }
