@@ -104,6 +104,8 @@ pub struct Metrics {
     pub wal_bytes: Counter,
     pub wal_fsync_seconds: Histogram,
     pub wal_group_size: Histogram,
+    pub wal_write_errors: Counter,
+    pub wal_failing: Gauge,
     pub memtable_bytes: Gauge,
     pub memtable_rows: Gauge,
     pub flush_files: Counter,
@@ -137,6 +139,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     wal_bytes: Counter::default(),
     wal_fsync_seconds: Histogram::new(LATENCY_BUCKETS),
     wal_group_size: Histogram::new(GROUP_BUCKETS),
+    wal_write_errors: Counter::default(),
+    wal_failing: Gauge::default(),
     memtable_bytes: Gauge::default(),
     memtable_rows: Gauge::default(),
     flush_files: Counter::default(),
@@ -282,6 +286,18 @@ pub fn render() -> String {
     );
     m.wal_group_size
         .render(&mut o, "lakewriter_wal_group_size", "Requests per fsync.");
+    counter(
+        &mut o,
+        "lakewriter_wal_write_errors_total",
+        "Group commits that failed (their requests were refused with UNAVAILABLE / 503).",
+        m.wal_write_errors.get(),
+    );
+    gauge(
+        &mut o,
+        "lakewriter_wal_failing",
+        "1 while WAL writes fail (disk full, storage error), else 0.",
+        m.wal_failing.get(),
+    );
     gauge(
         &mut o,
         "lakewriter_memtable_bytes",

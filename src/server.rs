@@ -317,6 +317,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         auth: auth.clone(),
         query,
         ingestor: ingestor.clone(),
+        wal: wal.clone(),
         max_request_size: cfg.max_request_size,
     });
     let http = axum::serve(listener, app).with_graceful_shutdown(cancel.clone().cancelled_owned());

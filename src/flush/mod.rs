@@ -219,6 +219,8 @@ impl Flusher {
             }
             // Ended leases let go of their files here (and in the gauge).
             self.leases.drop_ended();
+            // Failing WAL writes are noticed to succeed again without traffic.
+            self.wal.probe();
             if self.unreaped() > 0 {
                 self.reap_if_idle().await;
             }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -41,6 +41,7 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub query: Arc<crate::query::QueryEngine>,
     pub ingestor: Arc<crate::ingest::Ingestor>,
+    pub wal: Arc<crate::wal::Wal>,
     /// Largest accepted ingest body, compressed or not.
     pub max_request_size: usize,
 }
@@ -107,9 +108,34 @@ fn may_manage(p: &Principal, tenant: &str) -> Result<(), ApiError> {
     ))
 }
 
-async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
+/// `200` while the server takes writes; `503` while WAL writes fail (a
+/// full disk: writes come back by themselves once space is freed), so a
+/// load balancer or readiness probe sends writers elsewhere meanwhile.
+async fn health(State(s): State<AppState>) -> Response {
     let (rows, bytes) = s.catalog.usage();
-    Json(json!({"status": "ok", "memtable_rows": rows, "memtable_bytes": bytes}))
+    let wal = s.wal.clone();
+    // A failing WAL is probed with a small write (blocking RocksDB call).
+    let failing = tokio::task::spawn_blocking(move || {
+        wal.probe();
+        wal.write_health().failing()
+    })
+    .await
+    .unwrap_or(None);
+    match failing {
+        None => Json(json!({"status": "ok", "memtable_rows": rows, "memtable_bytes": bytes}))
+            .into_response(),
+        Some((reason, time)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unavailable",
+                "error": reason,
+                "failing_for_s": time.as_secs(),
+                "memtable_rows": rows,
+                "memtable_bytes": bytes,
+            })),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics() -> impl IntoResponse {

@@ -96,14 +96,101 @@ pub enum Error {
     Compress(String),
     #[error("reading the flush watermarks: {0}")]
     Watermarks(String),
+    /// The log's filesystem is full (or RocksDB's space limit is reached).
+    #[error("the server's disk is full: the write-ahead log cannot take writes until space is freed; retry later")]
+    DiskFull(rocksdb::Error),
+    /// Any other failed log write; the detail goes to the server log.
+    #[error("the write-ahead log refused the write (a storage error on the server); retry later")]
+    Write(rocksdb::Error),
 }
 
 impl Classify for Error {
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::Closed => ErrorKind::Unavailable,
+            // Nothing was acknowledged, and the request itself is fine: the
+            // client should retry (OTLP exporters do on UNAVAILABLE).
+            Self::Closed | Self::DiskFull(_) | Self::Write(_) => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
+    }
+}
+
+impl Error {
+    /// The error a failed log write answers with.
+    fn write_failed(e: &rocksdb::Error) -> Self {
+        let msg = e.to_string();
+        // RocksDB's IOError subcodes kNoSpace and kSpaceLimit.
+        if msg.contains("No space left on device") || msg.contains("Space limit reached") {
+            Self::DiskFull(e.clone())
+        } else {
+            Self::Write(e.clone())
+        }
+    }
+}
+
+/// Whether log writes fail now: set by a failed group commit, cleared by the
+/// next write that succeeds (a commit, or [`Wal::probe`]).
+#[derive(Default)]
+pub struct WriteHealth {
+    failing: Mutex<Option<Failing>>,
+}
+
+struct Failing {
+    since: Instant,
+    /// What the clients are told ([`Error`]'s display).
+    reason: String,
+    /// Failed group commits since the last log line about them.
+    unlogged: u64,
+    logged_at: Instant,
+}
+
+/// How often a run of failed log writes is logged again.
+const FAILING_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl WriteHealth {
+    fn failed(&self, e: &rocksdb::Error, answer: &Error) {
+        METRICS.wal_write_errors.inc();
+        let mut failing = self.failing.lock();
+        let now = Instant::now();
+        match failing.as_mut() {
+            None => {
+                tracing::error!(error = %e, "WAL write failed; writes are refused until one succeeds");
+                METRICS.wal_failing.set(1);
+                *failing = Some(Failing {
+                    since: now,
+                    reason: answer.to_string(),
+                    unlogged: 0,
+                    logged_at: now,
+                });
+            }
+            Some(f) => {
+                f.unlogged += 1;
+                if now.duration_since(f.logged_at) >= FAILING_LOG_EVERY {
+                    tracing::error!(error = %e, failed_commits = f.unlogged, failing_for_s = now.duration_since(f.since).as_secs(), "WAL writes still failing");
+                    f.unlogged = 0;
+                    f.logged_at = now;
+                }
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut failing = self.failing.lock();
+        if let Some(f) = failing.take() {
+            METRICS.wal_failing.set(0);
+            tracing::info!(
+                failed_for_ms = f.since.elapsed().as_millis() as u64,
+                "WAL writes succeed again"
+            );
+        }
+    }
+
+    /// Why log writes fail, and for how long, while they do.
+    pub fn failing(&self) -> Option<(String, std::time::Duration)> {
+        let failing = self.failing.lock();
+        failing
+            .as_ref()
+            .map(|f| (f.reason.clone(), f.since.elapsed()))
     }
 }
 
@@ -142,6 +229,7 @@ const INLINE_COMPRESS_BYTES: usize = 1 << 20;
 
 pub struct Wal {
     db: Arc<DB>,
+    health: Arc<WriteHealth>,
     zstd_level: i32,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -218,12 +306,15 @@ impl Wal {
             .max(deleted.unwrap_or_default());
         let (tx, rx) = mpsc::channel(max_group.max(64) * 4);
         let writer_db = db.clone();
+        let health = Arc::new(WriteHealth::default());
+        let writer_health = health.clone();
         let writer = std::thread::Builder::new()
             .name("wal-writer".into())
-            .spawn(move || writer_loop(writer_db, rx, last, max_group))
+            .spawn(move || writer_loop(writer_db, writer_health, rx, last, max_group))
             .map_err(|e| Error::Thread(e.to_string()))?;
         Ok(Self {
             db,
+            health,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
@@ -238,6 +329,28 @@ impl Wal {
 
     pub fn db(&self) -> &Arc<DB> {
         &self.db
+    }
+
+    /// Whether log writes fail now ([`WriteHealth`]).
+    pub fn write_health(&self) -> &WriteHealth {
+        &self.health
+    }
+
+    /// While log writes fail, tries a small unsynced write (RocksDB refuses
+    /// every write after a hard error until it recovers, e.g. once space
+    /// is freed) and clears the failure if it succeeds; does nothing
+    /// otherwise. Lets `/health` and the gauge recover without traffic.
+    pub fn probe(&self) {
+        if self.health.failing.lock().is_none() {
+            return;
+        }
+        let meta = self
+            .db
+            .cf_handle(CF_META)
+            .expect("meta column family exists");
+        if self.db.put_cf(&meta, WRITE_PROBE, []).is_ok() {
+            self.health.succeeded();
+        }
     }
 
     /// Appends one entry; returns its key once it is fsync'd and `on_durable`
@@ -542,7 +655,16 @@ fn next_key(last: &mut Ulid) -> Ulid {
     key
 }
 
-fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_group: usize) {
+/// The key [`Wal::probe`] writes (an empty value).
+const WRITE_PROBE: &[u8] = b"write_probe";
+
+fn writer_loop(
+    db: Arc<DB>,
+    health: Arc<WriteHealth>,
+    mut rx: mpsc::Receiver<Append>,
+    mut last: Ulid,
+    max_group: usize,
+) {
     let mut sync = WriteOptions::default();
     sync.set_sync(true);
     while let Some(first) = rx.blocking_recv() {
@@ -587,6 +709,7 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
         METRICS.wal_group_size.observe(group.len() as f64);
         match result {
             Ok(()) => {
+                health.succeeded();
                 METRICS.wal_appends.add(group.len() as u64);
                 METRICS.wal_bytes.add(bytes as u64);
                 for (req, key) in group.into_iter().zip(keys) {
@@ -595,9 +718,10 @@ fn writer_loop(db: Arc<DB>, mut rx: mpsc::Receiver<Append>, mut last: Ulid, max_
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "WAL write failed");
+                let answer = Error::write_failed(&e);
+                health.failed(&e, &answer);
                 for req in group {
-                    let _ = req.reply.send(Err(Error::Rocks(e.clone())));
+                    let _ = req.reply.send(Err(Error::write_failed(&e)));
                 }
             }
         }

@@ -1333,3 +1333,177 @@ async fn bad_lake_snapshot_requests_get_precise_errors() {
         .await;
     assert_eq!(r.status(), 200);
 }
+
+/// A tmpfs mounted over a directory for one test; unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts `mib` MiB at `dir`; None when not root (mount needs it).
+    fn mount(dir: &std::path::Path, mib: u64) -> Option<Tmpfs> {
+        let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return None;
+        }
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs failed as root");
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+
+    fn available(&self) -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk: exports are refused with UNAVAILABLE (OTLP exporters retry
+/// it) and a clear message, `/health` answers 503, and once space is freed
+/// writes come back by themselves (RocksDB's own recovery, which needs its
+/// largest memtable's size free: 256 MiB). Every acknowledged span is
+/// there exactly once, across a `kill -9` too, and the lake holds exactly
+/// the files the manifest lists (flushes that failed meanwhile left none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(dir.path(), 400) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    // Filled before the start: RocksDB preallocates its log file's space
+    // (70 MiB), which would otherwise take a while to fill.
+    let filler = dir.path().join("filler");
+    let room = fs.available().saturating_sub(24 << 20);
+    let chunk = vec![0u8; 1 << 20];
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        for _ in 0..room >> 20 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    let mut server = Server::start(dir.path(), &["--flush-age", "1s"]).await;
+    let mut client = server.trace_client().await;
+    // Spans with 2 KiB of incompressible text each fill the disk quickly.
+    let mut noise = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = 0u64;
+    let mut batch = |next: &mut u64| {
+        let spans = (0..50)
+            .map(|_| {
+                let mut s = span(*next / 50, *next, None);
+                let text: String = (0..128)
+                    .map(|_| {
+                        noise ^= noise << 13;
+                        noise ^= noise >> 7;
+                        noise ^= noise << 17;
+                        format!("{:016x}", noise)
+                    })
+                    .collect();
+                s.attributes.push(kv("noise", sv(&text)));
+                *next += 1;
+                s
+            })
+            .collect();
+        request("disk", spans)
+    };
+    let mut acked = 0u64;
+    for _ in 0..20 {
+        client.export(batch(&mut next)).await.unwrap();
+        acked += 50;
+    }
+    let refused = loop {
+        match client.export(batch(&mut next)).await {
+            Ok(_) => acked += 50,
+            Err(status) => break status,
+        }
+        assert!(acked < 200_000, "24 MiB never filled up");
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("disk is full"), "{refused:?}");
+    let health = reqwest::get(format!("{}/health", server.http()))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 503);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    assert!(body["error"].as_str().unwrap().contains("disk is full"));
+    assert_eq!(server.metric("lakewriter_wal_failing").await, 1.0);
+    assert!(server.metric("lakewriter_wal_write_errors_total").await >= 1.0);
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.export(batch(&mut next)).await {
+            Ok(_) => {
+                acked += 50;
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes did not come back after space was freed: {}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for _ in 0..5 {
+        client.export(batch(&mut next)).await.unwrap();
+        acked += 50;
+    }
+    let health = reqwest::get(format!("{}/health", server.http()))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(server.metric("lakewriter_wal_failing").await, 0.0);
+
+    server.flush().await;
+    let snap = server
+        .post(
+            "/api/v1/lake/snapshot",
+            Some(ADMIN_KEY),
+            serde_json::json!({"table": "spans", "lease_seconds": 0}),
+        )
+        .await;
+    let snap: serde_json::Value = snap.json().await.unwrap();
+    let listed: HashSet<String> = snap["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["location"].as_str().unwrap().to_string())
+        .collect();
+    let on_disk: HashSet<String> = parquet_files(&server.lake())
+        .into_iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(on_disk, listed);
+
+    server.restart().await; // kill -9, start again
+    let (status, rows) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT count(*), count(DISTINCT span_id) FROM spans",
+        )
+        .await;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows["rows"][0], serde_json::json!([acked, acked]));
+    drop(server);
+    drop(fs);
+}
