@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use ulid::Ulid;
 
@@ -235,24 +234,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 .max_decoding_message_size(cfg.max_request_size)
         };
     }
-    // OTLP exports are refused before their body is decoded while memtables
-    // are over budget: under overload a retrying exporter then costs a header
-    // check instead of a protobuf decode. (DataRecord writes are checked after
-    // the idempotency lookup, so a retried durable batch still gets its ack.)
-    let admit = |ingestor: Arc<Ingestor>| {
-        move |req: tonic::Request<()>| {
-            ingestor.admit()?;
-            Ok(req)
-        }
-    };
     // Every write service authenticates before its body is read (see
-    // `Authenticated`); the handlers take the principal it found.
+    // `Authenticated`); the handlers take the principal it found. OTLP
+    // exports are then refused while memtables are over budget, still
+    // before their body is decoded (`Authenticated::admitting`).
     macro_rules! otlp_service {
         ($server:expr) => {
-            InterceptedService::new(
-                Authenticated::new($server, auth.clone()),
-                admit(ingestor.clone()),
-            )
+            Authenticated::new($server, auth.clone()).admitting(ingestor.clone())
         };
     }
     let otlp = OtlpService::new(ingestor.clone(), auth.clone());
@@ -370,12 +358,22 @@ async fn replay(
     cfg: &Config,
 ) -> Result<(u64, u64, u64)> {
     let (mut entries, mut rows, mut set_aside) = (0u64, 0u64, 0u64);
+    // Converted entries are inserted in groups, bounded in count and in
+    // memory: entries of tables flushed past them are converted and then
+    // skipped by the insert, and a slow table holding the global watermark
+    // back can leave many such 16 MiB exports above it.
     let mut pending = Vec::new();
+    let mut pending_bytes = 0u64;
+    let max_pending_bytes = (cfg.flush.memtable_budget / 8).max(1 << 20);
     for item in wal.replay_after(from) {
         let (seq, entry) = item?;
         match rows_for_entry(&entry, schemas) {
             Ok(r) => {
                 rows += r.iter().map(|(_, b)| b.num_rows() as u64).sum::<u64>();
+                pending_bytes += r
+                    .iter()
+                    .map(|(_, b)| crate::memtable::batch_bytes(b))
+                    .sum::<u64>();
                 pending.push((seq, r));
             }
             Err(e) => {
@@ -387,10 +385,11 @@ async fn replay(
             }
         }
         entries += 1;
-        if pending.len() >= 256 {
+        if pending.len() >= 256 || pending_bytes >= max_pending_bytes {
             for (seq, r) in pending.drain(..) {
                 catalog.insert(seq, r);
             }
+            pending_bytes = 0;
             if catalog.usage().1 > cfg.flush.memtable_budget / 2 {
                 flusher.flush_all().await?;
             }

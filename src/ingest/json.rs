@@ -60,16 +60,18 @@ pub enum Any<'a> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Values<'a> {
     Decoded(&'a [AnyValue]),
-    /// An `ArrayValue` message: the items are field 1.
-    Wire(&'a [u8]),
+    /// An `ArrayValue` message and its depth ([`wire::fields`]): the items
+    /// are field 1.
+    Wire(&'a [u8], usize),
 }
 
 /// The items of a key/value list.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Pairs<'a> {
     Decoded(&'a [KeyValue]),
-    /// A `KeyValueList` message: the items are field 1.
-    Wire(&'a [u8]),
+    /// A `KeyValueList` message and its depth ([`wire::fields`]): the items
+    /// are field 1.
+    Wire(&'a [u8], usize),
 }
 
 impl<'a> From<Option<&'a AnyValue>> for Any<'a> {
@@ -88,21 +90,22 @@ impl<'a> From<Option<&'a AnyValue>> for Any<'a> {
     }
 }
 
-/// An `AnyValue` message's bytes. More than one value set is refused (prost
-/// would keep the last, or merge two lists; no encoder sends either).
+/// An `AnyValue` message's bytes, `depth` messages down
+/// ([`wire::fields`]). More than one value set is refused (prost would keep
+/// the last, or merge two lists; no encoder sends either).
 #[inline]
-pub fn wire_any(buf: &[u8]) -> Result<Any<'_>, wire::Error> {
+pub fn wire_any(buf: &[u8], depth: usize) -> Result<Any<'_>, wire::Error> {
     const W: &str = "AnyValue";
     let mut out = Any::Null;
-    for f in wire::fields(buf) {
+    for f in wire::fields(buf, depth) {
         let (n, v) = f?;
         let value = match n {
             1 => Any::Str(v.str("AnyValue.string_value")?),
             2 => Any::Bool(v.varint("AnyValue.bool_value")? != 0),
             3 => Any::Int(v.varint("AnyValue.int_value")? as i64),
             4 => Any::Double(f64::from_bits(v.fixed64("AnyValue.double_value")?)),
-            5 => Any::Array(Values::Wire(v.bytes("AnyValue.array_value")?)),
-            6 => Any::Kvlist(Pairs::Wire(v.bytes("AnyValue.kvlist_value")?)),
+            5 => Any::Array(Values::Wire(v.bytes("AnyValue.array_value")?, depth + 1)),
+            6 => Any::Kvlist(Pairs::Wire(v.bytes("AnyValue.kvlist_value")?, depth + 1)),
             7 => Any::Bytes(v.bytes("AnyValue.bytes_value")?),
             8 => Any::StrIndex(v.i32("AnyValue.string_value_strindex")?),
             _ => continue,
@@ -115,18 +118,19 @@ pub fn wire_any(buf: &[u8]) -> Result<Any<'_>, wire::Error> {
     Ok(out)
 }
 
-/// A `KeyValue` message's bytes: key and value (a repeated value is refused).
+/// A `KeyValue` message's bytes, `depth` messages down: key and value (a
+/// repeated value is refused).
 #[inline]
-pub fn wire_pair(buf: &[u8]) -> Result<(&str, Any<'_>), wire::Error> {
+pub fn wire_pair(buf: &[u8], depth: usize) -> Result<(&str, Any<'_>), wire::Error> {
     let (mut key, mut value) = ("", None);
-    for f in wire::fields(buf) {
+    for f in wire::fields(buf, depth) {
         match f? {
             (1, v) => key = v.str("KeyValue.key")?,
             (2, v) => {
                 if value.is_some() {
                     return Err(wire::Error("KeyValue: value set twice".into()));
                 }
-                value = Some(wire_any(v.bytes("KeyValue.value")?)?);
+                value = Some(wire_any(v.bytes("KeyValue.value")?, depth + 1)?);
             }
             (3, v) => {
                 v.i32("KeyValue.key_strindex")?;
@@ -137,14 +141,16 @@ pub fn wire_pair(buf: &[u8]) -> Result<(&str, Any<'_>), wire::Error> {
     Ok((key, value.unwrap_or(Any::Null)))
 }
 
-/// The `KeyValue`s at field `field` of a message's bytes, in order.
+/// The `KeyValue`s at field `field` of a message's bytes (`depth` messages
+/// down), in order.
 pub fn wire_pairs<'a>(
     buf: &'a [u8],
+    depth: usize,
     field: u32,
     what: &'static str,
 ) -> impl Iterator<Item = Result<(&'a str, Any<'a>), wire::Error>> {
-    wire::fields(buf).filter_map(move |f| match f {
-        Ok((n, v)) if n == field => Some(v.bytes(what).and_then(wire_pair)),
+    wire::fields(buf, depth).filter_map(move |f| match f {
+        Ok((n, v)) if n == field => Some(v.bytes(what).and_then(|kv| wire_pair(kv, depth + 1))),
         Ok(_) => None,
         Err(e) => Some(Err(e)),
     })
@@ -268,9 +274,12 @@ pub fn write_value(out: &mut String, v: Any, depth: usize) -> Result<(), ValueEr
                         write_item(i, Some(item).into())?;
                     }
                 }
-                Values::Wire(buf) => {
-                    let values = wire::fields(buf).filter_map(|f| match f {
-                        Ok((1, v)) => Some(v.bytes("ArrayValue.values").and_then(wire_any)),
+                Values::Wire(buf, at) => {
+                    let values = wire::fields(buf, at).filter_map(|f| match f {
+                        Ok((1, v)) => Some(
+                            v.bytes("ArrayValue.values")
+                                .and_then(|item| wire_any(item, at + 1)),
+                        ),
                         Ok(_) => None,
                         Err(e) => Some(Err(e)),
                     });
@@ -282,9 +291,11 @@ pub fn write_value(out: &mut String, v: Any, depth: usize) -> Result<(), ValueEr
             out.push(']');
         }
         Any::Kvlist(Pairs::Decoded(kvs)) => write_attrs(out, kvs.iter(), depth + 1)?,
-        Any::Kvlist(Pairs::Wire(buf)) => {
-            write_pairs(out, wire_pairs(buf, 1, "KeyValueList.values"), depth + 1)?
-        }
+        Any::Kvlist(Pairs::Wire(buf, at)) => write_pairs(
+            out,
+            wire_pairs(buf, at, 1, "KeyValueList.values"),
+            depth + 1,
+        )?,
     }
     Ok(())
 }

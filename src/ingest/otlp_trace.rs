@@ -133,6 +133,19 @@ fn junjo_slot(key: &str) -> Option<usize> {
 }
 const JUNJO_COLUMNS: usize = 7;
 
+/// How many messages enclose each message the converter reads (the request
+/// is 0), for [`wire::fields`]: prost's recursion limit counts them.
+mod nesting {
+    pub const RESOURCE_SPANS: usize = 1;
+    pub const RESOURCE: usize = 2;
+    pub const SCOPE_SPANS: usize = 2;
+    /// `InstrumentationScope`, and the `EntityRef`s of a resource.
+    pub const SCOPE: usize = 3;
+    pub const SPAN: usize = 3;
+    /// What a span holds: attributes, events, links, status.
+    pub const SPAN_ITEM: usize = 4;
+}
+
 pub fn kind_name(kind: i32) -> &'static str {
     match kind {
         1 => "INTERNAL",
@@ -208,7 +221,7 @@ pub(super) fn resource_ctx(
 pub fn convert(protobuf: &[u8]) -> Result<TraceRows, Error> {
     let mut c = Converter::default();
     let mut ri = 0;
-    for f in wire::fields(protobuf) {
+    for f in wire::fields(protobuf, 0) {
         let (n, v) = f.map_err(|e| malformed(String::new(), e))?;
         if n == 1 {
             let at = || format!("resource_spans[{ri}]");
@@ -267,11 +280,12 @@ fn once<'a>(
 /// context after checking both.
 fn header<'a>(
     buf: &'a [u8],
+    depth: usize,
     context: &'static str,
     schema_url: &'static str,
 ) -> Result<Option<&'a [u8]>, wire::Error> {
     let mut out = None;
-    for f in wire::fields(buf) {
+    for f in wire::fields(buf, depth) {
         match f? {
             (1, v) => once(&mut out, v, context)?,
             (3, v) => drop(v.str(schema_url)?),
@@ -296,14 +310,19 @@ struct Converter<'a> {
 impl<'a> Converter<'a> {
     fn resource_spans(&mut self, ri: usize, buf: &'a [u8]) -> Result<(), Error> {
         let at = || format!("resource_spans[{ri}]");
-        let resource = header(buf, "ResourceSpans.resource", "ResourceSpans.schema_url")
-            .map_err(|e| malformed(at(), e))?;
+        let resource = header(
+            buf,
+            nesting::RESOURCE_SPANS,
+            "ResourceSpans.resource",
+            "ResourceSpans.schema_url",
+        )
+        .map_err(|e| malformed(at(), e))?;
         let res_at = || format!("resource_spans[{ri}].resource");
         let (service, res_json) = self
             .resource(resource.unwrap_or_default())
             .map_err(|e| value_error(res_at(), e))?;
         let mut si = 0;
-        for f in wire::fields(buf) {
+        for f in wire::fields(buf, nesting::RESOURCE_SPANS) {
             if let (2, v) = f.map_err(|e| malformed(at(), e))? {
                 let ss = v
                     .bytes("ResourceSpans.scope_spans")
@@ -318,7 +337,7 @@ impl<'a> Converter<'a> {
     /// `service.name` (first string value, else `NO_SERVICE_NAME`) and the
     /// attributes JSON of a `Resource`.
     fn resource(&mut self, buf: &'a [u8]) -> Result<(&'a str, String), ValueError> {
-        for f in wire::fields(buf) {
+        for f in wire::fields(buf, nesting::RESOURCE) {
             match f? {
                 (2, v) => drop(v.u32("Resource.dropped_attributes_count")?),
                 (3, v) => entity_ref(v.bytes("Resource.entity_refs")?)?,
@@ -326,11 +345,12 @@ impl<'a> Converter<'a> {
             }
         }
         let mut service = None;
-        let attrs = json::wire_pairs(buf, 1, "Resource.attributes").inspect(|pair| {
-            if let Ok(("service.name", Any::Str(s))) = pair {
-                service.get_or_insert(*s);
-            }
-        });
+        let attrs =
+            json::wire_pairs(buf, nesting::RESOURCE, 1, "Resource.attributes").inspect(|pair| {
+                if let Ok(("service.name", Any::Str(s))) = pair {
+                    service.get_or_insert(*s);
+                }
+            });
         let mut res_json = String::with_capacity(buf.len() + 2);
         json::write_pairs(&mut res_json, attrs, 0)?;
         Ok((service.unwrap_or(NO_SERVICE_NAME), res_json))
@@ -345,12 +365,17 @@ impl<'a> Converter<'a> {
         res_json: &str,
     ) -> Result<(), Error> {
         let at = || format!("resource_spans[{ri}].scope_spans[{si}]");
-        let scope = header(buf, "ScopeSpans.scope", "ScopeSpans.schema_url")
-            .map_err(|e| malformed(at(), e))?;
+        let scope = header(
+            buf,
+            nesting::SCOPE_SPANS,
+            "ScopeSpans.scope",
+            "ScopeSpans.schema_url",
+        )
+        .map_err(|e| malformed(at(), e))?;
         let (mut scope_name, mut scope_version) = (None, None);
         if let Some(scope) = scope {
             let scope_at = || format!("{}.scope", at());
-            for f in wire::fields(scope) {
+            for f in wire::fields(scope, nesting::SCOPE) {
                 match f.map_err(|e| malformed(scope_at(), e))? {
                     (1, v) => v
                         .str("InstrumentationScope.name")
@@ -369,7 +394,7 @@ impl<'a> Converter<'a> {
             self.scratch.clear();
             json::write_pairs(
                 &mut self.scratch,
-                json::wire_pairs(scope, 3, "InstrumentationScope.attributes"),
+                json::wire_pairs(scope, nesting::SCOPE, 3, "InstrumentationScope.attributes"),
                 0,
             )
             .map_err(|e| value_error(scope_at(), e))?;
@@ -382,7 +407,7 @@ impl<'a> Converter<'a> {
             scope_version: scope_version.and_then(non_empty),
         };
         let mut pi = 0;
-        for f in wire::fields(buf) {
+        for f in wire::fields(buf, nesting::SCOPE_SPANS) {
             if let (2, v) = f.map_err(|e| malformed(at(), e))? {
                 let span_at = || format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]");
                 let span = v
@@ -416,7 +441,7 @@ impl<'a> Converter<'a> {
 
 /// `Resource.entity_refs`: nothing is stored, but prost would check it.
 fn entity_ref(buf: &[u8]) -> Result<(), wire::Error> {
-    for f in wire::fields(buf) {
+    for f in wire::fields(buf, nesting::SCOPE) {
         match f? {
             (1, v) => drop(v.str("EntityRef.schema_url")?),
             (2, v) => drop(v.str("EntityRef.type")?),
@@ -468,7 +493,7 @@ impl<'a> SpanView<'a> {
         self.events.clear();
         self.links.clear();
         let s = self;
-        for f in wire::fields(buf) {
+        for f in wire::fields(buf, nesting::SPAN) {
             let (n, v) = f?;
             match n {
                 1 => s.trace_id = v.bytes("Span.trace_id")?,
@@ -537,6 +562,17 @@ struct SpanBuilders {
     parent_hex: String,
 }
 
+/// Checks a Junjo value that a later attribute of the same column replaced.
+/// It is stored nowhere, but the WAL keeps the request for prost to decode
+/// (ReadSpans), so its bytes must be as valid as a stored value's.
+fn check_unstored(v: Any) -> Result<(), ValueError> {
+    match v {
+        // Checked as UTF-8 when read; copying a state snapshot proves nothing.
+        Any::Str(_) => Ok(()),
+        v => json::text_of(v).map(drop),
+    }
+}
+
 /// An OTLP `fixed64` time as an Arrow timestamp (ns), saturating.
 pub(super) fn ns(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
@@ -570,17 +606,22 @@ impl SpanBuilders {
             + ctx.scope_name.map_or(0, str::len)
             + ctx.scope_version.map_or(0, str::len);
         json::repeat_bytes(&mut self.repeated, shared, 1)?;
-        // Attributes: Junjo ones go to their columns, the rest to JSON.
+        // Attributes: Junjo ones go to their columns (one a later attribute
+        // replaces is still checked), the rest to JSON.
         let mut junjo: [Option<Any>; JUNJO_COLUMNS] = Default::default();
+        let mut replaced = Ok(());
         self.attrs.clear();
         let rest = span
             .attributes
             .iter()
-            .map(|kv| json::wire_pair(kv))
+            .map(|kv| json::wire_pair(kv, nesting::SPAN_ITEM))
             .filter(|kv| match kv {
                 Ok((key, value)) => match junjo_slot(key) {
                     Some(slot) => {
-                        junjo[slot] = Some(*value);
+                        match junjo[slot].replace(*value) {
+                            Some(earlier) if replaced.is_ok() => replaced = check_unstored(earlier),
+                            _ => {}
+                        }
                         false
                     }
                     None => true,
@@ -588,6 +629,7 @@ impl SpanBuilders {
                 Err(_) => true,
             });
         json::write_pairs(&mut self.attrs, rest, 0)?;
+        replaced?;
         // Column text: string values as they are in the request (the state
         // snapshots are most of a span's bytes), others as JSON.
         let mut text: [Option<Cow<str>>; JUNJO_COLUMNS] = Default::default();
@@ -619,7 +661,7 @@ impl SpanBuilders {
         links_json(&mut self.links, span)?;
         let mut status = (0, "");
         if let Some(buf) = span.status {
-            for f in wire::fields(buf) {
+            for f in wire::fields(buf, nesting::SPAN_ITEM) {
                 match f? {
                     (2, v) => status.1 = v.str("Status.message")?,
                     (3, v) => status.0 = v.i32("Status.code")?,
@@ -717,7 +759,7 @@ impl<'a> EventView<'a> {
             name: "",
             dropped_attributes: 0,
         };
-        for f in wire::fields(buf) {
+        for f in wire::fields(buf, nesting::SPAN_ITEM) {
             match f? {
                 (1, v) => e.time = v.fixed64("Event.time_unix_nano")?,
                 (2, v) => e.name = v.str("Event.name")?,
@@ -730,7 +772,7 @@ impl<'a> EventView<'a> {
     }
 
     fn attributes(&self) -> impl Iterator<Item = Result<(&'a str, Any<'a>), wire::Error>> {
-        json::wire_pairs(self.buf, 3, "Event.attributes")
+        json::wire_pairs(self.buf, nesting::SPAN_ITEM, 3, "Event.attributes")
     }
 }
 
@@ -766,7 +808,7 @@ fn links_json(out: &mut String, span: &SpanView) -> Result<(), ValueError> {
     for (i, &buf) in span.links.iter().enumerate() {
         let (mut trace_id, mut span_id, mut trace_state) = (&[][..], &[][..], "");
         let (mut flags, mut dropped) = (0u32, 0u32);
-        for f in wire::fields(buf) {
+        for f in wire::fields(buf, nesting::SPAN_ITEM) {
             match f? {
                 (1, v) => trace_id = v.bytes("Link.trace_id")?,
                 (2, v) => span_id = v.bytes("Link.span_id")?,
@@ -790,7 +832,11 @@ fn links_json(out: &mut String, span: &SpanView) -> Result<(), ValueError> {
             out,
             ",\"flags\":{flags},\"droppedAttributesCount\":{dropped},\"attributes\":"
         );
-        json::write_pairs(out, json::wire_pairs(buf, 4, "Link.attributes"), 1)?;
+        json::write_pairs(
+            out,
+            json::wire_pairs(buf, nesting::SPAN_ITEM, 4, "Link.attributes"),
+            1,
+        )?;
         out.push('}');
     }
     out.push(']');
@@ -1331,5 +1377,79 @@ mod tests {
             }
         }
         assert!(accepted > 100, "{accepted}");
+
+        // Cases random damage does not reach, each checked against prost.
+        let refuse = |b: &[u8], why: &str| {
+            assert!(ExportTraceServiceRequest::decode(b).is_err(), "{why}");
+            let err = convert(b)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {why}"));
+            assert!(err.to_string().contains(why), "{err}");
+        };
+        let accept = |b: &[u8]| {
+            assert!(ExportTraceServiceRequest::decode(b).is_ok());
+            convert(b).unwrap()
+        };
+        // A Junjo value replaced by a later one of its column (the same key,
+        // or the other contract's) is stored nowhere, but prost decodes it.
+        let kvlist = |key: &[u8]| field(6, &field(1, &field(1, key)));
+        let x = field(1, b"x");
+        for (first, second) in [
+            ("junjo.id", "junjo.id"),
+            ("junjo.id", "junjo.executable_runtime_id"),
+            ("junjo.workflow.state.end", "junjo.workflow.state.end"),
+        ] {
+            let bad = [attr(first, &kvlist(b"\xff")), attr(second, &x)].concat();
+            refuse(&raw_span_request(&bad), "KeyValue.key: invalid UTF-8");
+            let good = [attr(first, &kvlist(b"k")), attr(second, &x)].concat();
+            let rows = accept(&raw_span_request(&good));
+            let junjo_id = col(&rows.spans, "junjo_id");
+            let expected = (first == "junjo.id").then_some("x");
+            assert_eq!(junjo_id.is_valid(0).then(|| junjo_id.value(0)), expected);
+        }
+        // An unknown group deep inside a value: prost counts its levels and
+        // the messages around it against one limit.
+        let arrays = 25;
+        let value_depth = nesting::SPAN_ITEM + 1 + 2 * arrays;
+        let most = wire::RECURSION_LIMIT - 1 - value_depth;
+        let deep = |groups: usize| {
+            let mut v = [field(1, b"leaf"), nested_groups(groups)].concat();
+            for _ in 0..arrays {
+                v = field(5, &field(1, &v));
+            }
+            raw_span_request(&attr("deep", &v))
+        };
+        accept(&deep(most));
+        refuse(&deep(most + 1), "recursion limit reached");
+    }
+
+    /// A length-delimited field `tag` holding `inner`.
+    fn field(tag: u32, inner: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        prost::encoding::bytes::encode(tag, &inner.to_vec(), &mut out);
+        out
+    }
+
+    /// A `Span.attributes` field: `key` and an `AnyValue`'s bytes.
+    fn attr(key: &str, value: &[u8]) -> Vec<u8> {
+        field(9, &[field(1, key.as_bytes()), field(2, value)].concat())
+    }
+
+    /// A request of one span, whose bytes end with `extra`.
+    fn raw_span_request(extra: &[u8]) -> Vec<u8> {
+        let mut sp = span(1, 1, None).encode_to_vec();
+        sp.extend_from_slice(extra);
+        field(1, &field(2, &field(2, &sp)))
+    }
+
+    /// An unknown field (15) of `levels` nested groups, the innermost
+    /// holding a varint.
+    fn nested_groups(levels: usize) -> Vec<u8> {
+        const START: u8 = (15 << 3) | 3;
+        const END: u8 = (15 << 3) | 4;
+        let mut out = vec![START; levels];
+        out.extend_from_slice(&[8, 1]);
+        out.extend(std::iter::repeat_n(END, levels));
+        out
     }
 }

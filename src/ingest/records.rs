@@ -23,7 +23,7 @@ use arrow::array::{
     Float64Builder, Int64Array, Int64Builder, StringBuilder, TimestampNanosecondBuilder,
 };
 use arrow::compute::{cast_with_options, concat_batches, CastOptions};
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::ipc::reader::StreamReader;
 use arrow::record_batch::RecordBatch;
 
@@ -403,6 +403,15 @@ fn cast_to(name: &str, col: &ArrayRef, to: &DataType) -> Result<ArrayRef, Error>
     if col.data_type() == to {
         return Ok(col.clone());
     }
+    // arrow-cast scales a Date64 to a finer timestamp with an unchecked
+    // multiply (9999-12-31 wraps, or panics in a debug build). To
+    // milliseconds it only relabels; the checked timestamp cast scales.
+    if let (DataType::Date64, DataType::Timestamp(unit, tz)) = (col.data_type(), to) {
+        if *unit != TimeUnit::Millisecond {
+            let ms = DataType::Timestamp(TimeUnit::Millisecond, tz.clone());
+            return cast_to(name, &cast_to(name, col, &ms)?, to);
+        }
+    }
     let opts = CastOptions {
         safe: false,
         ..Default::default()
@@ -725,6 +734,71 @@ mod tests {
         assert!(reg.get(&t).is_none(), "a refused batch adds no column");
         let b = from_arrow_ipc(&reg, &t, &ipc(10)).unwrap();
         assert_eq!(b.num_rows(), 10);
+    }
+
+    #[test]
+    fn dates_out_of_the_nanosecond_range_are_refused_like_timestamps() {
+        use arrow::array::{Date64Array, StringArray, TimestampMillisecondArray};
+        use arrow::datatypes::TimestampNanosecondType;
+        let (_d, reg) = registry();
+        let t = TableId::new("t", "dates");
+        let ipc = |ts: ArrayRef, when: ArrayRef| {
+            let batch = RecordBatch::try_from_iter([
+                (
+                    "event_id",
+                    Arc::new(StringArray::from(vec!["e"])) as ArrayRef,
+                ),
+                ("timestamp", ts),
+                ("when", when),
+            ])
+            .unwrap();
+            let mut buf = Vec::new();
+            let mut w =
+                arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
+            w.write(&batch).unwrap();
+            w.finish().unwrap();
+            drop(w);
+            buf
+        };
+        let date = |ms: i64| Arc::new(Date64Array::from(vec![ms])) as ArrayRef;
+        let millis = |ms: i64| Arc::new(TimestampMillisecondArray::from(vec![ms])) as ArrayRef;
+        // In range: a day in milliseconds becomes a day in nanoseconds.
+        let b = from_arrow_ipc(&reg, &t, &ipc(date(86_400_000), date(1))).unwrap();
+        let ns = |c: &str| {
+            b.column_by_name(c)
+                .unwrap()
+                .as_primitive::<TimestampNanosecondType>()
+                .value(0)
+        };
+        assert_eq!(
+            (ns("timestamp"), ns("when")),
+            (86_400_000_000_000, 1_000_000)
+        );
+        // 9999-12-31 is past 2262 in nanoseconds: the same refusal as the
+        // same instant in a millisecond timestamp, in either column.
+        let last_day = 253_402_214_400_000;
+        for (column, as_date, as_millis) in [
+            (
+                "timestamp",
+                ipc(date(last_day), date(1)),
+                ipc(millis(last_day), date(1)),
+            ),
+            (
+                "when",
+                ipc(date(1), date(last_day)),
+                ipc(date(1), millis(last_day)),
+            ),
+        ] {
+            let err = from_arrow_ipc(&reg, &t, &as_date).unwrap_err();
+            assert!(matches!(err, Error::Ipc(_)), "{err}");
+            assert!(
+                err.to_string().contains(&format!("column `{column}`")),
+                "{err}"
+            );
+            assert!(err.to_string().contains("verflow"), "{err}");
+            let same = from_arrow_ipc(&reg, &t, &as_millis).unwrap_err();
+            assert_eq!(err.to_string(), same.to_string());
+        }
     }
 
     #[test]

@@ -24,8 +24,11 @@ impl Error {
     }
 }
 
-/// Groups nested deeper than this inside an unknown field are refused.
-const MAX_GROUP_DEPTH: usize = 64;
+/// prost's recursion limit. It counts messages and groups alike: a field
+/// `d` messages below the request (which is 0) and inside `g` groups is
+/// decoded only while `d + g` is below it, so the groups an unknown field may
+/// nest shrink as the message around it sits deeper.
+pub const RECURSION_LIMIT: usize = 100;
 
 /// One field's value, by wire type.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -94,12 +97,15 @@ impl<'a> Value<'a> {
 }
 
 /// The fields of one message, in wire order; stops after the first error.
-pub fn fields(buf: &[u8]) -> Fields<'_> {
-    Fields { buf }
+/// `depth` is how many messages enclose it (0 for the request itself): it
+/// bounds the groups inside as prost does ([`RECURSION_LIMIT`]).
+pub fn fields(buf: &[u8], depth: usize) -> Fields<'_> {
+    Fields { buf, depth }
 }
 
 pub struct Fields<'a> {
     buf: &'a [u8],
+    depth: usize,
 }
 
 impl<'a> Iterator for Fields<'a> {
@@ -110,7 +116,7 @@ impl<'a> Iterator for Fields<'a> {
         if self.buf.is_empty() {
             return None;
         }
-        let out = read_field(&mut self.buf, 0);
+        let out = read_field(&mut self.buf, self.depth);
         if out.is_err() {
             self.buf = &[];
         }
@@ -162,6 +168,7 @@ fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], Error> {
     Ok(head)
 }
 
+/// One field; `depth` counts the messages and groups around it.
 #[inline]
 fn read_field<'a>(buf: &mut &'a [u8], depth: usize) -> Result<(u32, Value<'a>), Error> {
     let key = varint(buf)?;
@@ -195,10 +202,9 @@ fn read_field<'a>(buf: &mut &'a [u8], depth: usize) -> Result<(u32, Value<'a>), 
     Ok((field, value))
 }
 
+/// Skips a group's fields up to its end tag; `depth` counts the messages and
+/// groups around those fields, this group included.
 fn skip_group(buf: &mut &[u8], field: u32, depth: usize) -> Result<(), Error> {
-    if depth > MAX_GROUP_DEPTH {
-        return Err(Error(Cow::Borrowed("recursion limit reached")));
-    }
     loop {
         if buf.is_empty() {
             return Err(truncated());
@@ -212,6 +218,11 @@ fn skip_group(buf: &mut &[u8], field: u32, depth: usize) -> Result<(), Error> {
             *buf = peek;
             return Ok(());
         }
+        // prost checks its limit before skipping each field (an empty group
+        // at the limit is still fine).
+        if depth >= RECURSION_LIMIT {
+            return Err(Error(Cow::Borrowed("recursion limit reached")));
+        }
         read_field(buf, depth)?;
     }
 }
@@ -222,7 +233,38 @@ mod tests {
     use prost::Message;
 
     fn all(buf: &[u8]) -> Result<Vec<(u32, Value<'_>)>, Error> {
-        fields(buf).collect()
+        fields(buf, 0).collect()
+    }
+
+    /// An unknown field 9 holding `levels` nested groups (field 10), the
+    /// innermost holding a varint.
+    fn nested_groups(levels: usize) -> Vec<u8> {
+        let mut buf = vec![(9 << 3) | 3];
+        buf.extend(std::iter::repeat_n((10 << 3) | 3, levels - 1));
+        buf.extend_from_slice(&[8, 1]);
+        buf.extend(std::iter::repeat_n((10 << 3) | 4, levels - 1));
+        buf.push((9 << 3) | 4);
+        buf
+    }
+
+    #[test]
+    fn groups_share_the_recursion_limit_with_messages() {
+        // A message `depth` levels down may nest groups up to the limit and
+        // no further, as prost decodes them.
+        for depth in [0, 1, 40, 98] {
+            let most = RECURSION_LIMIT - 1 - depth;
+            assert!(fields(&nested_groups(most), depth).all(|f| f.is_ok()));
+            let deeper = nested_groups(most + 1);
+            assert_eq!(
+                fields(&deeper, depth).last(),
+                Some(Err(Error(Cow::Borrowed("recursion limit reached"))))
+            );
+        }
+        // prost agrees at the top.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Empty {}
+        assert!(Empty::decode(&nested_groups(RECURSION_LIMIT - 1)[..]).is_ok());
+        assert!(Empty::decode(&nested_groups(RECURSION_LIMIT)[..]).is_err());
     }
 
     #[test]

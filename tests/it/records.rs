@@ -778,3 +778,57 @@ async fn write_stream_acks_in_order_and_stops_at_the_first_error() {
         .await;
     assert_eq!(v["rows"], json!([[1001, 1001]]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_stream_stops_once_its_key_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    // The key itself, and a token issued for it.
+    for (tag, use_token) in [("key", false), ("token", true)] {
+        let r = server
+            .post(
+                "/api/v1/apikeys",
+                Some(ADMIN_KEY),
+                json!({"tenant": "acme", "name": "stream", "scopes": ["write"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+        let created: serde_json::Value = r.json().await.unwrap();
+        let key = created["key"].as_str().unwrap();
+        let credential = match use_token {
+            true => server.token(key).await,
+            false => key.to_string(),
+        };
+        let mut c = client(&server, &credential).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let one = |when: &str| {
+            let id = format!("{tag}-{when}");
+            batch("revoked", &id, vec![record(&id, T0, vec![])])
+        };
+        tx.send(one("before")).await.unwrap();
+        let mut acks = c
+            .write_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acks.message().await.unwrap().unwrap().records_accepted, 1);
+        let id = created["id"].as_str().unwrap();
+        let r = reqwest::Client::new()
+            .delete(format!("{}/api/v1/apikeys/{id}", server.http()))
+            .header("x-api-key", ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+        // The same open stream: the next batch is refused, nothing written.
+        tx.send(one("after")).await.unwrap();
+        let err = acks.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    let reader = server.new_key("acme", &["read"], None).await;
+    let (status, v) = server
+        .sql(&reader, "SELECT event_id FROM revoked ORDER BY event_id")
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["rows"], json!([["key-before"], ["token-before"]]));
+}

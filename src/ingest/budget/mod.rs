@@ -178,7 +178,7 @@ fn walk(buf: &[u8], shape: &Shape, depth: usize, total: &mut u64) -> Result<(), 
     }
     // Elements so far of each repeated child field.
     let mut elements = [0usize; MAX_CHILDREN];
-    for field in wire::fields(buf) {
+    for field in wire::fields(buf, depth) {
         let (number, value) = field.map_err(|e| Error::Malformed(e.to_string()))?;
         let bytes = match value {
             Value::Len(inner) => {
