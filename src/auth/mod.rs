@@ -174,27 +174,58 @@ impl crate::error::Classify for Error {
 }
 
 /// Verified credentials by hash or token, bounded (cleared when full).
-struct Cache<V>(Mutex<HashMap<String, V>>);
+///
+/// A check reads the key store after [`Cache::since`] and caches what it
+/// found with [`Cache::put`]; a deletion changes the store, then
+/// [`Cache::purge`]s. `put` caches nothing when a purge ran in between:
+/// else a check that read the store just before a deletion would cache,
+/// just after its purge, a credential the deletion has revoked.
+struct Cache<V>(Mutex<Entries<V>>);
+
+struct Entries<V> {
+    map: HashMap<String, V>,
+    /// Purges so far.
+    purges: u64,
+}
 
 impl<V: Clone> Cache<V> {
     const MAX: usize = 10_000;
 
     fn get(&self, key: &str) -> Option<V> {
-        self.0.lock().get(key).cloned()
+        self.0.lock().map.get(key).cloned()
     }
 
-    fn put(&self, key: String, value: V) {
-        let mut map = self.0.lock();
-        if map.len() >= Self::MAX {
-            map.clear();
+    /// Call before reading the key store; pass to [`Cache::put`].
+    fn since(&self) -> u64 {
+        self.0.lock().purges
+    }
+
+    /// Caches `value` unless a purge ran after `since`.
+    fn put(&self, since: u64, key: String, value: V) {
+        let mut entries = self.0.lock();
+        if entries.purges != since {
+            return;
         }
-        map.insert(key, value);
+        if entries.map.len() >= Self::MAX {
+            entries.map.clear();
+        }
+        entries.map.insert(key, value);
+    }
+
+    /// Drops the entries `revoked` picks; checks under way cache nothing.
+    fn purge(&self, mut revoked: impl FnMut(&V) -> bool) {
+        let mut entries = self.0.lock();
+        entries.purges = entries.purges.wrapping_add(1);
+        entries.map.retain(|_, v| !revoked(v));
     }
 }
 
 impl<V> Default for Cache<V> {
     fn default() -> Self {
-        Self(Mutex::default())
+        Self(Mutex::new(Entries {
+            map: HashMap::new(),
+            purges: 0,
+        }))
     }
 }
 
@@ -294,6 +325,7 @@ impl Auth {
                 return Ok(p);
             }
         }
+        let since = self.key_cache.since();
         let rec = self
             .keys()
             .lookup(key)
@@ -305,7 +337,7 @@ impl Auth {
             scopes: rec.scopes,
             endpoints: rec.endpoints,
         };
-        self.key_cache.put(hash, (p.clone(), Instant::now()));
+        self.key_cache.put(since, hash, (p.clone(), Instant::now()));
         Ok(p)
     }
 
@@ -316,6 +348,7 @@ impl Auth {
                 return Ok(p);
             }
         }
+        let since = self.token_cache.since();
         let (claims, local) = self
             .jwt
             .verify(token)
@@ -343,7 +376,7 @@ impl Auth {
             endpoints: claims.endpoints,
         };
         self.token_cache
-            .put(token.to_string(), (p.clone(), claims.exp));
+            .put(since, token.to_string(), (p.clone(), claims.exp));
         Ok(p)
     }
 
@@ -407,14 +440,15 @@ impl Auth {
         Ok((rec, key))
     }
 
-    /// Deletes a key; it stops working on this node at once.
+    /// Deletes a key; it stops working on this node at once, also for
+    /// checks under way (see [`Cache`]).
     pub fn delete_key(&self, id: &str) -> Result<bool, ApiError> {
         let gone = self
             .keys()
             .delete(id)
             .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
-        self.key_cache.0.lock().clear();
-        self.token_cache.0.lock().retain(|_, (p, _)| p.key_id != id);
+        self.key_cache.purge(|_| true);
+        self.token_cache.purge(|(p, _)| p.key_id == id);
         Ok(gone.is_some())
     }
 }
@@ -435,7 +469,7 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Credential;
+    use super::*;
 
     fn parse(headers: &[(&'static str, &[u8])]) -> Option<Credential> {
         let mut map = http::HeaderMap::new();
@@ -469,5 +503,47 @@ mod tests {
         assert!(malformed(&[("x-api-key", b"  ")]).contains("x-api-key header is empty"));
         assert!(malformed(&[("x-junjo-api-key", b"k\xff")]).contains("not visible ASCII"));
         assert!(malformed(&[("authorization", b"Bearer \xfe")]).contains("not visible ASCII"));
+    }
+
+    /// A check that read the key store just before a deletion caches
+    /// nothing once the deletion has purged: the key and its tokens stop at
+    /// once, not when the cache entry would expire.
+    #[tokio::test]
+    async fn a_check_under_way_caches_nothing_a_deletion_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = crate::wal::Wal::open(dir.path(), 8).unwrap();
+        let cfg = AuthConfig {
+            bootstrap_api_key: Some("lw_bootstrap-for-this-test".into()),
+            ..Default::default()
+        };
+        let auth = Auth::open(wal.db().clone(), &cfg, dir.path()).unwrap();
+        let (rec, key) = auth
+            .create_key("acme", "ci", vec!["read".into()], None)
+            .unwrap();
+        let (token, _) = auth.issue_token(&key).unwrap();
+        let bearer = || Some(Credential::Bearer(token.clone()));
+        let p = auth.authenticate(bearer()).await.unwrap();
+        assert_eq!(p.key_id, rec.id);
+        assert!(auth.token_cache.get(&token).is_some());
+
+        // Both checks read the store while the key was there; the deletion
+        // then purges before they cache what they found.
+        let (key_since, token_since) = (auth.key_cache.since(), auth.token_cache.since());
+        assert!(auth.delete_key(&rec.id).unwrap());
+        let hash = apikeys::hash_hex(&key);
+        auth.key_cache
+            .put(key_since, hash.clone(), (p.clone(), Instant::now()));
+        auth.token_cache
+            .put(token_since, token.clone(), (p.clone(), u64::MAX));
+        assert!(auth.key_cache.get(&hash).is_none());
+        assert!(auth.token_cache.get(&token).is_none());
+        for cred in [Some(Credential::ApiKey(key.clone())), bearer()] {
+            let err = auth.authenticate(cred).await.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Unauthenticated, "{}", err.message);
+        }
+        // A check that starts after the purge caches again.
+        let since = auth.token_cache.since();
+        auth.token_cache.put(since, "t".into(), (p, 1));
+        assert!(auth.token_cache.get("t").is_some());
     }
 }

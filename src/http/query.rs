@@ -49,6 +49,16 @@ enum Format {
     Csv,
 }
 
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Json => "JSON",
+            Self::Arrow => "Arrow",
+            Self::Csv => "CSV",
+        }
+    }
+}
+
 fn negotiate(headers: &HeaderMap) -> Result<Format, ApiError> {
     let accept = headers
         .get(header::ACCEPT)
@@ -88,41 +98,50 @@ async fn sql(
     let p = principal(&s.auth, &headers).await?;
     let format = negotiate(&headers)?;
     let req: SqlRequest = json_body(&body_bytes(raw)?, r#"a JSON object {"sql": "…"}"#)?;
-    let result = s.query.sql(&p, req.sql).await?;
+    let mut result = s.query.sql(&p, req.sql).await?;
     // Encoding 100,000 rows takes a while: off the runtime that serves writes.
-    tokio::task::spawn_blocking(move || encode(format, &result))
+    tokio::task::spawn_blocking(move || encode(format, &mut result))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
 }
 
-fn encode(format: Format, result: &QueryResult) -> Result<Response, ApiError> {
-    let encode_err =
-        |e: arrow::error::ArrowError| ApiError::new(ErrorKind::Internal, e.to_string());
-    Ok(match format {
-        Format::Json => Json(output::json_table(&result.schema, &result.batches)).into_response(),
-        Format::Arrow => body(
-            ARROW_STREAM,
-            output::arrow_stream(&result.schema, &result.batches).map_err(encode_err)?,
-        ),
-        Format::Csv => {
-            if let Some(f) = result
-                .schema
-                .fields()
-                .iter()
-                .find(|f| f.data_type().is_nested())
-            {
-                return Err(ApiError::invalid(format!(
-                    "column {:?} is {}, which CSV cannot hold; ask for JSON or Arrow, or select it as text (arrow_cast(…, 'Utf8'))",
-                    f.name(),
-                    f.data_type()
-                )));
-            }
-            body(
-                "text/csv",
-                output::csv(&result.batches).map_err(encode_err)?,
-            )
+fn encode(format: Format, result: &mut QueryResult) -> Result<Response, ApiError> {
+    if format == Format::Csv {
+        if let Some(f) = result
+            .schema
+            .fields()
+            .iter()
+            .find(|f| f.data_type().is_nested())
+        {
+            return Err(ApiError::invalid(format!(
+                "column {:?} is {}, which CSV cannot hold; ask for JSON or Arrow, or select it as text (arrow_cast(…, 'Utf8'))",
+                f.name(),
+                f.data_type()
+            )));
         }
-    })
+    }
+    let (schema, batches, mut out) = result.for_encoding();
+    let written = match format {
+        Format::Json => output::json_table(schema, batches, &mut out).map_err(|e| e.to_string()),
+        Format::Arrow => output::arrow_stream(schema, batches, &mut out).map_err(|e| e.to_string()),
+        Format::Csv => output::csv(batches, &mut out).map_err(|e| e.to_string()),
+    };
+    if out.exceeded() {
+        return Err(ApiError::new(
+            ErrorKind::LimitExceeded,
+            format!(
+                "the answer encoded as {} does not fit the query memory left (--query-memory, shared by running queries); select fewer rows or columns, or ask for {ARROW_STREAM} (the most compact)",
+                format.name()
+            ),
+        ));
+    }
+    written.map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
+    let content_type = match format {
+        Format::Json => "application/json",
+        Format::Arrow => ARROW_STREAM,
+        Format::Csv => "text/csv",
+    };
+    Ok(body(content_type, out.into_bytes()))
 }
 
 fn params(q: Result<Query<ListParams>, QueryRejection>) -> Result<ListParams, ApiError> {

@@ -104,14 +104,25 @@ impl Classify for Error {
 pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
-    /// The batches' memory, held in the shared query pool until the result
-    /// is dropped (once the response has been encoded from it).
-    _memory: MemoryReservation,
+    /// The batches' memory, and the encoded answer's, held in the shared
+    /// query pool until the result is dropped (once the response has been
+    /// encoded from it).
+    memory: MemoryReservation,
 }
 
 impl QueryResult {
     pub fn rows(&self) -> usize {
         self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    /// The schema, the batches, and a buffer for the encoded answer counted
+    /// in the result's query memory.
+    pub fn for_encoding(&mut self) -> (&SchemaRef, &[RecordBatch], output::Body<'_>) {
+        (
+            &self.schema,
+            &self.batches,
+            output::Body::new(&mut self.memory),
+        )
     }
 }
 
@@ -414,7 +425,7 @@ async fn collect_limited(
     Ok(QueryResult {
         schema,
         batches,
-        _memory: memory,
+        memory,
     })
 }
 

@@ -15,6 +15,7 @@ use arrow::datatypes::{
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::execution::memory_pool::MemoryReservation;
 use serde_json::{Map, Value};
 
 /// RFC 3339 UTC with nanoseconds, e.g. `2026-11-22T10:00:00.123456789Z`.
@@ -99,22 +100,90 @@ fn display(col: &dyn Array, row: usize) -> Value {
     }
 }
 
-/// `{"columns": [{"name","type"}], "rows": [[...]]}`.
-pub fn json_table(schema: &SchemaRef, batches: &[RecordBatch]) -> Value {
+/// `{"columns": [{"name","type"}], "rows": [[...]]}`, written row by row
+/// (no JSON tree of the whole result in memory).
+pub fn json_table(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
     let columns: Vec<Value> = schema
         .fields()
         .iter()
         .map(|f| serde_json::json!({"name": f.name(), "type": f.data_type().to_string()}))
         .collect();
-    let mut rows = Vec::new();
+    out.write_all(b"{\"columns\":")?;
+    serde_json::to_writer(&mut *out, &columns)?;
+    out.write_all(b",\"rows\":[")?;
+    let mut first = true;
     for b in batches {
         for r in 0..b.num_rows() {
-            rows.push(Value::Array(
-                b.columns().iter().map(|c| cell(c.as_ref(), r)).collect(),
-            ));
+            if !first {
+                out.write_all(b",")?;
+            }
+            first = false;
+            let row: Vec<Value> = b.columns().iter().map(|c| cell(c.as_ref(), r)).collect();
+            serde_json::to_writer(&mut *out, &row)?;
         }
     }
-    serde_json::json!({"columns": columns, "rows": rows})
+    out.write_all(b"]}")
+}
+
+/// An encoded answer whose buffer is counted in the query memory the
+/// result holds as it grows (a step at a time): an answer that does not fit
+/// fails instead of growing past `--query-memory` (JSON can be six times
+/// the result's size: `\u0001` for each control character).
+pub struct Body<'a> {
+    buf: Vec<u8>,
+    counted: usize,
+    memory: &'a mut MemoryReservation,
+    exceeded: bool,
+}
+
+/// Bytes of buffer counted at a time.
+const BODY_STEP: usize = 1 << 20;
+
+impl<'a> Body<'a> {
+    pub fn new(memory: &'a mut MemoryReservation) -> Self {
+        Self {
+            buf: Vec::new(),
+            counted: 0,
+            memory,
+            exceeded: false,
+        }
+    }
+
+    /// Whether writing failed because the answer outgrew the query memory.
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+
+    /// The bytes written (the reservation stays with the result).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+impl std::io::Write for Body<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let needed = self.buf.len() + data.len();
+        if needed > self.counted {
+            // What the buffer will hold once it has grown for `data`.
+            let target = needed.max(self.buf.capacity()).next_power_of_two();
+            let grow = (target - self.counted).max(BODY_STEP);
+            if self.memory.try_grow(grow).is_err() {
+                self.exceeded = true;
+                return Err(std::io::Error::other("the answer outgrew the query memory"));
+            }
+            self.counted += grow;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One JSON object per row; columns for which `parse_json(name)` is true hold
@@ -146,29 +215,26 @@ pub fn json_objects(batches: &[RecordBatch], parse_json: impl Fn(&str) -> bool) 
     out
 }
 
-pub fn csv(batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut buf = Vec::new();
-    {
-        let mut w = arrow::csv::WriterBuilder::new()
-            .with_header(true)
-            .build(&mut buf);
-        for b in batches {
-            w.write(b)?;
-        }
+pub fn csv(batches: &[RecordBatch], out: &mut impl std::io::Write) -> Result<(), ArrowError> {
+    let mut w = arrow::csv::WriterBuilder::new()
+        .with_header(true)
+        .build(out);
+    for b in batches {
+        w.write(b)?;
     }
-    Ok(buf)
+    Ok(())
 }
 
-pub fn arrow_stream(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut buf = Vec::new();
-    {
-        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, schema)?;
-        for b in batches {
-            w.write(b)?;
-        }
-        w.finish()?;
+pub fn arrow_stream(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    out: &mut impl std::io::Write,
+) -> Result<(), ArrowError> {
+    let mut w = arrow::ipc::writer::StreamWriter::try_new(out, schema)?;
+    for b in batches {
+        w.write(b)?;
     }
-    Ok(buf)
+    w.finish()
 }
 
 #[cfg(test)]

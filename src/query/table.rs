@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
-use arrow::record_batch::RecordBatch;
+use arrow::record_batch::{RecordBatch, RecordBatchOptions};
 use async_trait::async_trait;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{DataFusionError, Result};
@@ -49,7 +49,12 @@ impl TimeRange {
 pub struct LakeTable {
     schema: SchemaRef,
     files: Option<ListingTable>,
-    mem: Option<MemTable>,
+    /// Memtable batches as written (each in the schema of its time): put
+    /// in the table's schema by [`TableProvider::scan`], for the columns
+    /// a query reads, so a query pays only for the tables and columns it
+    /// uses (a sparse wide DataRecord table has thousands of batches, each
+    /// lacking most columns).
+    batches: Vec<RecordBatch>,
 }
 
 impl LakeTable {
@@ -79,18 +84,31 @@ impl LakeTable {
                 .with_schema(schema.clone());
             Some(ListingTable::try_new(config)?)
         };
-        let batches = snapshot
+        let mut batches = snapshot.batches;
+        batches.retain(|b| b.num_rows() > 0);
+        Ok(Self {
+            schema,
+            files,
+            batches,
+        })
+    }
+
+    /// The memtable rows as a table of `projection`'s columns (all when
+    /// None), or None when there are none.
+    fn memtable(&self, projection: Option<&Vec<usize>>) -> Result<Option<MemTable>> {
+        if self.batches.is_empty() {
+            return Ok(None);
+        }
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        let batches = self
             .batches
             .iter()
-            .filter(|b| b.num_rows() > 0)
             .map(|b| conform(b, &schema))
             .collect::<Result<Vec<_>>>()?;
-        let mem = if batches.is_empty() {
-            None
-        } else {
-            Some(MemTable::try_new(schema.clone(), vec![batches])?)
-        };
-        Ok(Self { schema, files, mem })
+        Ok(Some(MemTable::try_new(schema, vec![batches])?))
     }
 }
 
@@ -106,11 +124,21 @@ fn parquet_options() -> TableParquetOptions {
     o
 }
 
-/// A memtable batch in the table's current schema: columns matched by name,
-/// columns added since the batch was written are null.
+/// A memtable batch in `schema` (the table's current one, or the columns of
+/// it a query reads): columns matched by name, columns added since the
+/// batch was written are null.
 fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema().fields() == schema.fields() {
         return Ok(batch.clone());
+    }
+    if schema.fields().is_empty() {
+        // No column read (`count(*)`): the rows alone.
+        let rows = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+        return Ok(RecordBatch::try_new_with_options(
+            schema.clone(),
+            vec![],
+            &rows,
+        )?);
     }
     align(batch, schema).map_err(|e| DataFusionError::External(Box::new(e)))
 }
@@ -143,8 +171,9 @@ impl TableProvider for LakeTable {
         if let Some(files) = &self.files {
             plans.push(files.scan(state, projection, filters, limit).await?);
         }
-        if let Some(mem) = &self.mem {
-            plans.push(mem.scan(state, projection, filters, limit).await?);
+        if let Some(mem) = self.memtable(projection)? {
+            // Already projected.
+            plans.push(mem.scan(state, None, filters, limit).await?);
         }
         if plans.is_empty() {
             let schema = match projection {
@@ -154,5 +183,55 @@ impl TableProvider for LakeTable {
             return Ok(Arc::new(EmptyExec::new(schema)));
         }
         UnionExec::try_new(plans)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::SessionContext;
+
+    /// Memtable batches written before and after a column was added read
+    /// through the table's schema, whatever the query projects (`count(*)`
+    /// reads no column at all).
+    #[tokio::test]
+    async fn memtable_batches_of_older_schemas_are_padded_per_projection() {
+        let old = RecordBatch::try_from_iter([("a", Arc::new(Int64Array::from(vec![1, 2])) as _)])
+            .unwrap();
+        let new = RecordBatch::try_from_iter([
+            ("a", Arc::new(Int64Array::from(vec![3])) as _),
+            ("b", Arc::new(StringArray::from(vec!["x"])) as _),
+        ])
+        .unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Utf8, true),
+        ]));
+        let snapshot = TableSnapshot {
+            files: vec![],
+            batches: vec![old, new],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(&format!("file://{}", dir.path().display())).unwrap();
+        let table = LakeTable::new(schema, snapshot, &lake, TimeRange::default()).unwrap();
+        let ctx = SessionContext::new();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        let rows = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+                arrow::util::pretty::pretty_format_batches(&batches)
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        assert!(rows("SELECT count(*) AS n FROM t").await.contains("| 3 |"));
+        let out = rows("SELECT b, a FROM t ORDER BY a").await;
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(lines, ["| b | a |", "|   | 1 |", "|   | 2 |", "| x | 3 |"]);
+        let out = rows("SELECT sum(a) AS s FROM t WHERE b IS NULL").await;
+        assert!(out.contains("| 3 |"), "{out}");
     }
 }

@@ -454,6 +454,29 @@ async fn sql_limits_fail_clearly() {
         .await;
     assert_eq!(st, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("query result"), "{v}");
+    // Half a megabyte of rows fits, as text too; as JSON a control
+    // character takes six bytes (`\u0001`): that answer would be 3 MB, and
+    // the encoded answer counts against --query-memory as well.
+    let (st, v) = server
+        .sql(ADMIN_KEY, "SELECT repeat('x', 50000) AS s FROM range(10)")
+        .await;
+    assert_eq!((st, v["rows"].as_array().unwrap().len()), (200, 10));
+    let controls = "SELECT repeat(chr(1), 50000) AS s FROM range(10)";
+    let (st, v) = server.sql(ADMIN_KEY, controls).await;
+    assert_eq!(st, 422, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("encoded as JSON"),
+        "{v}"
+    );
+    let arrow = reqwest::Client::new()
+        .post(format!("{}/api/v1/query", server.http()))
+        .bearer_auth(ADMIN_KEY)
+        .header("accept", "application/vnd.apache.arrow.stream")
+        .json(&serde_json::json!({ "sql": controls }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(arrow.status(), 200);
     // A call that would build more than the whole budget is refused before
     // it allocates (DataFusion folds constant calls while planning).
     for sql in [
