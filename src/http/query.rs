@@ -82,14 +82,6 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, ApiError> {
     ))
 }
 
-fn body(content_type: &'static str, bytes: Vec<u8>) -> Response {
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        bytes,
-    )
-        .into_response()
-}
-
 async fn sql(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -98,14 +90,14 @@ async fn sql(
     let p = principal(&s.auth, &headers).await?;
     let format = negotiate(&headers)?;
     let req: SqlRequest = json_body(&body_bytes(raw)?, r#"a JSON object {"sql": "…"}"#)?;
-    let mut result = s.query.sql(&p, req.sql).await?;
+    let result = s.query.sql(&p, req.sql).await?;
     // Encoding 100,000 rows takes a while: off the runtime that serves writes.
-    tokio::task::spawn_blocking(move || encode(format, &mut result))
+    tokio::task::spawn_blocking(move || encode(format, result))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
 }
 
-fn encode(format: Format, result: &mut QueryResult) -> Result<Response, ApiError> {
+fn encode(format: Format, mut result: QueryResult) -> Result<Response, ApiError> {
     if format == Format::Csv {
         if let Some(f) = result
             .schema
@@ -127,21 +119,20 @@ fn encode(format: Format, result: &mut QueryResult) -> Result<Response, ApiError
         Format::Csv => output::csv(batches, &mut out).map_err(|e| e.to_string()),
     };
     if out.exceeded() {
-        return Err(ApiError::new(
-            ErrorKind::LimitExceeded,
-            format!(
-                "the answer encoded as {} does not fit the query memory left (--query-memory, shared by running queries); select fewer rows or columns, or ask for {ARROW_STREAM} (the most compact)",
-                format.name()
-            ),
-        ));
+        return Err(result.answer_refused(format.name()));
     }
     written.map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
+    let encoded = out.finish();
     let content_type = match format {
         Format::Json => "application/json",
         Format::Arrow => ARROW_STREAM,
         Format::Csv => "text/csv",
     };
-    Ok(body(content_type, out.into_bytes()))
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        result.answer(encoded),
+    )
+        .into_response())
 }
 
 fn params(q: Result<Query<ListParams>, QueryRejection>) -> Result<ListParams, ApiError> {

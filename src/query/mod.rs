@@ -30,7 +30,9 @@ use datafusion::common::config::SpillCompression;
 use datafusion::common::DataFusionError;
 use datafusion::common::TableReference;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
+use datafusion::execution::memory_pool::{
+    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
@@ -105,9 +107,12 @@ pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     /// The batches' memory, and the encoded answer's, held in the shared
-    /// query pool until the result is dropped (once the response has been
-    /// encoded from it).
+    /// query pool until the result is dropped, or the answer
+    /// ([`QueryResult::answer`]) is.
     memory: MemoryReservation,
+    /// The query's pool, to tell "too big" from "crowded out" when the
+    /// encoded answer does not fit.
+    pool: Option<Arc<pool::QueryPool>>,
 }
 
 impl QueryResult {
@@ -123,6 +128,49 @@ impl QueryResult {
             &self.batches,
             output::Body::new(&mut self.memory),
         )
+    }
+
+    /// Why an encoded answer did not fit: other queries held the memory
+    /// (retry) or it is too big (don't).
+    pub fn answer_refused(&self, format: &str) -> ApiError {
+        if let Some(pool) = self.pool.as_ref().filter(|p| p.crowded_out()) {
+            METRICS.queries_busy.inc();
+            let limit = match pool.memory_limit() {
+                MemoryLimit::Finite(limit) => limit,
+                _ => 0,
+            };
+            return ApiError::from_err(Error::Busy(limit));
+        }
+        ApiError::new(
+            ErrorKind::LimitExceeded,
+            format!(
+                "the answer encoded as {format} does not fit the query memory (--query-memory); select fewer rows or columns, or ask for application/vnd.apache.arrow.stream (the most compact)"
+            ),
+        )
+    }
+
+    /// The encoded answer `(bytes, counted)` ([`output::Body::finish`]),
+    /// holding its part of the query memory until it has been sent (the
+    /// batches' part goes now).
+    pub fn answer(self, (bytes, counted): (Vec<u8>, usize)) -> bytes::Bytes {
+        let memory = self.memory;
+        memory.resize(counted);
+        bytes::Bytes::from_owner(Answer {
+            bytes,
+            _memory: memory,
+        })
+    }
+}
+
+/// An encoded answer and the query memory counted for it.
+struct Answer {
+    bytes: Vec<u8>,
+    _memory: MemoryReservation,
+}
+
+impl AsRef<[u8]> for Answer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -296,7 +344,10 @@ impl QueryEngine {
         // memory and its snapshot's files.
         let abort = AbortOnDrop(task.abort_handle());
         let result = match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => r.map(|r| QueryResult {
+                pool: Some(pool.clone()),
+                ..r
+            }),
             Ok(Err(join)) => Err(Error::Task(join.to_string())),
             Err(_) => Err(Error::Timeout(timeout)),
         };
@@ -426,6 +477,7 @@ async fn collect_limited(
         schema,
         batches,
         memory,
+        pool: None,
     })
 }
 

@@ -130,9 +130,10 @@ pub fn json_table(
 }
 
 /// An encoded answer whose buffer is counted in the query memory the
-/// result holds as it grows (a step at a time): an answer that does not fit
-/// fails instead of growing past `--query-memory` (JSON can be six times
-/// the result's size: `\u0001` for each control character).
+/// result holds, always at least its capacity (the buffer grows only after
+/// the reservation did): an answer that does not fit fails instead of
+/// growing past `--query-memory` (JSON can be six times the result's size:
+/// `\u0001` for each control character).
 pub struct Body<'a> {
     buf: Vec<u8>,
     counted: usize,
@@ -140,8 +141,8 @@ pub struct Body<'a> {
     exceeded: bool,
 }
 
-/// Bytes of buffer counted at a time.
-const BODY_STEP: usize = 1 << 20;
+/// The smallest buffer allocated.
+const BODY_MIN: usize = 4096;
 
 impl<'a> Body<'a> {
     pub fn new(memory: &'a mut MemoryReservation) -> Self {
@@ -158,24 +159,25 @@ impl<'a> Body<'a> {
         self.exceeded
     }
 
-    /// The bytes written (the reservation stays with the result).
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.buf
+    /// The bytes written, and the bytes of query memory counted for them.
+    pub fn finish(self) -> (Vec<u8>, usize) {
+        (self.buf, self.counted)
     }
 }
 
 impl std::io::Write for Body<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let needed = self.buf.len() + data.len();
-        if needed > self.counted {
-            // What the buffer will hold once it has grown for `data`.
-            let target = needed.max(self.buf.capacity()).next_power_of_two();
-            let grow = (target - self.counted).max(BODY_STEP);
-            if self.memory.try_grow(grow).is_err() {
-                self.exceeded = true;
-                return Err(std::io::Error::other("the answer outgrew the query memory"));
+        if needed > self.buf.capacity() {
+            let capacity = needed.max(2 * self.buf.capacity()).max(BODY_MIN);
+            if capacity > self.counted {
+                if self.memory.try_grow(capacity - self.counted).is_err() {
+                    self.exceeded = true;
+                    return Err(std::io::Error::other("the answer outgrew the query memory"));
+                }
+                self.counted = capacity;
             }
-            self.counted += grow;
+            self.buf.reserve_exact(capacity - self.buf.len());
         }
         self.buf.extend_from_slice(data);
         Ok(data.len())

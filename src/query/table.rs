@@ -233,5 +233,11 @@ mod tests {
         assert_eq!(lines, ["| b | a |", "|   | 1 |", "|   | 2 |", "| x | 3 |"]);
         let out = rows("SELECT sum(a) AS s FROM t WHERE b IS NULL").await;
         assert!(out.contains("| 3 |"), "{out}");
+        // A subset of a batch's columns, and a limit.
+        let out = rows("SELECT a FROM t WHERE a >= 2 ORDER BY a LIMIT 1").await;
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+        assert_eq!(lines, ["| a |", "| 2 |"]);
+        let out = rows("SELECT count(*) AS n FROM t WHERE a > 1").await;
+        assert!(out.contains("| 2 |"), "{out}");
     }
 }

@@ -142,7 +142,12 @@ struct Failing {
     /// Failed group commits since the last log line about them.
     unlogged: u64,
     logged_at: Instant,
+    /// The last [`Wal::probe`] write.
+    probed_at: Option<Instant>,
 }
+
+/// How often [`Wal::probe`] tries a write while writes fail.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often a run of failed log writes is logged again.
 const FAILING_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -161,6 +166,7 @@ impl WriteHealth {
                     reason: answer.to_string(),
                     unlogged: 0,
                     logged_at: now,
+                    probed_at: None,
                 });
             }
             Some(f) => {
@@ -336,19 +342,31 @@ impl Wal {
         &self.health
     }
 
-    /// While log writes fail, tries a small unsynced write (RocksDB refuses
-    /// every write after a hard error until it recovers, e.g. once space
-    /// is freed) and clears the failure if it succeeds; does nothing
-    /// otherwise. Lets `/health` and the gauge recover without traffic.
+    /// While log writes fail, tries a small synced write, at most once a
+    /// second (RocksDB refuses every write after a hard error until it
+    /// recovers, e.g. once space is freed), and clears the failure if it
+    /// succeeds; does nothing otherwise. Lets `/health` and the gauge
+    /// recover without traffic.
     pub fn probe(&self) {
-        if self.health.failing.lock().is_none() {
-            return;
+        {
+            let mut failing = self.health.failing.lock();
+            let Some(f) = failing.as_mut() else {
+                return;
+            };
+            if f.probed_at.is_some_and(|t| t.elapsed() < PROBE_EVERY) {
+                return;
+            }
+            f.probed_at = Some(Instant::now());
         }
+        // Synced, as a group commit is: an unsynced write can succeed while
+        // synced ones still fail.
         let meta = self
             .db
             .cf_handle(CF_META)
             .expect("meta column family exists");
-        if self.db.put_cf(&meta, WRITE_PROBE, []).is_ok() {
+        let mut sync = WriteOptions::default();
+        sync.set_sync(true);
+        if self.db.put_cf_opt(&meta, WRITE_PROBE, [], &sync).is_ok() {
             self.health.succeeded();
         }
     }
