@@ -607,6 +607,16 @@ pub fn from_arrow_ipc(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `batch` as an Arrow IPC stream.
+    fn ipc_stream(batch: &RecordBatch) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
+        w.write(batch).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        buf
+    }
     use crate::proto::storage::Value;
     use arrow::array::AsArray;
 
@@ -717,13 +727,7 @@ mod tests {
                 ("note", Arc::new(dict) as ArrayRef),
             ])
             .unwrap();
-            let mut buf = Vec::new();
-            let mut w =
-                arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
-            w.write(&batch).unwrap();
-            w.finish().unwrap();
-            drop(w);
-            buf
+            ipc_stream(&batch)
         };
         // One 1 MiB value, 300 keys: a 1 MiB body that would expand to 300 MiB.
         let err = from_arrow_ipc(&reg, &t, &ipc(300)).unwrap_err();
@@ -752,13 +756,7 @@ mod tests {
                 ("when", when),
             ])
             .unwrap();
-            let mut buf = Vec::new();
-            let mut w =
-                arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
-            w.write(&batch).unwrap();
-            w.finish().unwrap();
-            drop(w);
-            buf
+            ipc_stream(&batch)
         };
         let date = |ms: i64| Arc::new(Date64Array::from(vec![ms])) as ArrayRef;
         let millis = |ms: i64| Arc::new(TimestampMillisecondArray::from(vec![ms])) as ArrayRef;

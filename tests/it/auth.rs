@@ -142,13 +142,7 @@ async fn key_lifecycle_tenancy_and_every_header_form() {
     assert!(!server.log().contains(&key));
 
     // Revocation takes effect within seconds (API key and tokens issued for it).
-    let r = reqwest::Client::new()
-        .delete(format!("{}/api/v1/apikeys/{id}", server.http()))
-        .header("x-api-key", ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(server.delete_key(&id).await, 204);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut c = server
         .trace_client_with("x-api-key", Some(key.clone()))

@@ -244,6 +244,17 @@ impl Server {
         self.restart().await;
     }
 
+    /// `DELETE /api/v1/apikeys/{id}` with the admin key; the status.
+    pub async fn delete_key(&self, id: &str) -> u16 {
+        let r = reqwest::Client::new()
+            .delete(format!("{}/api/v1/apikeys/{id}", self.http()))
+            .header("x-api-key", ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    }
+
     /// `POST /api/v1/otel/token` with `key`; the JWT.
     pub async fn token(&self, key: &str) -> String {
         let r = reqwest::Client::new()

@@ -813,13 +813,7 @@ async fn write_stream_stops_once_its_key_is_deleted() {
             .into_inner();
         assert_eq!(acks.message().await.unwrap().unwrap().records_accepted, 1);
         let id = created["id"].as_str().unwrap();
-        let r = reqwest::Client::new()
-            .delete(format!("{}/api/v1/apikeys/{id}", server.http()))
-            .header("x-api-key", ADMIN_KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 204);
+        assert_eq!(server.delete_key(id).await, 204);
         // The same open stream: the next batch is refused, nothing written.
         tx.send(one("after")).await.unwrap();
         let err = acks.message().await.unwrap_err();

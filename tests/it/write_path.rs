@@ -1448,11 +1448,16 @@ async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
     assert!(server.metric("lakewriter_wal_write_errors_total").await >= 1.0);
 
     std::fs::remove_file(&filler).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let freed = std::time::Instant::now();
+    let deadline = freed + Duration::from_secs(60);
     loop {
         match client.export(batch(&mut next)).await {
             Ok(_) => {
                 acked += 50;
+                eprintln!(
+                    "writes came back {:?} after space was freed",
+                    freed.elapsed()
+                );
                 break;
             }
             Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
