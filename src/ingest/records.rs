@@ -611,10 +611,8 @@ mod tests {
     /// `batch` as an Arrow IPC stream.
     fn ipc_stream(batch: &RecordBatch) -> Vec<u8> {
         let mut buf = Vec::new();
-        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
-        w.write(batch).unwrap();
-        w.finish().unwrap();
-        drop(w);
+        let batches = std::slice::from_ref(batch);
+        crate::query::output::arrow_stream(&batch.schema(), batches, &mut buf).unwrap();
         buf
     }
     use crate::proto::storage::Value;

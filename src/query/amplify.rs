@@ -622,17 +622,11 @@ impl Checked {
         if !constant {
             return Ok(());
         }
-        let steps = steps.max(0) as u64;
         let taken = &self.budget.0.steps;
-        let total = taken
-            .fetch_add(steps, Ordering::Relaxed)
-            .saturating_add(steps);
-        if total > MAX_STEPS as u64 {
-            taken.fetch_sub(steps, Ordering::Relaxed);
+        charge(taken, steps.max(0) as u64, MAX_STEPS as u64).map_err(|total| {
             let call = self.call();
-            return Err(refusal(TooLarge::ConstantSteps { call, steps: total }));
-        }
-        Ok(())
+            refusal(TooLarge::ConstantSteps { call, steps: total })
+        })
     }
 
     /// Lets the call make up to `bytes`: no more than `--query-memory`, and
@@ -650,19 +644,14 @@ impl Checked {
             return Ok(None);
         }
         let bound = bytes.max(0) as u64;
-        let total = budget
-            .bytes
-            .fetch_add(bound, Ordering::Relaxed)
-            .saturating_add(bound);
-        if total > limit as u64 {
-            budget.bytes.fetch_sub(bound, Ordering::Relaxed);
+        charge(&budget.bytes, bound, limit as u64).map_err(|total| {
             let call = self.call();
-            return Err(refusal(TooLarge::Constants {
+            refusal(TooLarge::Constants {
                 call,
                 bytes: total,
                 limit,
-            }));
-        }
+            })
+        })?;
         let name = format!("{} on constants", self.call());
         let call = MemoryConsumer::new(name).register(&budget.pool);
         if let Err(e) = call.try_grow(bound as usize) {
@@ -974,6 +963,17 @@ impl AnalyzerRule for Wrap {
     fn name(&self) -> &str {
         "lakewriter_checked_calls"
     }
+}
+
+/// Adds `n` to a per-query counter unless that takes it past `cap`; the
+/// total it would have reached when it does.
+fn charge(counter: &AtomicU64, n: u64, cap: u64) -> Result<(), u64> {
+    let total = counter.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+    if total > cap {
+        counter.fetch_sub(n, Ordering::Relaxed);
+        return Err(total);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -246,9 +246,15 @@ impl Server {
 
     /// `DELETE /api/v1/apikeys/{id}` with the admin key; the status.
     pub async fn delete_key(&self, id: &str) -> u16 {
+        self.delete(&format!("/api/v1/apikeys/{id}"), ADMIN_KEY)
+            .await
+    }
+
+    /// `DELETE {path}` with `key`; the status.
+    pub async fn delete(&self, path: &str, key: &str) -> u16 {
         let r = reqwest::Client::new()
-            .delete(format!("{}/api/v1/apikeys/{id}", self.http()))
-            .header("x-api-key", ADMIN_KEY)
+            .delete(format!("{}{path}", self.http()))
+            .header("x-api-key", key)
             .send()
             .await
             .unwrap();

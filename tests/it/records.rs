@@ -54,10 +54,8 @@ fn batch(endpoint: &str, batch_id: &str, records: Vec<DataRecord>) -> WriteBatch
 
 fn ipc(batch: &RecordBatch) -> Vec<u8> {
     let mut buf = Vec::new();
-    let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut buf, &batch.schema()).unwrap();
-    w.write(batch).unwrap();
-    w.finish().unwrap();
-    drop(w);
+    let batches = std::slice::from_ref(batch);
+    lakewriter::query::output::arrow_stream(&batch.schema(), batches, &mut buf).unwrap();
     buf
 }
 
