@@ -97,7 +97,7 @@ async fn sql(
         .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
 }
 
-fn encode(format: Format, mut result: QueryResult) -> Result<Response, ApiError> {
+fn encode(format: Format, result: QueryResult) -> Result<Response, ApiError> {
     if format == Format::Csv {
         if let Some(f) = result
             .schema
@@ -112,17 +112,11 @@ fn encode(format: Format, mut result: QueryResult) -> Result<Response, ApiError>
             )));
         }
     }
-    let (schema, batches, mut out) = result.for_encoding();
-    let written = match format {
-        Format::Json => output::json_table(schema, batches, &mut out).map_err(|e| e.to_string()),
-        Format::Arrow => output::arrow_stream(schema, batches, &mut out).map_err(|e| e.to_string()),
-        Format::Csv => output::csv(batches, &mut out).map_err(|e| e.to_string()),
-    };
-    if out.exceeded() {
-        return Err(result.answer_refused(format.name()));
-    }
-    written.map_err(|e| ApiError::new(ErrorKind::Internal, e))?;
-    let encoded = out.finish();
+    let body = result.encode(format.name(), |schema, batches, out| match format {
+        Format::Json => output::json_table(schema, batches, out).map_err(|e| e.to_string()),
+        Format::Arrow => output::arrow_stream(schema, batches, out).map_err(|e| e.to_string()),
+        Format::Csv => output::csv(batches, out).map_err(|e| e.to_string()),
+    })?;
     let content_type = match format {
         Format::Json => "application/json",
         Format::Arrow => ARROW_STREAM,
@@ -130,9 +124,21 @@ fn encode(format: Format, mut result: QueryResult) -> Result<Response, ApiError>
     };
     Ok((
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-        result.answer(encoded),
+        body,
     )
         .into_response())
+}
+
+/// A JSON answer encoded by the query engine.
+fn json(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn params(q: Result<Query<ListParams>, QueryRejection>) -> Result<ListParams, ApiError> {
@@ -160,7 +166,7 @@ async fn root_spans<const LLM_ONLY: bool>(
         .query
         .root_spans(&p, &service, &params(q)?, LLM_ONLY)
         .await?;
-    Ok(Json(rows).into_response())
+    Ok(json(rows))
 }
 
 async fn workflows(
@@ -171,7 +177,7 @@ async fn workflows(
 ) -> Result<Response, ApiError> {
     let p = principal(&s.auth, &headers).await?;
     let rows = s.query.workflow_spans(&p, &service, &params(q)?).await?;
-    Ok(Json(rows).into_response())
+    Ok(json(rows))
 }
 
 async fn trace(
@@ -180,7 +186,7 @@ async fn trace(
     Path(trace_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let p = principal(&s.auth, &headers).await?;
-    Ok(Json(s.query.trace_spans(&p, &trace_id).await?).into_response())
+    Ok(json(s.query.trace_spans(&p, &trace_id).await?))
 }
 
 async fn span(
@@ -190,7 +196,7 @@ async fn span(
 ) -> Result<Response, ApiError> {
     let p = principal(&s.auth, &headers).await?;
     match s.query.span(&p, &trace_id, &span_id).await? {
-        Some(v) => Ok(Json(v).into_response()),
+        Some(v) => Ok(json(v)),
         None => Err(ApiError::new(
             ErrorKind::NotFound,
             format!("span {span_id} of trace {trace_id} not found"),

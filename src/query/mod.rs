@@ -120,19 +120,32 @@ impl QueryResult {
         self.batches.iter().map(|b| b.num_rows()).sum()
     }
 
-    /// The schema, the batches, and a buffer for the encoded answer counted
-    /// in the result's query memory.
-    pub fn for_encoding(&mut self) -> (&SchemaRef, &[RecordBatch], output::Body<'_>) {
-        (
-            &self.schema,
-            &self.batches,
-            output::Body::new(&mut self.memory),
-        )
+    /// The answer `write` encodes as `format`, counted in the result's query
+    /// memory from its first byte (it fails instead of outgrowing
+    /// `--query-memory`) until it has been sent (the batches' part goes now).
+    pub fn encode<E: std::fmt::Display>(
+        mut self,
+        format: &str,
+        write: impl FnOnce(&SchemaRef, &[RecordBatch], &mut output::Body<'_>) -> Result<(), E>,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let mut out = output::Body::new(&mut self.memory);
+        let written = write(&self.schema, &self.batches, &mut out);
+        if out.exceeded() {
+            return Err(self.answer_refused(format));
+        }
+        written.map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+        let (bytes, counted) = out.finish();
+        let memory = self.memory;
+        memory.resize(counted);
+        Ok(bytes::Bytes::from_owner(Answer {
+            bytes,
+            _memory: memory,
+        }))
     }
 
     /// Why an encoded answer did not fit: other queries held the memory
     /// (retry) or it is too big (don't).
-    pub fn answer_refused(&self, format: &str) -> ApiError {
+    fn answer_refused(&self, format: &str) -> ApiError {
         if let Some(pool) = self.pool.as_ref().filter(|p| p.crowded_out()) {
             METRICS.queries_busy.inc();
             let limit = match pool.memory_limit() {
@@ -147,18 +160,6 @@ impl QueryResult {
                 "the answer encoded as {format} does not fit the query memory (--query-memory); select fewer rows or columns, or ask for application/vnd.apache.arrow.stream (the most compact)"
             ),
         )
-    }
-
-    /// The encoded answer `(bytes, counted)` ([`output::Body::finish`]),
-    /// holding its part of the query memory until it has been sent (the
-    /// batches' part goes now).
-    pub fn answer(self, (bytes, counted): (Vec<u8>, usize)) -> bytes::Bytes {
-        let memory = self.memory;
-        memory.resize(counted);
-        bytes::Bytes::from_owner(Answer {
-            bytes,
-            _memory: memory,
-        })
     }
 }
 

@@ -16,7 +16,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::execution::memory_pool::MemoryReservation;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// RFC 3339 UTC with nanoseconds, e.g. `2026-11-22T10:00:00.123456789Z`.
 pub fn rfc3339_nanos(ns: i64) -> String {
@@ -188,33 +188,51 @@ impl std::io::Write for Body<'_> {
     }
 }
 
-/// One JSON object per row; columns for which `parse_json(name)` is true hold
-/// JSON text and are embedded parsed (kept as a string if they do not parse).
-pub fn json_objects(batches: &[RecordBatch], parse_json: impl Fn(&str) -> bool) -> Vec<Value> {
-    let mut out = Vec::new();
+/// One JSON object per row, comma-separated (the caller brackets a list),
+/// written row by row with the keys in name order. Columns for which
+/// `parse_json(name)` is true hold JSON text: embedded as it is when it
+/// parses, as a string when it does not. No JSON tree is built: the answer
+/// is the only copy, and [`Body`] counts it.
+pub fn json_objects(
+    batches: &[RecordBatch],
+    parse_json: impl Fn(&str) -> bool,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    let mut first = true;
     for b in batches {
         let schema = b.schema();
-        let parsed: Vec<bool> = schema
-            .fields()
+        let mut order: Vec<usize> = (0..b.num_columns()).collect();
+        order.sort_by_key(|&i| schema.field(i).name());
+        let keys = order
             .iter()
-            .map(|f| parse_json(f.name()))
+            .map(|&i| serde_json::to_string(schema.field(i).name()).map(|k| k + ":"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let parsed: Vec<bool> = order
+            .iter()
+            .map(|&i| parse_json(schema.field(i).name()))
             .collect();
         for r in 0..b.num_rows() {
-            let mut obj = Map::with_capacity(b.num_columns());
-            for (i, f) in schema.fields().iter().enumerate() {
-                let v = cell(b.column(i).as_ref(), r);
-                let v = match v {
-                    Value::String(s) if parsed[i] => {
-                        serde_json::from_str(&s).unwrap_or(Value::String(s))
-                    }
-                    v => v,
-                };
-                obj.insert(f.name().clone(), v);
+            out.write_all(if first { b"{" } else { b",{" })?;
+            first = false;
+            for (k, &i) in order.iter().enumerate() {
+                if k > 0 {
+                    out.write_all(b",")?;
+                }
+                out.write_all(keys[k].as_bytes())?;
+                match cell(b.column(i).as_ref(), r) {
+                    Value::String(s) if parsed[k] && is_json(&s) => out.write_all(s.as_bytes())?,
+                    v => serde_json::to_writer(&mut *out, &v)?,
+                }
             }
-            out.push(Value::Object(obj));
+            out.write_all(b"}")?;
         }
     }
-    out
+    Ok(())
+}
+
+/// Whether `text` is one whole JSON value (checked without building it).
+fn is_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
 }
 
 pub fn csv(batches: &[RecordBatch], out: &mut impl std::io::Write) -> Result<(), ArrowError> {
@@ -277,17 +295,40 @@ mod tests {
     }
 
     #[test]
-    fn objects_parse_json_columns() {
+    fn objects_embed_json_columns() {
         let b = RecordBatch::try_from_iter([
             (
-                "a_json",
-                Arc::new(StringArray::from(vec![r#"{"k":[1,2]}"#])) as _,
+                "name",
+                Arc::new(StringArray::from(vec![r#"{"k":1}"#, "x"])) as _,
             ),
-            ("name", Arc::new(StringArray::from(vec![r#"{"k":1}"#])) as _),
+            (
+                "a_json",
+                Arc::new(StringArray::from(vec![
+                    Some(r#"{"z":[1,2],"a":null}"#),
+                    None,
+                ])) as _,
+            ),
+            (
+                "b_json",
+                Arc::new(StringArray::from(vec![r#"{"k":1} trailing"#, "[1,"])) as _,
+            ),
         ])
         .unwrap();
-        let objs = json_objects(&[b], |n| n.ends_with("_json"));
-        assert_eq!(objs[0]["a_json"]["k"][1], 2);
-        assert_eq!(objs[0]["name"], r#"{"k":1}"#);
+        let mut out = Vec::new();
+        json_objects(
+            &[b.clone(), b.slice(0, 0), b.slice(1, 1)],
+            |n| n.ends_with("_json"),
+            &mut out,
+        )
+        .unwrap();
+        // Keys in name order; JSON text embedded as it is; text that is not
+        // one JSON value (or not a JSON column) stays a string.
+        let row0 =
+            r#"{"a_json":{"z":[1,2],"a":null},"b_json":"{\"k\":1} trailing","name":"{\"k\":1}"}"#;
+        let row1 = r#"{"a_json":null,"b_json":"[1,","name":"x"}"#;
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{row0},{row1},{row1}")
+        );
     }
 }

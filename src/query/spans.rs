@@ -5,7 +5,9 @@
 //! order (time, then trace id, then span id) so `offset` pages are stable.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 
+use bytes::Bytes;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{col, lit, Expr, SortExpr};
 use datafusion::prelude::{DataFrame, JoinType, SessionContext};
@@ -17,9 +19,9 @@ use crate::error::{ApiError, ErrorKind};
 use crate::flush::parquet::distinct_strings;
 use crate::ingest::otlp_trace::SPANS;
 use crate::memtable::TableId;
-use crate::query::output::json_objects;
+use crate::query::output::{cell, json_objects};
 use crate::query::table::TimeRange;
-use crate::query::QueryEngine;
+use crate::query::{QueryEngine, QueryResult};
 
 pub const DEFAULT_LIMIT: usize = 500;
 pub const MAX_LIMIT: usize = 10_000;
@@ -160,25 +162,40 @@ fn is_llm_span() -> Expr {
         .or(non_empty("gen_ai.provider.name"))
 }
 
+/// The span objects of `result` as a JSON list, or as one object (the
+/// result's only row), counted in the query memory until sent.
+async fn span_objects(result: QueryResult, list: bool) -> Result<Bytes, ApiError> {
+    // Encoding a large trace takes a while: off the runtime that serves writes.
+    tokio::task::spawn_blocking(move || {
+        result.encode("JSON", |_, batches, out| match list {
+            true => {
+                out.write_all(b"[")?;
+                json_objects(batches, is_json_column, out)?;
+                out.write_all(b"]")
+            }
+            false => json_objects(batches, is_json_column, out),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+}
+
 impl QueryEngine {
-    async fn spans_query<F, Fut>(
+    /// A JSON list of the span objects `build` selects.
+    async fn span_list<F, Fut>(
         &self,
         p: &Principal,
         range: TimeRange,
         max_rows: usize,
         build: F,
-    ) -> Result<Vec<Value>, ApiError>
+    ) -> Result<Bytes, ApiError>
     where
         F: FnOnce(SessionContext) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = datafusion::common::Result<DataFrame>> + Send,
     {
         p.require_endpoint("read", SPANS)?;
         let result = self.run(p, range, max_rows, build).await?;
-        // Parsing every JSON cell of a large trace takes a while: off the
-        // runtime that serves writes.
-        tokio::task::spawn_blocking(move || json_objects(&result.batches, is_json_column))
-            .await
-            .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))
+        span_objects(result, true).await
     }
 
     /// `GET /otel/span-service-names`: sorted distinct service names.
@@ -201,19 +218,28 @@ impl QueryEngine {
             }
             return Ok(names.into_iter().map(Value::String).collect());
         }
-        let rows = self
-            .spans_query(p, TimeRange::default(), usize::MAX, |ctx| async move {
+        p.require_endpoint("read", SPANS)?;
+        let result = self
+            .run(p, TimeRange::default(), usize::MAX, |ctx| async move {
                 ctx.table(SPANS)
                     .await?
                     .select(vec![col("service_name")])?
-                    .distinct()?
-                    .sort(vec![col("service_name").sort(true, true)])
+                    .distinct()
             })
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|mut r| r["service_name"].take())
-            .collect())
+        let mut names = BTreeSet::new();
+        for c in result
+            .batches
+            .iter()
+            .filter_map(|b| b.column_by_name("service_name"))
+        {
+            for r in 0..c.len() {
+                if let Value::String(name) = cell(c.as_ref(), r) {
+                    names.insert(name);
+                }
+            }
+        }
+        Ok(names.into_iter().map(Value::String).collect())
     }
 
     /// Root spans of a service, newest first; with `llm_only`, only roots of
@@ -224,7 +250,7 @@ impl QueryEngine {
         service: &str,
         params: &ListParams,
         llm_only: bool,
-    ) -> Result<Vec<Value>, ApiError> {
+    ) -> Result<Bytes, ApiError> {
         let service = service_param(service)?;
         let page = params.page()?;
         let range = page.range;
@@ -239,7 +265,7 @@ impl QueryEngine {
             },
             false => range,
         };
-        self.spans_query(p, scanned, page.limit, move |ctx| async move {
+        self.span_list(p, scanned, page.limit, move |ctx| async move {
             let mut pred = col("service_name")
                 .eq(lit(service.clone()))
                 .and(col("parent_span_id").is_null());
@@ -275,11 +301,11 @@ impl QueryEngine {
         p: &Principal,
         service: &str,
         params: &ListParams,
-    ) -> Result<Vec<Value>, ApiError> {
+    ) -> Result<Bytes, ApiError> {
         let service = service_param(service)?;
         let page = params.page()?;
         let range = page.range;
-        self.spans_query(p, range, page.limit, move |ctx| async move {
+        self.span_list(p, range, page.limit, move |ctx| async move {
             let mut pred = col("service_name")
                 .eq(lit(service))
                 .and(col("junjo_span_type").eq(lit("workflow")));
@@ -296,9 +322,9 @@ impl QueryEngine {
     }
 
     /// Every span of a trace, oldest first.
-    pub async fn trace_spans(&self, p: &Principal, trace_id: &str) -> Result<Vec<Value>, ApiError> {
+    pub async fn trace_spans(&self, p: &Principal, trace_id: &str) -> Result<Bytes, ApiError> {
         let trace_id = hex_id("trace_id", trace_id, 32)?;
-        self.spans_query(
+        self.span_list(
             p,
             TimeRange::default(),
             MAX_TRACE_SPANS,
@@ -321,11 +347,12 @@ impl QueryEngine {
         p: &Principal,
         trace_id: &str,
         span_id: &str,
-    ) -> Result<Option<Value>, ApiError> {
+    ) -> Result<Option<Bytes>, ApiError> {
         let trace_id = hex_id("trace_id", trace_id, 32)?;
         let span_id = hex_id("span_id", span_id, 16)?;
-        let rows = self
-            .spans_query(p, TimeRange::default(), 1, move |ctx| async move {
+        p.require_endpoint("read", SPANS)?;
+        let result = self
+            .run(p, TimeRange::default(), 1, move |ctx| async move {
                 ctx.table(SPANS)
                     .await?
                     .filter(
@@ -336,6 +363,9 @@ impl QueryEngine {
                     .limit(0, Some(1))
             })
             .await?;
-        Ok(rows.into_iter().next())
+        if result.rows() == 0 {
+            return Ok(None);
+        }
+        span_objects(result, false).await.map(Some)
     }
 }

@@ -512,6 +512,50 @@ async fn sql_limits_fail_clearly() {
     assert_eq!(st, 200);
 }
 
+/// The span endpoints' JSON counts against --query-memory like the SQL
+/// answer: a trace whose JSON would not fit is refused, not built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_answers_count_against_query_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    // Above the 10 MiB a sort reserves for its merge.
+    let server = Server::start(dir.path(), &["--query-memory", "32MiB"]).await;
+    let mut c = server.trace_client().await;
+    // Names of control characters: one byte each in the rows, six
+    // (`\u0001`) in JSON. Trace 1: 0.1 MB of rows, 0.6 MB of JSON;
+    // trace 2: 4 MB of rows, 24 MB of JSON (its buffer would reach 32 MiB).
+    for (trace, len) in [(1, 50_000), (2, 2_000_000)] {
+        let spans = (0..2)
+            .map(|n| Span {
+                name: "\u{1}".repeat(len),
+                ..span(trace, n, None)
+            })
+            .collect();
+        c.export(request("svc", spans)).await.unwrap();
+    }
+    let path = |trace| format!("/otel/trace/{}/nested-spans", trace_hex(trace));
+    let (st, small) = server.get_json(&path(1), Some(ADMIN_KEY)).await;
+    assert_eq!(st, 200, "{small}");
+    assert_eq!(ids(&small, "span_id"), [span_id_hex(0), span_id_hex(1)]);
+    assert_eq!(small[1]["name"].as_str().unwrap().len(), 50_000);
+    let (st, big) = server.get_json(&path(2), Some(ADMIN_KEY)).await;
+    assert_eq!(st, 422, "{big}");
+    assert!(
+        big["error"].as_str().unwrap().contains("encoded as JSON"),
+        "{big}"
+    );
+    // Every byte went back to the pool, and a span of that trace alone fits.
+    assert_eq!(server.metric("lakewriter_query_memory_bytes").await, 0.0);
+    let (st, one) = server
+        .get_json(
+            &format!("/otel/trace/{}/span/{}", trace_hex(2), span_id_hex(1)),
+            Some(ADMIN_KEY),
+        )
+        .await;
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(one["name"].as_str().unwrap().len(), 2_000_000);
+    assert_eq!(one["attributes_json"], json!({"n": 1}));
+}
+
 /// 2 M groups of 6 M rows: a hash table far bigger than 64 MiB.
 const BIG_GROUP_BY: &str = "SELECT count(*), sum(c), min(k), max(k) FROM \
     (SELECT value % 2000000 AS k, count(*) AS c FROM range(6000000) GROUP BY k)";
