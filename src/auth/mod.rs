@@ -53,6 +53,16 @@ impl Principal {
     }
 
     pub fn require(&self, scope: &str) -> Result<(), ApiError> {
+        // Administration (keys, every table, other tenants for `default`)
+        // reaches past any allow-list: a limited credential has none of it
+        // (keys are refused this at creation; tokens of other issuers may
+        // still claim it).
+        if scope == "admin" && self.endpoints.is_some() {
+            return Err(ApiError::new(
+                ErrorKind::Forbidden,
+                "a credential limited to some endpoints cannot use the \"admin\" scope",
+            ));
+        }
         if self.has(scope) {
             return Ok(());
         }
@@ -114,8 +124,15 @@ impl Credential {
         // The scheme name is case-insensitive (RFC 9110, 11.1).
         let (scheme, token) = auth.trim().split_once(' ').unwrap_or((auth.trim(), ""));
         if !scheme.eq_ignore_ascii_case("bearer") {
+            // Named only when it looks like a scheme: a bare key would be
+            // echoed into error messages, which clients log.
+            let named = scheme.len() <= 16 && scheme.bytes().all(|b| b.is_ascii_alphabetic());
+            let scheme = match named {
+                true => format!("the {scheme:?} scheme"),
+                false => "no scheme".into(),
+            };
             return malformed(format!(
-                "the authorization header uses the {scheme:?} scheme; send 'Bearer <API key or token>'"
+                "the authorization header uses {scheme}; send 'Bearer <API key or token>'"
             ));
         }
         match token.trim() {
@@ -132,6 +149,10 @@ impl Credential {
         Self::from_pairs(|k| h.get(k).map(|v| v.to_str().ok()))
     }
 }
+
+/// The id prefix of the key `LAKEWRITER_BOOTSTRAP_API_KEY` sets (a new id
+/// per key, so the tokens of a replaced one die with it).
+pub const BOOTSTRAP_ID: &str = "bootstrap";
 
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -261,6 +282,8 @@ impl Auth {
         Ok(auth)
     }
 
+    /// Stores `LAKEWRITER_BOOTSTRAP_API_KEY`, revoking the one set before,
+    /// or creates and prints an admin key when there is no key at all.
     fn bootstrap(&self, key: Option<&str>, data_dir: &Path) -> Result<(), Error> {
         let keys = ApiKeys::new(&self.db);
         let admin = |id: &str| KeyRecord {
@@ -274,10 +297,24 @@ impl Auth {
         };
         if let Some(key) = key {
             if keys.lookup(key)?.is_none() {
-                keys.insert(key, admin("bootstrap"))?;
+                let id = format!(
+                    "{BOOTSTRAP_ID}-{}",
+                    ulid::Ulid::new().to_string().to_lowercase()
+                );
+                keys.insert(key, admin(&id))?;
                 tracing::info!(
+                    %id,
                     "bootstrap admin key from LAKEWRITER_BOOTSTRAP_API_KEY stored (as a hash)"
                 );
+            }
+            // A bootstrap key set before is revoked, with its tokens (after
+            // the insert: a crash in between leaves it to the next start).
+            let hash = apikeys::hash_hex(key);
+            for old in keys.list()? {
+                if old.id.starts_with(BOOTSTRAP_ID) && old.hash != hash {
+                    keys.delete(&old.id)?;
+                    tracing::warn!(id = %old.id, "the previous bootstrap admin key is revoked");
+                }
             }
             return Ok(());
         }
@@ -312,7 +349,13 @@ impl Auth {
                 "missing credential: send x-junjo-api-key, x-api-key or authorization: Bearer",
             )),
             Some(Credential::ApiKey(k)) => self.check_key(&k),
-            Some(Credential::Bearer(t)) if t.starts_with(apikeys::KEY_PREFIX) => self.check_key(&t),
+            // A JWT is three dot-separated parts; anything else is an API
+            // key (a bootstrap key need not start with `lw_`).
+            Some(Credential::Bearer(t))
+                if t.starts_with(apikeys::KEY_PREFIX) || t.split('.').count() != 3 =>
+            {
+                self.check_key(&t)
+            }
             Some(Credential::Bearer(t)) => self.check_token(&t).await,
             Some(Credential::Malformed(reason)) => Err(unauthenticated(reason)),
         }
@@ -420,6 +463,11 @@ impl Auth {
         for e in endpoints.iter().flatten() {
             names::validate("endpoint", e)?;
         }
+        if endpoints.is_some() && scopes.iter().any(|s| s == "admin") {
+            return Err(ApiError::invalid(
+                "an admin key manages keys and every table of its tenant: it cannot have an endpoint allow-list",
+            ));
+        }
         if name.len() > 200 {
             return Err(ApiError::invalid("name is longer than 200 bytes"));
         }
@@ -499,10 +547,76 @@ mod tests {
         // Present but unusable: refused with a reason, never "no credential".
         assert!(malformed(&[("authorization", b"Basic dXNlcjpwdw==")]).contains("\"Basic\" scheme"));
         assert!(malformed(&[("authorization", b"Bearer ")]).contains("no bearer token"));
+        // A key without a scheme is not echoed back.
+        let m = malformed(&[("authorization", b"lw_secret_key_0123456789")]);
+        assert!(
+            m.contains("uses no scheme") && !m.contains("lw_secret"),
+            "{m}"
+        );
         assert!(malformed(&[("authorization", b"Bearer")]).contains("no bearer token"));
         assert!(malformed(&[("x-api-key", b"  ")]).contains("x-api-key header is empty"));
         assert!(malformed(&[("x-junjo-api-key", b"k\xff")]).contains("not visible ASCII"));
         assert!(malformed(&[("authorization", b"Bearer \xfe")]).contains("not visible ASCII"));
+    }
+
+    /// Administration reaches past an allow-list: a limited credential (a
+    /// token of another issuer may claim both) has none of it.
+    #[test]
+    fn a_limited_credential_cannot_administer() {
+        let p = Principal {
+            tenant: "acme".into(),
+            key_id: "k".into(),
+            scopes: vec!["admin".into()],
+            endpoints: Some(vec!["orders".into()]),
+        };
+        assert_eq!(p.require("admin").unwrap_err().kind, ErrorKind::Forbidden);
+        assert!(p.require_endpoint("write", "orders").is_ok());
+        assert!(p.require_endpoint("write", "spans").is_err());
+        let unlimited = Principal {
+            endpoints: None,
+            ..p
+        };
+        assert!(unlimited.require("admin").is_ok());
+    }
+
+    /// A new LAKEWRITER_BOOTSTRAP_API_KEY replaces the old one: the old key
+    /// (and its tokens) stop working, and the id names one key.
+    #[tokio::test]
+    async fn a_new_bootstrap_key_revokes_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = crate::wal::Wal::open(dir.path(), 8).unwrap();
+        let open = |key: &str| {
+            let cfg = AuthConfig {
+                bootstrap_api_key: Some(key.into()),
+                ..Default::default()
+            };
+            Auth::open(wal.db().clone(), &cfg, dir.path()).unwrap()
+        };
+        let (old, new) = ("lw_bootstrap-old-0123456789", "lw_bootstrap-new-0123456789");
+        let auth = open(old);
+        let (token, _) = auth.issue_token(old).unwrap();
+        assert!(auth
+            .authenticate(Some(Credential::Bearer(token.clone())))
+            .await
+            .is_ok());
+        drop(auth);
+        // Started again with the same key: nothing changes.
+        let auth = open(old);
+        assert_eq!(auth.keys().list().unwrap().len(), 1);
+        drop(auth);
+        let auth = open(new);
+        for cred in [Credential::ApiKey(old.into()), Credential::Bearer(token)] {
+            let err = auth.authenticate(Some(cred)).await.unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Unauthenticated, "{}", err.message);
+        }
+        let p = auth
+            .authenticate(Some(Credential::ApiKey(new.into())))
+            .await
+            .unwrap();
+        assert!(p.key_id.starts_with(BOOTSTRAP_ID), "{}", p.key_id);
+        let listed = auth.keys().list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].hash, apikeys::hash_hex(new));
     }
 
     /// A check that read the key store just before a deletion caches

@@ -319,7 +319,9 @@ where
         let p = super::principal(&s.auth, &headers)
             .await
             .map_err(|e| Failure::api(e, enc))?;
-        // Over budget: refuse before reading and decoding the body.
+        // A credential that may not write, or a server over budget, is
+        // refused before the body is read and decoded.
+        p.require("write").map_err(|e| Failure::api(e, enc))?;
         s.ingestor.admit().map_err(|e| Failure::api(e, enc))?;
         let bytes = read_body(&headers, body, s.max_request_size, enc).await?;
         let req = R::decode(bytes, enc).inspect_err(|_| METRICS.ingest_rejected.inc())?;

@@ -72,7 +72,8 @@ impl<S> Authenticated<S> {
         }
     }
 
-    /// Also refuses authenticated calls while memtables are over budget
+    /// For a write service: also refuses credentials without the `write`
+    /// scope, and authenticated calls while memtables are over budget
     /// ([`Ingestor::admit`]), before their body is decoded: under overload a
     /// retrying OTLP exporter then costs a header check, not a decode. The
     /// credential comes first, so a bad one is UNAUTHENTICATED, never a
@@ -118,7 +119,12 @@ where
             let checked = auth
                 .authenticate(Credential::from_http(req.headers()))
                 .await
-                .and_then(|p| admit.map_or(Ok(()), |i| i.admit()).map(|()| p));
+                .and_then(|p| match admit {
+                    // A write service: a credential that may not write is
+                    // refused before the body is decoded too.
+                    Some(i) => p.require("write").and_then(|()| i.admit()).map(|()| p),
+                    None => Ok(p),
+                });
             match checked {
                 Ok(p) => {
                     req.extensions_mut().insert(p);

@@ -218,6 +218,19 @@ async fn scopes_endpoints_bad_credentials_and_bad_names() {
     )
     .await;
     assert_eq!(status, 400);
+    // An allow-list limits a key; an admin key would reach past it (minting
+    // an unlimited key), so the two do not go together.
+    let (status, body) = create_key(
+        &server,
+        ADMIN_KEY,
+        json!({"tenant": "acme", "scopes": ["admin"], "endpoints": ["orders"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("allow-list"),
+        "{body}"
+    );
     // Non-admin keys cannot manage keys; a tenant admin cannot touch other tenants.
     let (status, _) = create_key(
         &server,
