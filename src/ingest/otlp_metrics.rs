@@ -285,6 +285,14 @@ impl Common {
     }
 }
 
+/// Exemplar ids are empty or of their OTLP length (as spans' and logs'
+/// are; a point with one of another length is rejected).
+fn exemplar_ids_ok(exemplars: &[Exemplar]) -> bool {
+    exemplars
+        .iter()
+        .all(|e| matches!(e.trace_id.len(), 0 | 16) && matches!(e.span_id.len(), 0 | 8))
+}
+
 fn exemplars_json(exemplars: &[Exemplar]) -> Result<String, ValueError> {
     let mut s = String::from("[");
     for (i, e) in exemplars.iter().enumerate() {
@@ -584,7 +592,7 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
                 match &metric.data {
                     Some(Data::Gauge(g)) => {
                         for p in &g.data_points {
-                            let ok = p.time_unix_nano != 0;
+                            let ok = p.time_unix_nano != 0 && exemplar_ids_ok(&p.exemplars);
                             keep(
                                 p.time_unix_nano,
                                 ok_then(ok, || b.gauge.append(&m, p, None)),
@@ -594,13 +602,13 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
                     Some(Data::Sum(s)) => {
                         let sum = Some((s.aggregation_temporality, s.is_monotonic));
                         for p in &s.data_points {
-                            let ok = p.time_unix_nano != 0;
+                            let ok = p.time_unix_nano != 0 && exemplar_ids_ok(&p.exemplars);
                             keep(p.time_unix_nano, ok_then(ok, || b.sum.append(&m, p, sum)))?;
                         }
                     }
                     Some(Data::Histogram(h)) => {
                         for p in &h.data_points {
-                            let ok = p.time_unix_nano != 0;
+                            let ok = p.time_unix_nano != 0 && exemplar_ids_ok(&p.exemplars);
                             let t = h.aggregation_temporality;
                             keep(
                                 p.time_unix_nano,
@@ -610,7 +618,7 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
                     }
                     Some(Data::ExponentialHistogram(h)) => {
                         for p in &h.data_points {
-                            let ok = p.time_unix_nano != 0;
+                            let ok = p.time_unix_nano != 0 && exemplar_ids_ok(&p.exemplars);
                             let t = h.aggregation_temporality;
                             keep(
                                 p.time_unix_nano,
@@ -640,7 +648,7 @@ pub fn convert(req: &ExportMetricsServiceRequest) -> Result<MetricRows, Error> {
         }
         if other > 0 {
             why.push(format!(
-                "{other} without a value or with bucket_counts not matching explicit_bounds"
+                "{other} without a value, with bucket_counts not matching explicit_bounds, or with an exemplar trace_id/span_id not 16/8 bytes"
             ));
         }
         format!("{rejected} data point(s) rejected: {}", why.join(", "))
@@ -759,6 +767,36 @@ mod tests {
     }
 
     #[test]
+    fn an_exemplar_id_of_the_wrong_length_rejects_its_point() {
+        use number_data_point::Value::AsInt;
+        let ex = |trace: usize, span: usize| Exemplar {
+            trace_id: vec![1; trace],
+            span_id: vec![2; span],
+            ..Default::default()
+        };
+        let point = |t, exemplars| NumberDataPoint {
+            exemplars,
+            ..num(t, Some(AsInt(1)))
+        };
+        let req = request(vec![metric(
+            "g",
+            Data::Gauge(Gauge {
+                data_points: vec![
+                    point(1, vec![ex(16, 8), ex(0, 0)]),
+                    point(2, vec![ex(3, 8)]),
+                    point(3, vec![ex(16, 9)]),
+                ],
+            }),
+        )]);
+        let rows = convert(&req).unwrap();
+        assert_eq!((rows.points, rows.rejected), (1, 2));
+        assert!(rows
+            .reject_reason
+            .unwrap()
+            .contains("exemplar trace_id/span_id"));
+    }
+
+    #[test]
     fn every_point_type_lands_in_its_table() {
         use number_data_point::Value::{AsDouble, AsInt};
         let req = request(vec![
@@ -834,7 +872,7 @@ mod tests {
         assert_eq!(rows.rejected, 3);
         assert_eq!(
             rows.reject_reason.as_deref(),
-            Some("3 data point(s) rejected: 1 without time_unix_nano, 2 without a value or with bucket_counts not matching explicit_bounds")
+            Some("3 data point(s) rejected: 1 without time_unix_nano, 2 without a value, with bucket_counts not matching explicit_bounds, or with an exemplar trace_id/span_id not 16/8 bytes")
         );
         let names: Vec<_> = rows.tables.iter().map(|t| t.0).collect();
         assert_eq!(names, TABLES);

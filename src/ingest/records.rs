@@ -151,6 +151,14 @@ fn data_hint(rows: usize) -> usize {
     rows.saturating_mul(16).min(1 << 20)
 }
 
+/// `array` without the capacity its builder reserved and did not use: the
+/// memtable budget counts capacity, and a batch over many sparse string
+/// fields would otherwise hold `data_hint` unused bytes for each.
+fn shrunk<A: Array>(mut array: A) -> A {
+    array.shrink_to_fit();
+    array
+}
+
 enum Builder {
     String(StringBuilder),
     Int64(Int64Builder),
@@ -209,11 +217,11 @@ impl Builder {
 
     fn finish(self) -> ArrayRef {
         match self {
-            Self::String(mut b) => Arc::new(b.finish()),
+            Self::String(mut b) => Arc::new(shrunk(b.finish())),
             Self::Int64(mut b) => Arc::new(b.finish()),
             Self::Double(mut b) => Arc::new(b.finish()),
             Self::Bool(mut b) => Arc::new(b.finish()),
-            Self::Bytes(mut b) => Arc::new(b.finish()),
+            Self::Bytes(mut b) => Arc::new(shrunk(b.finish())),
             Self::Timestamp(mut b) => Arc::new(b.finish().with_timezone("UTC")),
         }
     }
@@ -337,7 +345,7 @@ pub fn from_records(
         }
     }
     let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(event_id.finish()),
+        Arc::new(shrunk(event_id.finish())),
         Arc::new(ts.finish().with_timezone("UTC")),
         Arc::new(version.finish()),
     ];
@@ -704,6 +712,27 @@ mod tests {
         records.truncate(20_000);
         let b = from_records(&reg, &t, &records).unwrap();
         assert_eq!((b.num_rows(), b.num_columns()), (20_000, 1003));
+    }
+
+    /// Many sparse string fields cost their nulls (offsets, validity), not
+    /// the value bytes each column's builder reserved up front.
+    #[test]
+    fn sparse_string_fields_hold_no_unused_capacity() {
+        let (_d, reg) = registry();
+        let t = TableId::new("t", "sparse_strings");
+        let names: Vec<String> = (0..500).map(|i| format!("s{i}")).collect();
+        let records: Vec<_> = (0..20_000)
+            .map(|i| {
+                let value = Some(Kind::StringValue("v".into()));
+                rec("e", vec![(names[i % 500].as_str(), value)])
+            })
+            .collect();
+        let b = from_records(&reg, &t, &records).unwrap();
+        assert_eq!((b.num_rows(), b.num_columns()), (20_000, 503));
+        // 4 bytes of offsets and a bit of validity per cell; the 320 KB of
+        // values each builder reserved (160 MB in all) is given back.
+        let bytes = crate::memtable::batch_bytes(&b) as usize;
+        assert!(bytes < 20_000 * 503 * 5, "{bytes}");
     }
 
     #[test]
