@@ -69,9 +69,11 @@ pub struct Compacted {
 }
 
 /// Groups of files to merge: per (date, hour), this node's files oldest
-/// first, cut at `max_rows` rows and `max_bytes` of Parquet; groups of one
-/// are left alone, and so are hours that end after `settled` (ms since the
-/// epoch) when it is given.
+/// first, cut at `max_rows` rows and `max_bytes` decoded (what the merge
+/// holds, and checks again: a group cut on Parquet sizes would be cut again
+/// there, and planned the same way every pass); groups of one are left
+/// alone, and so are hours that end after `settled` (ms since the epoch)
+/// when it is given.
 pub fn plan(
     files: &[Arc<FileMeta>],
     node: &str,
@@ -83,7 +85,11 @@ pub fn plan(
     let mut partitions: BTreeMap<(&str, u8), Vec<&Arc<FileMeta>>> = BTreeMap::new();
     for f in files {
         let in_time = settled.is_none_or(|s| f.hour_end_ms().is_some_and(|end| end <= s));
-        if in_time && f.path.ends_with(&suffix) && f.rows < max_rows && f.bytes < max_bytes {
+        if in_time
+            && f.path.ends_with(&suffix)
+            && f.rows < max_rows
+            && f.decoded_or_stored() < max_bytes
+        {
             partitions.entry((&f.date, f.hour)).or_default().push(f);
         }
     }
@@ -93,7 +99,8 @@ pub fn plan(
         let mut group: Vec<Arc<FileMeta>> = Vec::new();
         let (mut rows, mut bytes) = (0, 0);
         for f in small {
-            if !group.is_empty() && (rows + f.rows > max_rows || bytes + f.bytes > max_bytes) {
+            let size = f.decoded_or_stored();
+            if !group.is_empty() && (rows + f.rows > max_rows || bytes + size > max_bytes) {
                 if group.len() > 1 {
                     groups.push(std::mem::take(&mut group));
                 }
@@ -101,7 +108,7 @@ pub fn plan(
                 (rows, bytes) = (0, 0);
             }
             rows += f.rows;
-            bytes += f.bytes;
+            bytes += size;
             group.push(f.clone());
         }
         if group.len() > 1 {
@@ -200,10 +207,13 @@ impl Flusher {
                     path: f.path.clone(),
                     source,
                 })?;
-            let size = uncompressed(&bytes).map_err(|source| Error::Encode {
-                table: table.clone(),
-                source,
-            })?;
+            let size = match f.decoded_bytes {
+                Some(size) => size,
+                None => uncompressed(&bytes).map_err(|source| Error::Encode {
+                    table: table.clone(),
+                    source,
+                })?,
+            };
             if !inputs.is_empty() && decoded + size > self.cfg.bytes {
                 break;
             }
@@ -286,6 +296,7 @@ impl Flusher {
                 .unwrap_or_default(),
             created_at_ms: now_ms(),
             service_names: Some(enc.service_names),
+            decoded_bytes: Some(enc.decoded_bytes),
         };
         self.record_merge(UnrecordedMerge {
             table: table.clone(),
@@ -466,12 +477,7 @@ impl Flusher {
 /// decode to).
 fn uncompressed(bytes: &Bytes) -> Result<u64, pq::Error> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
-    Ok(reader
-        .metadata()
-        .row_groups()
-        .iter()
-        .map(|rg| rg.total_byte_size().max(0) as u64)
-        .sum())
+    Ok(pq::decoded_size(reader.metadata().row_groups()))
 }
 
 #[cfg(test)]
@@ -511,6 +517,19 @@ mod tests {
         // The byte limit cuts too (10 bytes a row).
         let got: Vec<Vec<String>> = plan(&files, "n", 100, 750, None).iter().map(ids).collect();
         assert_eq!(got, vec![vec!["c", "d"], vec!["h", "i"]]);
+        // Decoded sizes, when recorded, cut instead: 400 bytes of Parquet
+        // each, a and b would fit 1000 bytes; decoded they take 1200.
+        let decoded: Vec<_> = files[..2]
+            .iter()
+            .map(|f| {
+                Arc::new(FileMeta {
+                    decoded_bytes: Some(600),
+                    ..(**f).clone()
+                })
+            })
+            .collect();
+        assert!(plan(&decoded, "n", 100, 1000, None).is_empty());
+        assert_eq!(plan(&decoded, "n", 100, 1200, None).len(), 1);
         // Hours not yet settled wait: hour 3 ends at 04:00.
         let at = |h: u64, m: u64| 1_795_392_000_000 + (h * 60 + m) * 60_000; // 2026-11-23
         let got: Vec<Vec<String>> = plan(&files, "n", 100, 1 << 20, Some(at(3, 59)))

@@ -49,6 +49,10 @@ pub struct FileMeta {
     /// column); None in files recorded before this field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_names: Option<Vec<String>>,
+    /// The rows' size decoded (what compaction cuts its groups at); None
+    /// in files recorded before this field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoded_bytes: Option<u64>,
 }
 
 impl FileMeta {
@@ -71,7 +75,13 @@ impl FileMeta {
             max_seq: String::new(),
             created_at_ms: 0,
             service_names: None,
+            decoded_bytes: None,
         }
+    }
+
+    /// Its size decoded, or the Parquet size when that is not recorded.
+    pub fn decoded_or_stored(&self) -> u64 {
+        self.decoded_bytes.unwrap_or(self.bytes)
     }
 
     pub fn table(&self) -> TableId {

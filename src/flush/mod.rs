@@ -433,6 +433,7 @@ impl Flusher {
                 max_seq: frozen.max_seq.to_string(),
                 created_at_ms: now_ms(),
                 service_names: Some(enc.service_names),
+                decoded_bytes: Some(enc.decoded_bytes),
             });
         }
         Ok(files)
@@ -468,14 +469,15 @@ impl Flusher {
                     .is_some_and(|n| n.ends_with(&suffix));
             if (published && !recorded.contains(&path)) || staging {
                 tracing::warn!(%path, "removing a file the manifest does not list (left by a crash, or merged away or expired while a snapshot lease held it)");
-                self.lake
-                    .delete(&path)
-                    .await
-                    .map_err(|source| Error::Publish {
-                        path: path.clone(),
-                        source,
-                    })?;
-                removed.push(path);
+                // One that cannot go now (a permission, a store's hiccup)
+                // stays until the next start: it is in no query of ours,
+                // and the server is more use running.
+                match self.lake.delete(&path).await {
+                    Ok(()) => removed.push(path),
+                    Err(error) => {
+                        tracing::error!(%path, %error, "could not remove a file the manifest does not list; the next start tries again")
+                    }
+                }
             }
         }
         // Expired files a crash left leave their hour empty.

@@ -72,6 +72,8 @@ pub struct Encoded {
     /// Distinct `service_name` values, sorted (empty for tables without one).
     pub service_names: Vec<String>,
     pub bytes: Bytes,
+    /// The rows' size decoded (the row groups' uncompressed bytes).
+    pub decoded_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -378,7 +380,9 @@ impl Part {
         Ok(done)
     }
 
-    fn finish(self) -> Result<Encoded> {
+    fn finish(mut self) -> Result<Encoded> {
+        self.writer.flush()?;
+        let decoded_bytes = decoded_size(self.writer.flushed_row_groups());
         let bytes = self.writer.into_inner()?;
         let dt = chrono::DateTime::from_timestamp(self.hour_bucket * 3600, 0).unwrap_or_default();
         Ok(Encoded {
@@ -389,8 +393,17 @@ impl Part {
             max_time_ns: self.max_time_ns,
             service_names: self.services.into_iter().collect(),
             bytes: Bytes::from(bytes),
+            decoded_bytes,
         })
     }
+}
+
+/// The uncompressed size of a file's row groups (what its rows take decoded).
+pub fn decoded_size(row_groups: &[parquet::file::metadata::RowGroupMetaData]) -> u64 {
+    row_groups
+        .iter()
+        .map(|rg| rg.total_byte_size().max(0) as u64)
+        .sum()
 }
 
 /// Sorted distinct values of a string column (empty when there is none).

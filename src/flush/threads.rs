@@ -1,4 +1,4 @@
-//! The two threads Parquet encoding runs on, both off the request path.
+//! The threads Parquet encoding runs on, all off the request path.
 //!
 //! A scheduled flush encodes on the *background* thread, which runs at idle
 //! CPU priority (Linux `SCHED_IDLE`; nice 19 where that is refused): it only
@@ -14,6 +14,10 @@
 //! It is cancelled (it stops at its next step) and the foreground thread
 //! encodes the same frozen rows from the start. A thread's priority can be
 //! lowered without privileges but not raised again, hence two threads.
+//!
+//! Compaction encodes on a third thread, at idle priority too and never
+//! hurried: a merge of many minutes' rows must not hold up a flush queued
+//! behind it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -53,6 +57,7 @@ impl Ticket {
 pub struct EncodeThreads {
     background: mpsc::Sender<Job>,
     foreground: mpsc::Sender<Job>,
+    compaction: mpsc::Sender<Job>,
     hurry: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
@@ -62,23 +67,25 @@ type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Encod
 const HURRY_CHECK: Duration = Duration::from_millis(50);
 
 impl EncodeThreads {
-    /// Starts both threads; `hurry` says whether a flush should encode at
+    /// Starts the threads; `hurry` says whether a flush should encode at
     /// normal priority.
     pub fn start(hurry: impl Fn() -> bool + Send + Sync + 'static) -> std::io::Result<Self> {
-        let (foreground, fg_rx) = mpsc::channel::<Job>();
-        let (background, bg_rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("flush-encode".into())
-            .spawn(move || fg_rx.into_iter().for_each(run))?;
-        std::thread::Builder::new()
-            .name("flush-encode-bg".into())
-            .spawn(move || {
-                lower_priority();
-                bg_rx.into_iter().for_each(run)
-            })?;
+        let thread = |name: &str, idle: bool| -> std::io::Result<mpsc::Sender<Job>> {
+            let (tx, rx) = mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    if idle {
+                        lower_priority();
+                    }
+                    rx.into_iter().for_each(run)
+                })?;
+            Ok(tx)
+        };
         Ok(Self {
-            background,
-            foreground,
+            foreground: thread("flush-encode", false)?,
+            background: thread("flush-encode-bg", true)?,
+            compaction: thread("compact-encode", true)?,
             hurry: Box::new(hurry),
         })
     }
@@ -103,11 +110,12 @@ impl EncodeThreads {
         }
     }
 
-    /// Encodes on the idle-priority thread to the end, never hurried:
-    /// for work nothing waits on (compaction), which must not take the
-    /// normal-priority thread from flushes that fell behind.
+    /// Encodes on the compaction thread (idle priority) to the end, never
+    /// hurried: for work nothing waits on, which must take neither the
+    /// normal-priority thread from flushes that fell behind nor the
+    /// background one from flushes queued after it.
     pub async fn encode_idle(&self, start: Start) -> Result<Vec<Encoded>> {
-        self.submit(&self.background, start).1.await
+        self.submit(&self.compaction, start).1.await
     }
 
     fn submit(&self, queue: &mpsc::Sender<Job>, start: Start) -> (Arc<Ticket>, Reply) {
