@@ -366,7 +366,19 @@ async fn replay(
     let mut pending_bytes = 0u64;
     let max_pending_bytes = (cfg.flush.memtable_budget / 8).max(1 << 20);
     for item in wal.replay_after(from) {
-        let (seq, entry) = item?;
+        let (seq, entry) = match item {
+            Ok(found) => found,
+            // Acknowledged, so kept (apart) even when it no longer decodes;
+            // the rest of the log replays.
+            Err(crate::wal::Error::Corrupt { key, source }) => {
+                wal.set_aside(key, &format!("corrupt: {source}"))?;
+                set_aside += 1;
+                entries += 1;
+                tracing::error!(seq = %key, error = %source, "WAL entry does not decode; kept in the wal_rejected column family");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         match rows_for_entry(&entry, schemas) {
             Ok(r) => {
                 rows += r.iter().map(|(_, b)| b.num_rows() as u64).sum::<u64>();

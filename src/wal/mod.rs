@@ -574,8 +574,9 @@ impl Wal {
         Ok(())
     }
 
-    /// The entries [`Wal::set_aside`] kept: key, reason, entry.
-    pub fn set_aside_entries(&self) -> Result<Vec<(Ulid, String, WalEntry)>> {
+    /// The entries [`Wal::set_aside`] kept: key, reason, the entry as it
+    /// was stored (it may not decode: a corrupt one is kept too).
+    pub fn set_aside_entries(&self) -> Result<Vec<(Ulid, String, Vec<u8>)>> {
         let cf = self
             .db
             .cf_handle(CF_REJECTED)
@@ -594,8 +595,11 @@ impl Wal {
             let reason = v
                 .get(4..4 + len)
                 .ok_or_else(|| corrupt(entry::DecodeError::Truncated(4)))?;
-            let e = WalEntry::decode(&v[4 + len..]).map_err(corrupt)?;
-            out.push((key, String::from_utf8_lossy(reason).into_owned(), e));
+            out.push((
+                key,
+                String::from_utf8_lossy(reason).into_owned(),
+                v[4 + len..].to_vec(),
+            ));
         }
         Ok(out)
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use arrow::array::AsArray;
 use arrow::datatypes::{Int64Type, TimestampNanosecondType};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue};
 use opentelemetry_proto::tonic::trace::v1::span::Event;
@@ -308,8 +309,8 @@ async fn unflushed_writes_survive_kill9_and_replay_exactly_once() {
 }
 
 /// An acknowledged entry that replay can no longer convert (a limit tightened
-/// by an upgrade, say) is kept apart with its reason, never silently dropped,
-/// and the entries around it replay as usual.
+/// by an upgrade, say), or no longer decodes, is kept apart with its reason,
+/// never silently dropped, and the entries around it replay as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_that_no_longer_converts_is_set_aside_not_dropped() {
     use lakewriter::wal::entry::{PayloadKind, WalEntry};
@@ -327,9 +328,13 @@ async fn an_entry_that_no_longer_converts_is_set_aside_not_dropped() {
         endpoint: "spans".into(),
         payload: bytes::Bytes::from_static(b"\xff\xff\xff not protobuf"),
     };
+    let garbage = b"\x00 not an entry".to_vec();
     {
         let wal = lakewriter::wal::Wal::open(&dir.path().join("wal"), 8).unwrap();
         wal.append(&bad, |_| {}).await.unwrap();
+        let cf = wal.db().cf_handle(lakewriter::wal::CF_WAL).unwrap();
+        let key = ulid::Ulid::new().to_bytes();
+        wal.db().put_cf(&cf, key, &garbage).unwrap();
     }
     server.restart().await;
     let mut client = server.trace_client().await;
@@ -350,9 +355,11 @@ async fn an_entry_that_no_longer_converts_is_set_aside_not_dropped() {
     server.stop();
     let wal = lakewriter::wal::Wal::open(&dir.path().join("wal"), 8).unwrap();
     let kept = wal.set_aside_entries().unwrap();
-    assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_eq!(kept[0].2, bad);
-    assert!(!kept[0].1.is_empty());
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let (corrupt, converts): (Vec<_>, Vec<_>) = kept.iter().partition(|k| k.2 == garbage);
+    assert_eq!(WalEntry::decode(&converts[0].2).unwrap(), bad);
+    assert!(!converts[0].1.is_empty());
+    assert!(corrupt[0].1.starts_with("corrupt: "), "{}", corrupt[0].1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1368,12 +1375,71 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Fills `path` with `bytes` of zeros, synced.
+fn fill(path: &std::path::Path, bytes: u64) {
+    use std::io::Write;
+    let chunk = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::create(path).unwrap();
+    for _ in 0..bytes >> 20 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Requests of 50 spans with 2 KiB of incompressible text each (they fill
+/// a disk quickly), span ids counting up from 0.
+struct NoisySpans {
+    noise: u64,
+    next: u64,
+}
+
+impl NoisySpans {
+    fn new() -> Self {
+        Self {
+            noise: 0x9e37_79b9_7f4a_7c15,
+            next: 0,
+        }
+    }
+
+    fn batch(&mut self) -> ExportTraceServiceRequest {
+        let spans = (0..50)
+            .map(|_| {
+                let mut s = span(self.next / 50, self.next, None);
+                let text: String = (0..128)
+                    .map(|_| {
+                        self.noise ^= self.noise << 13;
+                        self.noise ^= self.noise >> 7;
+                        self.noise ^= self.noise << 17;
+                        format!("{:016x}", self.noise)
+                    })
+                    .collect();
+                s.attributes.push(kv("noise", sv(&text)));
+                self.next += 1;
+                s
+            })
+            .collect();
+        request("disk", spans)
+    }
+
+    /// Exports until one is refused (counting the acked spans); the refusal.
+    async fn until_refused(&mut self, client: &mut TraceClient, acked: &mut u64) -> tonic::Status {
+        loop {
+            match client.export(self.batch()).await {
+                Ok(_) => *acked += 50,
+                Err(status) => return status,
+            }
+            assert!(*acked < 200_000, "the disk never filled up");
+        }
+    }
+}
+
 /// A full disk: exports are refused with UNAVAILABLE (OTLP exporters retry
 /// it) and a clear message, `/health` answers 503, and once space is freed
 /// writes come back by themselves (RocksDB's own recovery, which needs its
 /// largest memtable's size free: 256 MiB). Every acknowledged span is
 /// there exactly once, across a `kill -9` too, and the lake holds exactly
 /// the files the manifest lists (flushes that failed meanwhile left none).
+/// A `kill -9` while the disk is full loses nothing acknowledged either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -1384,52 +1450,16 @@ async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
     // Filled before the start: RocksDB preallocates its log file's space
     // (70 MiB), which would otherwise take a while to fill.
     let filler = dir.path().join("filler");
-    let room = fs.available().saturating_sub(24 << 20);
-    let chunk = vec![0u8; 1 << 20];
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        for _ in 0..room >> 20 {
-            f.write_all(&chunk).unwrap();
-        }
-        f.sync_all().unwrap();
-    }
+    fill(&filler, fs.available().saturating_sub(24 << 20));
     let mut server = Server::start(dir.path(), &["--flush-age", "1s"]).await;
     let mut client = server.trace_client().await;
-    // Spans with 2 KiB of incompressible text each fill the disk quickly.
-    let mut noise = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = 0u64;
-    let mut batch = |next: &mut u64| {
-        let spans = (0..50)
-            .map(|_| {
-                let mut s = span(*next / 50, *next, None);
-                let text: String = (0..128)
-                    .map(|_| {
-                        noise ^= noise << 13;
-                        noise ^= noise >> 7;
-                        noise ^= noise << 17;
-                        format!("{:016x}", noise)
-                    })
-                    .collect();
-                s.attributes.push(kv("noise", sv(&text)));
-                *next += 1;
-                s
-            })
-            .collect();
-        request("disk", spans)
-    };
+    let mut spans = NoisySpans::new();
     let mut acked = 0u64;
     for _ in 0..20 {
-        client.export(batch(&mut next)).await.unwrap();
+        client.export(spans.batch()).await.unwrap();
         acked += 50;
     }
-    let refused = loop {
-        match client.export(batch(&mut next)).await {
-            Ok(_) => acked += 50,
-            Err(status) => break status,
-        }
-        assert!(acked < 200_000, "24 MiB never filled up");
-    };
+    let refused = spans.until_refused(&mut client, &mut acked).await;
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("disk is full"), "{refused:?}");
     let health = reqwest::get(format!("{}/health", server.http()))
@@ -1446,7 +1476,7 @@ async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
     let freed = std::time::Instant::now();
     let deadline = freed + Duration::from_secs(60);
     loop {
-        match client.export(batch(&mut next)).await {
+        match client.export(spans.batch()).await {
             Ok(_) => {
                 acked += 50;
                 eprintln!(
@@ -1465,7 +1495,7 @@ async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for _ in 0..5 {
-        client.export(batch(&mut next)).await.unwrap();
+        client.export(spans.batch()).await.unwrap();
         acked += 50;
     }
     let health = reqwest::get(format!("{}/health", server.http()))
@@ -1504,6 +1534,33 @@ async fn a_full_disk_refuses_writes_until_space_is_freed_and_loses_nothing() {
         .await;
     assert_eq!(status, 200, "{rows}");
     assert_eq!(rows["rows"][0], serde_json::json!([acked, acked]));
+
+    // kill -9 while the disk is full (the WAL's last write failed part
+    // way), then free the space and start again: every acknowledged span
+    // is there once, and the refused request wholly or not at all.
+    server.kill9();
+    fill(&filler, fs.available().saturating_sub(24 << 20));
+    server.restart().await;
+    let mut client = server.trace_client().await;
+    let refused = spans.until_refused(&mut client, &mut acked).await;
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    server.kill9();
+    std::fs::remove_file(&filler).unwrap();
+    server.restart().await;
+    let (status, rows) = server
+        .sql(
+            ADMIN_KEY,
+            "SELECT count(*), count(DISTINCT span_id) FROM spans",
+        )
+        .await;
+    assert_eq!(status, 200, "{rows}");
+    let found = rows["rows"][0][0].as_u64().unwrap();
+    eprintln!("after a kill -9 on a full disk: {found} rows, {acked} acked");
+    assert!(
+        found == acked || found == acked + 50,
+        "{found} of {acked} acked"
+    );
+    assert_eq!(rows["rows"][0][1], found, "{rows}");
     drop(server);
     drop(fs);
 }
