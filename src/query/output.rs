@@ -230,9 +230,65 @@ pub fn json_objects(
     Ok(())
 }
 
-/// Whether `text` is one whole JSON value (checked without building it).
+/// Whether `text` is one whole JSON value that serde_json would parse
+/// (at most 128 levels deep, no lone surrogate escapes), checked without
+/// building it: embedded, it must not break the client's parser.
 fn is_json(text: &str) -> bool {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    serde_json::from_str::<Checked>(text).is_ok()
+}
+
+/// A JSON value that was parsed and dropped ([`is_json`]). Unlike
+/// `IgnoredAny`, it goes through serde_json's depth limit and string checks.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Checked>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
+    }
 }
 
 pub fn csv(batches: &[RecordBatch], out: &mut impl std::io::Write) -> Result<(), ArrowError> {
@@ -326,6 +382,15 @@ mod tests {
         let row0 =
             r#"{"a_json":{"z":[1,2],"a":null},"b_json":"{\"k\":1} trailing","name":"{\"k\":1}"}"#;
         let row1 = r#"{"a_json":null,"b_json":"[1,","name":"x"}"#;
+        // What serde_json (and so most clients) would refuse stays text:
+        // about 128 levels deep or more, a lone surrogate.
+        assert!(is_json(&format!("{}{}", "[".repeat(100), "]".repeat(100))));
+        assert!(!is_json(&format!("{}{}", "[".repeat(200), "]".repeat(200))));
+        assert!(!is_json(r#"{"a":"\ud800"}"#));
+        assert!(!is_json(r#"{"\ud800":1}"#));
+        assert!(is_json(
+            r#"{"a":"\ud83d\ude00","b":[1.5e3,-2,true,null,{}]}"#
+        ));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!("{row0},{row1},{row1}")
