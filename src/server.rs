@@ -39,6 +39,7 @@ use crate::proto::ingestion::ingestion_service_server::IngestionServiceServer;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
 use crate::proto::ingestion::internal_ingestion_service_server::InternalIngestionServiceServer;
 use crate::query::QueryEngine;
+use crate::wal::entry::{DecodeError, ENTRY_VERSION};
 use crate::wal::Wal;
 
 #[derive(Debug, thiserror::Error)]
@@ -369,8 +370,12 @@ async fn replay(
         let (seq, entry) = match item {
             Ok(found) => found,
             // Acknowledged, so kept (apart) even when it no longer decodes;
-            // the rest of the log replays.
-            Err(crate::wal::Error::Corrupt { key, source }) => {
+            // the rest of the log replays. A newer version or an unknown
+            // kind is a newer binary's entry: this one must not start on it.
+            Err(crate::wal::Error::Corrupt { key, source })
+                if !matches!(source, DecodeError::Version(v) if v > ENTRY_VERSION)
+                    && !matches!(source, DecodeError::Kind(_)) =>
+            {
                 wal.set_aside(key, &format!("corrupt: {source}"))?;
                 set_aside += 1;
                 entries += 1;

@@ -542,22 +542,22 @@ impl Wal {
         Ok(())
     }
 
-    /// Keeps entry `key` (its stored bytes, unchanged) in [`CF_REJECTED`]
-    /// with `reason`, in a synced write. Replay calls it for an acknowledged
-    /// entry it can no longer convert (a limit tightened by an upgrade, say):
-    /// the flush watermark then passes the entry and truncation deletes it
-    /// from the log, but its bytes stay here for an operator to recover.
+    /// Moves entry `key` (its stored bytes, unchanged) from the log to
+    /// [`CF_REJECTED`] with `reason`, in one synced write. Replay calls it
+    /// for an acknowledged entry it can no longer convert (a limit tightened
+    /// by an upgrade, say) or decode: its bytes stay here for an operator
+    /// to recover, and nothing that reads the log (ReadSpans) trips on it.
     /// Value: reason length (u32 big-endian), reason (UTF-8), entry bytes.
     pub fn set_aside(&self, key: Ulid, reason: &str) -> Result<()> {
-        let mut raw = None;
+        let mut found = None;
         for name in [CF_WAL, CF_WAL_TRANSIENT] {
             let cf = self.db.cf_handle(name).expect("WAL column family exists");
             if let Some(v) = self.db.get_cf(&cf, key.to_bytes())? {
-                raw = Some(v);
+                found = Some((cf, v));
                 break;
             }
         }
-        let Some(raw) = raw else {
+        let Some((from, raw)) = found else {
             return Ok(());
         };
         let mut value = Vec::with_capacity(4 + reason.len() + raw.len());
@@ -568,9 +568,14 @@ impl Wal {
             .db
             .cf_handle(CF_REJECTED)
             .expect("rejected column family exists");
+        // Moved, in one write: left in the log it would fail every
+        // ReadSpans over its key until truncation.
+        let mut batch = WriteBatch::default();
+        batch.put_cf(&cf, key.to_bytes(), value);
+        batch.delete_cf(&from, key.to_bytes());
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
-        self.db.put_cf_opt(&cf, key.to_bytes(), value, &sync)?;
+        self.db.write_opt(batch, &sync)?;
         Ok(())
     }
 
