@@ -69,27 +69,24 @@ pub struct Compacted {
 }
 
 /// Groups of files to merge: per (date, hour), this node's files oldest
-/// first, cut at `max_rows` rows and `max_bytes` decoded (what the merge
-/// holds, and checks again: a group cut on Parquet sizes would be cut again
-/// there, and planned the same way every pass); groups of one are left
-/// alone, and so are hours that end after `settled` (ms since the epoch)
-/// when it is given.
+/// first, cut at `max_rows` rows and `max_bytes` of `size` (decoded: what
+/// the merge holds, and checks again; a group cut on Parquet sizes would
+/// be cut again there, and planned the same way every pass); groups of one
+/// are left alone, and so are hours that end after `settled` (ms since the
+/// epoch) when it is given.
 pub fn plan(
     files: &[Arc<FileMeta>],
     node: &str,
     max_rows: u64,
     max_bytes: u64,
     settled: Option<u64>,
+    size: impl Fn(&FileMeta) -> u64,
 ) -> Vec<Vec<Arc<FileMeta>>> {
     let suffix = format!("-{node}.parquet");
     let mut partitions: BTreeMap<(&str, u8), Vec<&Arc<FileMeta>>> = BTreeMap::new();
     for f in files {
         let in_time = settled.is_none_or(|s| f.hour_end_ms().is_some_and(|end| end <= s));
-        if in_time
-            && f.path.ends_with(&suffix)
-            && f.rows < max_rows
-            && f.decoded_or_stored() < max_bytes
-        {
+        if in_time && f.path.ends_with(&suffix) && f.rows < max_rows && size(f) < max_bytes {
             partitions.entry((&f.date, f.hour)).or_default().push(f);
         }
     }
@@ -99,7 +96,7 @@ pub fn plan(
         let mut group: Vec<Arc<FileMeta>> = Vec::new();
         let (mut rows, mut bytes) = (0, 0);
         for f in small {
-            let size = f.decoded_or_stored();
+            let size = size(f);
             if !group.is_empty() && (rows + f.rows > max_rows || bytes + size > max_bytes) {
                 if group.len() > 1 {
                     groups.push(std::mem::take(&mut group));
@@ -148,10 +145,16 @@ impl Flusher {
         let settled =
             (!urgent).then(|| settled_before(now_ms(), self.cfg.age, self.cfg.compact_interval));
         let mut first_error = None;
+        // Files recorded without their decoded size: what a merge measured.
+        let measured = self.measured.lock().clone();
+        let size = |f: &FileMeta| {
+            let known = f.decoded_bytes.or_else(|| measured.get(&f.path).copied());
+            known.unwrap_or(f.bytes)
+        };
         for (table, files) in self.published_of(tenant) {
             // Hours past their retention are about to go: no merging them.
             let files = self.unexpired(&table, files);
-            for group in plan(&files, &self.node_id, max_rows, max_bytes, settled) {
+            for group in plan(&files, &self.node_id, max_rows, max_bytes, settled, size) {
                 if self.stop.is_cancelled() {
                     break;
                 }
@@ -209,10 +212,15 @@ impl Flusher {
                 })?;
             let size = match f.decoded_bytes {
                 Some(size) => size,
-                None => uncompressed(&bytes).map_err(|source| Error::Encode {
-                    table: table.clone(),
-                    source,
-                })?,
+                None => {
+                    let size = uncompressed(&bytes).map_err(|source| Error::Encode {
+                        table: table.clone(),
+                        source,
+                    })?;
+                    // Planned with it from now on: not cut again here.
+                    self.measured.lock().insert(f.path.clone(), size);
+                    size
+                }
             };
             if !inputs.is_empty() && decoded + size > self.cfg.bytes {
                 break;
@@ -355,7 +363,7 @@ impl Flusher {
     /// one. Should retention have expired some of its inputs meanwhile,
     /// the merged file is forgotten (in case the failed write landed) and
     /// deleted instead: its rows are past retention.
-    async fn retry_merge(&self) -> Result<(usize, u64)> {
+    pub(super) async fn retry_merge(&self) -> Result<(usize, u64)> {
         let Some(m) = self.unrecorded_merge.lock().take() else {
             return Ok((0, 0));
         };
@@ -497,6 +505,10 @@ mod tests {
         })
     }
 
+    fn size(f: &FileMeta) -> u64 {
+        f.decoded_bytes.unwrap_or(f.bytes)
+    }
+
     #[test]
     fn plans_groups_per_hour_within_the_limits() {
         let ids = |g: &Vec<Arc<FileMeta>>| g.iter().map(|f| f.id.clone()).collect::<Vec<_>>();
@@ -511,11 +523,14 @@ mod tests {
             file("h", 3, 10, "n"),
             file("i", 3, 10, "n"),
         ];
-        let groups = plan(&files, "n", 100, 1 << 20, None);
+        let groups = plan(&files, "n", 100, 1 << 20, None, size);
         let got: Vec<Vec<String>> = groups.iter().map(ids).collect();
         assert_eq!(got, vec![vec!["a", "b"], vec!["c", "d"], vec!["h", "i"]]);
         // The byte limit cuts too (10 bytes a row).
-        let got: Vec<Vec<String>> = plan(&files, "n", 100, 750, None).iter().map(ids).collect();
+        let got: Vec<Vec<String>> = plan(&files, "n", 100, 750, None, size)
+            .iter()
+            .map(ids)
+            .collect();
         assert_eq!(got, vec![vec!["c", "d"], vec!["h", "i"]]);
         // Decoded sizes, when recorded, cut instead: 400 bytes of Parquet
         // each, a and b would fit 1000 bytes; decoded they take 1200.
@@ -528,16 +543,16 @@ mod tests {
                 })
             })
             .collect();
-        assert!(plan(&decoded, "n", 100, 1000, None).is_empty());
-        assert_eq!(plan(&decoded, "n", 100, 1200, None).len(), 1);
+        assert!(plan(&decoded, "n", 100, 1000, None, size).is_empty());
+        assert_eq!(plan(&decoded, "n", 100, 1200, None, size).len(), 1);
         // Hours not yet settled wait: hour 3 ends at 04:00.
         let at = |h: u64, m: u64| 1_795_392_000_000 + (h * 60 + m) * 60_000; // 2026-11-23
-        let got: Vec<Vec<String>> = plan(&files, "n", 100, 1 << 20, Some(at(3, 59)))
+        let got: Vec<Vec<String>> = plan(&files, "n", 100, 1 << 20, Some(at(3, 59)), size)
             .iter()
             .map(ids)
             .collect();
         assert_eq!(got, vec![vec!["a", "b"], vec!["c", "d"]]);
-        let got = plan(&files, "n", 100, 1 << 20, Some(at(4, 0)));
+        let got = plan(&files, "n", 100, 1 << 20, Some(at(4, 0)), size);
         assert_eq!(got.len(), 3);
         // At the defaults an hour settles six minutes after its end.
         let s = settled_before(at(4, 6), Duration::from_secs(60), Duration::from_secs(300));

@@ -79,11 +79,6 @@ impl FileMeta {
         }
     }
 
-    /// Its size decoded, or the Parquet size when that is not recorded.
-    pub fn decoded_or_stored(&self) -> u64 {
-        self.decoded_bytes.unwrap_or(self.bytes)
-    }
-
     pub fn table(&self) -> TableId {
         TableId::new(&self.tenant, &self.endpoint)
     }

@@ -133,6 +133,15 @@ impl Flusher {
             None => Some(self.compact_lock.lock().await),
             Some(_) => None,
         };
+        if dry_run.is_none() {
+            // A merge whose record failed holds its inputs until it is
+            // recorded or dropped: retried here too, for a server that runs
+            // no compaction passes (--compact-interval 0).
+            if let Err(e) = self.retry_merge().await {
+                METRICS.flush_errors.inc();
+                tracing::error!(error = %e, "a failed merge record failed again; retention goes on");
+            }
+        }
         let retention = dry_run.unwrap_or(&self.cfg.retention);
         let mut done = Expired {
             dry_run: dry_run.is_some(),
