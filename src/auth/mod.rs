@@ -124,12 +124,21 @@ impl Credential {
         // The scheme name is case-insensitive (RFC 9110, 11.1).
         let (scheme, token) = auth.trim().split_once(' ').unwrap_or((auth.trim(), ""));
         if !scheme.eq_ignore_ascii_case("bearer") {
-            // Named only when it looks like a scheme: a bare key would be
-            // echoed into error messages, which clients log.
-            let named = scheme.len() <= 16 && scheme.bytes().all(|b| b.is_ascii_alphabetic());
-            let scheme = match named {
+            // Named only when it is a known scheme: anything else may be a
+            // bare key, which error messages (clients log them) must not echo.
+            const KNOWN: [&str; 7] = [
+                "basic",
+                "digest",
+                "negotiate",
+                "ntlm",
+                "token",
+                "apikey",
+                "hoba",
+            ];
+            let known = KNOWN.iter().any(|k| scheme.eq_ignore_ascii_case(k));
+            let scheme = match known {
                 true => format!("the {scheme:?} scheme"),
-                false => "no scheme".into(),
+                false => "no known scheme".into(),
             };
             return malformed(format!(
                 "the authorization header uses {scheme}; send 'Bearer <API key or token>'"
@@ -550,7 +559,7 @@ mod tests {
         // A key without a scheme is not echoed back.
         let m = malformed(&[("authorization", b"lw_secret_key_0123456789")]);
         assert!(
-            m.contains("uses no scheme") && !m.contains("lw_secret"),
+            m.contains("uses no known scheme") && !m.contains("lw_secret"),
             "{m}"
         );
         assert!(malformed(&[("authorization", b"Bearer")]).contains("no bearer token"));
