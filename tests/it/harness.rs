@@ -318,6 +318,20 @@ impl Server {
         reader
     }
 
+    /// `lakewriter_query_memory_bytes`, waiting (at most 5 s) for it to reach
+    /// zero: an answer's part of the query memory is given back once the
+    /// server has sent it, which can be just after the client has read it.
+    pub async fn query_memory_held_settled(&self) -> f64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let held = self.metric("lakewriter_query_memory_bytes").await;
+            if held == 0.0 || std::time::Instant::now() > deadline {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `POST /api/v1/admin/compact` with the admin key: status and body.
     pub async fn compact(&self) -> (u16, serde_json::Value) {
         self.admin_run("compact").await

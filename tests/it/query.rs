@@ -544,7 +544,7 @@ async fn span_answers_count_against_query_memory() {
         "{big}"
     );
     // Every byte went back to the pool, and a span of that trace alone fits.
-    assert_eq!(server.metric("lakewriter_query_memory_bytes").await, 0.0);
+    assert_eq!(server.query_memory_held_settled().await, 0.0);
     let (st, one) = server
         .get_json(
             &format!("/otel/trace/{}/span/{}", trace_hex(2), span_id_hex(1)),
@@ -598,7 +598,7 @@ async fn big_sorts_and_aggregations_spill_within_their_limits() {
     assert!(server.metric("lakewriter_query_spills_total").await > spills);
     assert!(server.metric("lakewriter_query_spilled_bytes_total").await > 1e6);
     // Memory and spill files are given back.
-    assert_eq!(server.metric("lakewriter_query_memory_bytes").await, 0.0);
+    assert_eq!(server.query_memory_held_settled().await, 0.0);
     assert_eq!(files_under(&spill), 0);
     server.stop();
 
@@ -665,7 +665,7 @@ async fn a_query_crowded_out_of_memory_may_retry() {
     let (st, v) = server.sql(ADMIN_KEY, &probe).await;
     assert_eq!(st, 200, "alone it fits: {v}");
     assert_eq!(v["rows"], json!([[1_000_000]]), "{v}");
-    assert_eq!(server.metric("lakewriter_query_memory_bytes").await, 0.0);
+    assert_eq!(server.query_memory_held_settled().await, 0.0);
 
     // Twice the build rows, probed without end: it holds its memory until
     // the time limit cancels it, and leaves less than the probe needs. The
