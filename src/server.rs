@@ -17,6 +17,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +41,7 @@ use crate::proto::ingestion::ingestion_service_server::IngestionServiceServer;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
 use crate::proto::ingestion::internal_ingestion_service_server::InternalIngestionServiceServer;
 use crate::query::QueryEngine;
-use crate::wal::entry::{DecodeError, ENTRY_VERSION};
+use crate::wal::entry::{DecodeError, PayloadKind, ENTRY_VERSION};
 use crate::wal::Wal;
 
 #[derive(Debug, thiserror::Error)]
@@ -370,13 +372,14 @@ async fn replay(
         let (seq, entry) = match item {
             Ok(found) => found,
             // Acknowledged, so kept (apart) even when it no longer decodes;
-            // the rest of the log replays. A newer version or an unknown
-            // kind is a newer binary's entry: this one must not start on it.
+            // the rest of the log replays. A newer version, or an unknown
+            // kind or codec, is a newer binary's entry: this one must not
+            // start on it.
             Err(crate::wal::Error::Corrupt { key, source })
                 if !matches!(source, DecodeError::Version(v) if v > ENTRY_VERSION)
-                    && !matches!(source, DecodeError::Kind(_)) =>
+                    && !matches!(source, DecodeError::Kind(_) | DecodeError::Codec(_)) =>
             {
-                wal.set_aside(key, &format!("corrupt: {source}"))?;
+                wal.set_aside(key, &format!("corrupt: {source}"), true)?;
                 set_aside += 1;
                 entries += 1;
                 tracing::error!(seq = %key, error = %source, "WAL entry does not decode; kept in the wal_rejected column family");
@@ -396,7 +399,12 @@ async fn replay(
             Err(e) => {
                 // Acknowledged once, so never dropped: kept apart, where
                 // truncation does not reach, and named in the log.
-                wal.set_aside(seq, &e.to_string())?;
+                // Left in the log, a trace entry ReadSpans cannot decode
+                // would fail every read over its key; one it can still
+                // serve stays there until truncation, as before.
+                let unreadable = entry.kind == PayloadKind::OtlpTraces
+                    && ExportTraceServiceRequest::decode(entry.payload.clone()).is_err();
+                wal.set_aside(seq, &e.to_string(), unreadable)?;
                 set_aside += 1;
                 tracing::error!(%seq, error = %e, "WAL entry no longer converts; kept in the wal_rejected column family");
             }

@@ -542,13 +542,15 @@ impl Wal {
         Ok(())
     }
 
-    /// Moves entry `key` (its stored bytes, unchanged) from the log to
-    /// [`CF_REJECTED`] with `reason`, in one synced write. Replay calls it
-    /// for an acknowledged entry it can no longer convert (a limit tightened
-    /// by an upgrade, say) or decode: its bytes stay here for an operator
-    /// to recover, and nothing that reads the log (ReadSpans) trips on it.
+    /// Keeps entry `key` (its stored bytes, unchanged) in [`CF_REJECTED`]
+    /// with `reason`, in a synced write, and with `remove` deletes it from
+    /// the log in the same write. Replay calls it for an acknowledged entry
+    /// it can no longer convert (a limit tightened by an upgrade, say) or
+    /// decode: the flush watermark then passes it, but its bytes stay here
+    /// for an operator to recover; removed, what reads the log (ReadSpans)
+    /// no longer trips on one it cannot decode.
     /// Value: reason length (u32 big-endian), reason (UTF-8), entry bytes.
-    pub fn set_aside(&self, key: Ulid, reason: &str) -> Result<()> {
+    pub fn set_aside(&self, key: Ulid, reason: &str, remove: bool) -> Result<()> {
         let mut found = None;
         for name in [CF_WAL, CF_WAL_TRANSIENT] {
             let cf = self.db.cf_handle(name).expect("WAL column family exists");
@@ -568,11 +570,11 @@ impl Wal {
             .db
             .cf_handle(CF_REJECTED)
             .expect("rejected column family exists");
-        // Moved, in one write: left in the log it would fail every
-        // ReadSpans over its key until truncation.
         let mut batch = WriteBatch::default();
         batch.put_cf(&cf, key.to_bytes(), value);
-        batch.delete_cf(&from, key.to_bytes());
+        if remove {
+            batch.delete_cf(&from, key.to_bytes());
+        }
         let mut sync = rocksdb::WriteOptions::default();
         sync.set_sync(true);
         self.db.write_opt(batch, &sync)?;
@@ -654,7 +656,8 @@ fn deleted_through(db: &DB) -> Result<Option<Ulid>> {
 
 fn last_key(db: &DB) -> Result<Ulid> {
     let mut newest = Ulid::nil();
-    for name in [CF_WAL, CF_WAL_TRANSIENT] {
+    // An entry set aside (and removed from the log) keeps its key too.
+    for name in [CF_WAL, CF_WAL_TRANSIENT, CF_REJECTED] {
         let cf = db.cf_handle(name).expect("WAL column family exists");
         let last = db.iterator_cf(&cf, IteratorMode::End).next().transpose()?;
         if let Some(k) = last.and_then(|(k, _)| key_from_bytes(&k)) {
