@@ -189,6 +189,14 @@ impl Flusher {
 
     /// Hands files no longer published to [`Flusher::reap`].
     fn bury(&self, files: Vec<Arc<FileMeta>>) {
+        {
+            let mut measured = self.measured.lock();
+            if !measured.is_empty() {
+                for f in &files {
+                    measured.remove(&f.path);
+                }
+            }
+        }
         self.graveyard.lock().extend(files);
     }
 

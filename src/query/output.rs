@@ -231,7 +231,7 @@ pub fn json_objects(
 }
 
 /// Whether `text` is one whole JSON value that serde_json would parse
-/// (at most 128 levels deep, no lone surrogate escapes), checked without
+/// (at most 127 levels deep, no lone surrogate escapes), checked without
 /// building it: embedded, it must not break the client's parser.
 fn is_json(text: &str) -> bool {
     serde_json::from_str::<Checked>(text).is_ok()
