@@ -41,7 +41,7 @@ use crate::proto::ingestion::ingestion_service_server::IngestionServiceServer;
 use crate::proto::ingestion::internal_auth_service_server::InternalAuthServiceServer;
 use crate::proto::ingestion::internal_ingestion_service_server::InternalIngestionServiceServer;
 use crate::query::QueryEngine;
-use crate::wal::entry::{DecodeError, PayloadKind, ENTRY_VERSION};
+use crate::wal::entry::PayloadKind;
 use crate::wal::Wal;
 
 #[derive(Debug, thiserror::Error)]
@@ -372,13 +372,9 @@ async fn replay(
         let (seq, entry) = match item {
             Ok(found) => found,
             // Acknowledged, so kept (apart) even when it no longer decodes;
-            // the rest of the log replays. A newer version, or an unknown
-            // kind or codec, is a newer binary's entry: this one must not
-            // start on it.
-            Err(crate::wal::Error::Corrupt { key, source })
-                if !matches!(source, DecodeError::Version(v) if v > ENTRY_VERSION)
-                    && !matches!(source, DecodeError::Kind(_) | DecodeError::Codec(_)) =>
-            {
+            // the rest of the log replays. A newer binary's entry stops the
+            // start instead: this binary must not run on it.
+            Err(crate::wal::Error::Corrupt { key, source }) if !source.from_newer_binary() => {
                 wal.set_aside(key, &format!("corrupt: {source}"), true)?;
                 set_aside += 1;
                 entries += 1;
@@ -398,10 +394,9 @@ async fn replay(
             }
             Err(e) => {
                 // Acknowledged once, so never dropped: kept apart, where
-                // truncation does not reach, and named in the log.
-                // Left in the log, a trace entry ReadSpans cannot decode
-                // would fail every read over its key; one it can still
-                // serve stays there until truncation, as before.
+                // truncation does not reach, and named in the log. Moved
+                // out of the log only if ReadSpans cannot decode it either
+                // (it would fail every read over its key).
                 let unreadable = entry.kind == PayloadKind::OtlpTraces
                     && ExportTraceServiceRequest::decode(entry.payload.clone()).is_err();
                 wal.set_aside(seq, &e.to_string(), unreadable)?;

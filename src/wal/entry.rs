@@ -102,6 +102,18 @@ pub enum DecodeError {
     Length { expected: usize, got: usize },
 }
 
+impl DecodeError {
+    /// Whether the entry is of a newer format (version, payload kind or
+    /// codec) than this binary knows, rather than damaged.
+    pub fn from_newer_binary(&self) -> bool {
+        match self {
+            Self::Version(v) => *v > ENTRY_VERSION,
+            Self::Kind(_) | Self::Codec(_) => true,
+            _ => false,
+        }
+    }
+}
+
 impl WalEntry {
     /// The entry with its payload stored as is.
     pub fn encode(&self) -> Vec<u8> {
